@@ -1,0 +1,15 @@
+//! sluice: a streaming ETL worker runtime that moves Arrow record batches between sources, DataFusion
+//! SQL transforms and sinks, with bounded memory, dead-letter handling and per-shard acknowledgements.
+
+pub mod batch;
+pub mod config;
+pub mod dead_letter;
+pub mod error;
+pub mod format;
+pub mod observe;
+pub mod runtime;
+pub mod sink;
+pub mod source;
+pub mod transform;
+
+pub use error::{Error, Result};

@@ -1,0 +1,254 @@
+//! The `sluice` command line: run and validate pipelines.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use sluice::config::{self, ConfigError};
+use sluice::observe::{self, human_bytes, Health};
+use sluice::runtime::{self, RunOptions, RunSummary};
+
+/// Exit code: success.
+const EXIT_OK: u8 = 0;
+/// Exit code: the pipeline file is invalid (nothing ran).
+const EXIT_CONFIG: u8 = 1;
+/// Exit code: the pipeline failed while running.
+const EXIT_RUNTIME: u8 = 3;
+/// Exit code: stopped at once by a second SIGINT/SIGTERM.
+const EXIT_FORCED: u8 = 130;
+
+/// sluice: a streaming ETL worker runtime. Moves records between sources (files, generator) and
+/// sinks (Parquet/JSON/CSV files, stdout) as Apache Arrow batches, transformed with DataFusion SQL.
+///
+/// Exit codes: 0 success; 1 invalid pipeline (nothing ran); 2 bad command line; 3 the pipeline
+/// failed while running; 130 stopped at once by a second SIGINT/SIGTERM.
+/// Log levels come from RUST_LOG (e.g. RUST_LOG=sluice=debug); the default is info.
+#[derive(Parser, Debug)]
+#[command(name = "sluice", version, about, long_about)]
+struct Cli {
+    /// Log output format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "SLUICE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a pipeline until its sources are exhausted, or until SIGINT/SIGTERM (stop reading,
+    /// flush, commit, exit 0; a second signal exits at once with 130).
+    Run {
+        /// The pipeline TOML file.
+        pipeline: PathBuf,
+        /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at this address
+        /// (e.g. 0.0.0.0:9090).
+        #[arg(long, env = "SLUICE_METRICS_ADDR")]
+        metrics_addr: Option<SocketAddr>,
+        /// Never print the live progress line (it is shown only when stderr is a terminal).
+        #[arg(long)]
+        no_progress: bool,
+        /// Worker name used as the `worker` metric label (default: the host name).
+        #[arg(long, env = "SLUICE_WORKER")]
+        worker: Option<String>,
+    },
+    /// Check a pipeline without running it: syntax, keys and value types, environment variables,
+    /// the graph of inputs, schemas, and that every SQL query plans. Exit 0 when valid, 1 when not.
+    Validate {
+        /// The pipeline TOML file.
+        pipeline: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let code = rt.block_on(async {
+        match cli.command {
+            Command::Validate { pipeline } => validate(pipeline).await,
+            Command::Run { pipeline, metrics_addr, no_progress, worker } => {
+                run(pipeline, metrics_addr, !no_progress, worker).await
+            }
+        }
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    ExitCode::from(code)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn load_and_build(path: &std::path::Path) -> Result<runtime::Pipeline, ConfigError> {
+    let loaded = config::load(path)?;
+    runtime::build(&loaded).await
+}
+
+async fn validate(path: PathBuf) -> u8 {
+    match load_and_build(&path).await {
+        Ok(p) => {
+            let (sources, transforms, sinks) = p.counts();
+            println!(
+                "{}: pipeline `{}` is valid ({sources} source{}, {transforms} transform{}, {sinks} sink{})",
+                path.display(),
+                p.name(),
+                plural(sources),
+                plural(transforms),
+                plural(sinks)
+            );
+            let mut ids: Vec<_> = p.schemas().keys().collect();
+            ids.sort();
+            for id in ids {
+                println!("  {id}: {}", runtime::build::describe(p.schemas().get(id)));
+            }
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_CONFIG
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+async fn run(path: PathBuf, metrics_addr: Option<SocketAddr>, progress: bool, worker: Option<String>) -> u8 {
+    let loaded = match config::load(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    // The recorder goes in before the components are built: they keep metric handles.
+    let health = Health::default();
+    let server_stop = CancellationToken::new();
+    let mut server = None;
+    if let Some(addr) = metrics_addr {
+        let worker = worker.unwrap_or_else(hostname);
+        let started = match observe::install_recorder(&loaded.file.pipeline.name, &worker) {
+            Ok(handle) => observe::serve(addr, handle, health.clone(), server_stop.clone()).await,
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(h) => server = Some(h),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_RUNTIME;
+            }
+        }
+    }
+
+    let pipeline = match runtime::build(&loaded).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {}", ConfigError::from(e));
+            return EXIT_CONFIG;
+        }
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(watch_signals(stop.clone()));
+    tracing::info!(pipeline = %pipeline.name(), file = %path.display(), "starting");
+    let result = pipeline.run(RunOptions { stop, progress, health }).await;
+    server_stop.cancel();
+    if let Some(h) = server {
+        let _ = h.await;
+    }
+    match result {
+        Ok(summary) => {
+            print_summary(&summary);
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
+/// First SIGINT/SIGTERM: graceful stop. Second: exit at once.
+async fn watch_signals(stop: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM: {e}");
+            return;
+        }
+    };
+    for n in 0..2 {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        if n == 0 {
+            eprintln!("\nstopping: finishing the records in flight (send the signal again to exit at once)");
+            stop.cancel();
+        } else {
+            eprintln!("\nsecond signal: exiting at once; uncommitted records will be read again next run");
+            std::process::exit(i32::from(EXIT_FORCED));
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "local".into())
+}
+
+fn print_summary(s: &RunSummary) {
+    let secs = s.elapsed.as_secs_f64().max(1e-9);
+    eprintln!("{} in {:.2}s", if s.stopped { "stopped" } else { "done" }, secs);
+    for c in &s.components {
+        let (records, bytes) = match c.kind {
+            "source" => (c.records_out, c.bytes_out),
+            _ => (c.records_in, c.bytes_in),
+        };
+        let mut line = format!(
+            "  {:<11} {:<20} {records:>12} records  {:>10}  {:>12.0} rec/s",
+            c.kind,
+            c.id,
+            human_bytes(bytes),
+            records as f64 / secs
+        );
+        if c.kind == "transform" {
+            line.push_str(&format!("  → {} out", c.records_out));
+        }
+        if c.dead_lettered > 0 {
+            line.push_str(&format!("  ({} dead-lettered)", c.dead_lettered));
+        }
+        eprintln!("{line}");
+    }
+}

@@ -1,0 +1,14 @@
+//! Every metric name sluice exports, in one place. Labels: `pipeline`, `component` (and `stage`).
+
+pub const RECEIVED_RECORDS_TOTAL: &str = "sluice_component_received_records_total";
+pub const RECEIVED_BYTES_TOTAL: &str = "sluice_component_received_bytes_total";
+pub const SENT_RECORDS_TOTAL: &str = "sluice_component_sent_records_total";
+pub const SENT_BYTES_TOTAL: &str = "sluice_component_sent_bytes_total";
+pub const ERRORS_TOTAL: &str = "sluice_component_errors_total";
+pub const DEAD_LETTER_RECORDS_TOTAL: &str = "sluice_dead_letter_records_total";
+pub const BATCH_DURATION_SECONDS: &str = "sluice_component_batch_duration_seconds";
+pub const SINK_BUSY_MICROSECONDS_TOTAL: &str = "sluice_sink_busy_microseconds_total";
+pub const SINK_FILES_WRITTEN_TOTAL: &str = "sluice_sink_files_written_total";
+pub const COMMITS_TOTAL: &str = "sluice_commits_total";
+pub const MEMORY_BUDGET_BYTES: &str = "sluice_memory_budget_bytes";
+pub const MEMORY_USED_BYTES: &str = "sluice_memory_used_bytes";

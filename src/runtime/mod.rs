@@ -1,0 +1,422 @@
+//! The runtime: builds a pipeline's components, wires them with bounded channels, runs every shard
+//! of every source, and stops cleanly (graceful stop, or abort on the first error).
+
+pub mod budget;
+pub mod build;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::SchemaRef;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{Batch, ShardProgress};
+use crate::config::PipelineSettings;
+use crate::dead_letter::DeadLetter;
+use crate::observe::{ComponentMetrics, ComponentStats, Health};
+use crate::sink::Sink;
+use crate::source::{ShardContext, Source};
+use crate::transform::Transform;
+use crate::{Error, Result};
+
+pub use build::build;
+
+/// Message of the error a component reports when the next one has stopped (never the root cause).
+pub const DOWNSTREAM_STOPPED: &str = "a downstream component stopped";
+
+/// Sends each batch to every downstream component (fan-out), waiting while one is full.
+#[derive(Clone)]
+pub struct Output {
+    targets: Arc<[mpsc::Sender<Batch>]>,
+}
+
+impl Output {
+    pub fn new(targets: Vec<mpsc::Sender<Batch>>) -> Self {
+        Output { targets: targets.into() }
+    }
+
+    /// # Errors
+    /// When a downstream component has stopped.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a batch may have reached some targets and not others.
+    pub async fn send(&self, batch: Batch) -> Result<(), ()> {
+        let Some((last, rest)) = self.targets.split_last() else { return Ok(()) };
+        for t in rest {
+            t.send(batch.clone()).await.map_err(|_| ())?;
+        }
+        last.send(batch).await.map_err(|_| ())
+    }
+}
+
+pub(crate) struct BuiltSource {
+    pub id: String,
+    pub source: Arc<dyn Source>,
+    /// `section.id` of each downstream component.
+    pub outputs: Vec<String>,
+    pub metrics: ComponentMetrics,
+}
+
+pub(crate) struct BuiltTransform {
+    pub id: String,
+    pub transform: Box<dyn Transform>,
+    pub outputs: Vec<String>,
+    pub metrics: ComponentMetrics,
+}
+
+pub(crate) struct BuiltSink {
+    pub id: String,
+    pub sink: Box<dyn Sink>,
+    pub metrics: ComponentMetrics,
+    #[allow(dead_code)]
+    pub inputs: Vec<String>,
+}
+
+/// A validated, built pipeline, ready to run.
+pub struct Pipeline {
+    settings: PipelineSettings,
+    sources: Vec<BuiltSource>,
+    transforms: Vec<BuiltTransform>,
+    sinks: Vec<BuiltSink>,
+    dead_letter: Option<BuiltSink>,
+    schemas: HashMap<String, SchemaRef>,
+}
+
+/// How to run a pipeline.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Cancelled for a graceful stop: sources stop reading, everything read is written and
+    /// committed, and `run` returns `Ok`.
+    pub stop: CancellationToken,
+    /// Print a live progress line on stderr when it is a terminal.
+    pub progress: bool,
+    /// Readiness for `/readyz`.
+    pub health: Health,
+}
+
+/// Totals of one component after a run.
+#[derive(Debug, Clone)]
+pub struct ComponentSummary {
+    pub id: String,
+    pub kind: &'static str,
+    pub records_in: u64,
+    pub records_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub dead_lettered: u64,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub elapsed: Duration,
+    pub components: Vec<ComponentSummary>,
+    /// Committed position of every shard, by (source, shard).
+    pub committed: Vec<(String, String, Option<u64>)>,
+    /// Whether the run ended by a stop request rather than the end of its input.
+    pub stopped: bool,
+}
+
+impl RunSummary {
+    /// Records dead-lettered by all components.
+    pub fn dead_lettered(&self) -> u64 {
+        self.components.iter().map(|c| c.dead_lettered).sum()
+    }
+
+    /// The summary of component `id`.
+    pub fn component(&self, id: &str) -> Option<&ComponentSummary> {
+        self.components.iter().find(|c| c.id == id)
+    }
+}
+
+impl Pipeline {
+    /// The pipeline's name.
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// The output schema of every source and transform, by id.
+    pub fn schemas(&self) -> &HashMap<String, SchemaRef> {
+        &self.schemas
+    }
+
+    /// (sources, transforms, sinks) counts.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (self.sources.len(), self.transforms.len(), self.sinks.len())
+    }
+
+    /// Runs until every source is exhausted, `options.stop` fires, or a component fails.
+    ///
+    /// # Errors
+    /// The first component failure (never "downstream stopped" when a root cause is known). After
+    /// a failure nothing more is committed.
+    pub async fn run(self, options: RunOptions) -> Result<RunSummary> {
+        let started = Instant::now();
+        let s = &self.settings;
+        let abort = CancellationToken::new();
+        let stop = abort.child_token();
+        let halted = Arc::new(AtomicBool::new(false));
+        let budget = budget::MemoryBudget::new(s.memory_budget.0);
+
+        // One bounded channel into every transform and sink.
+        let mut senders: HashMap<String, mpsc::Sender<Batch>> = HashMap::new();
+        let mut receivers: HashMap<String, mpsc::Receiver<Batch>> = HashMap::new();
+        for key in self
+            .transforms
+            .iter()
+            .map(|t| format!("transforms.{}", t.id))
+            .chain(self.sinks.iter().map(|k| format!("sinks.{}", k.id)))
+        {
+            let (tx, rx) = mpsc::channel(s.channel_capacity);
+            senders.insert(key.clone(), tx);
+            receivers.insert(key, rx);
+        }
+        let (dl_tx, dl_rx) = match &self.dead_letter {
+            Some(_) => {
+                let (tx, rx) = mpsc::channel(s.channel_capacity * 4);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let output_for = |outputs: &[String]| Output::new(outputs.iter().map(|o| senders[o].clone()).collect());
+
+        let mut stats: Vec<(String, &'static str, Arc<ComponentStats>)> = Vec::new();
+        let mut progress_sources = Vec::new();
+        let mut progress_sinks = Vec::new();
+        let mut tasks: JoinSet<(String, Result<()>)> = JoinSet::new();
+        let progress_registry = Arc::new(std::sync::Mutex::new(Vec::<Arc<ShardProgress>>::new()));
+
+        for src in self.sources {
+            stats.push((src.id.clone(), "source", src.metrics.stats.clone()));
+            progress_sources.push(src.metrics.stats.clone());
+            let output = output_for(&src.outputs);
+            let ctx = SourceRun {
+                id: src.id.clone(),
+                source: src.source,
+                output,
+                metrics: src.metrics,
+                budget: budget.clone(),
+                dead_letter: DeadLetter::new(dl_tx.clone()),
+                stop: stop.clone(),
+                halted: halted.clone(),
+                parallelism: s.shard_parallelism,
+                batch_size: s.batch_size,
+                registry: progress_registry.clone(),
+            };
+            tasks.spawn(async move { (src.id, ctx.run().await) });
+        }
+        for t in self.transforms {
+            stats.push((t.id.clone(), "transform", t.metrics.stats.clone()));
+            let rx = receivers.remove(&format!("transforms.{}", t.id)).expect("a channel per transform");
+            let output = output_for(&t.outputs);
+            let dl = DeadLetter::new(dl_tx.clone());
+            let abort = abort.clone();
+            tasks.spawn(
+                async move { (t.id.clone(), run_transform(t.transform, rx, output, dl, t.metrics, abort).await) },
+            );
+        }
+        drop(dl_tx);
+        drop(senders);
+        for k in self.sinks {
+            stats.push((k.id.clone(), "sink", k.metrics.stats.clone()));
+            progress_sinks.push(k.metrics.stats.clone());
+            let rx = receivers.remove(&format!("sinks.{}", k.id)).expect("a channel per sink");
+            let abort = abort.clone();
+            tasks.spawn(async move { (k.id.clone(), run_sink(k.sink, rx, k.metrics, abort).await) });
+        }
+        if let (Some(k), Some(rx)) = (self.dead_letter, dl_rx) {
+            stats.push((k.id.clone(), "dead_letter", k.metrics.stats.clone()));
+            let abort = abort.clone();
+            tasks.spawn(async move { (k.id.clone(), run_sink(k.sink, rx, k.metrics, abort).await) });
+        }
+
+        let progress_stop = CancellationToken::new();
+        let progress = if options.progress {
+            crate::observe::spawn_progress(progress_sources, progress_sinks, progress_stop.clone())
+        } else {
+            None
+        };
+        let user_stop = options.stop.clone();
+        let stop_link = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                user_stop.cancelled().await;
+                tracing::info!("stop requested: finishing the batches in flight");
+                stop.cancel();
+            })
+        };
+        options.health.set_ready(true);
+        tracing::info!(pipeline = %s.name, "pipeline running");
+
+        let mut first_error: Option<(String, Error)> = None;
+        while let Some(joined) = tasks.join_next().await {
+            let (id, result) = match joined {
+                Ok(r) => r,
+                Err(e) => {
+                    ("(task)".to_string(), Err(Error::Internal { component: "(task)".into(), message: e.to_string() }))
+                }
+            };
+            if let Err(e) = result {
+                halted.store(true, Ordering::SeqCst);
+                abort.cancel();
+                let secondary = matches!(&e, Error::Internal { message, .. } if message == DOWNSTREAM_STOPPED || message.contains("has stopped"));
+                match &first_error {
+                    None => first_error = Some((id, e)),
+                    Some((_, prev))
+                        if !secondary
+                            && matches!(prev, Error::Internal { message, .. } if message == DOWNSTREAM_STOPPED || message.contains("has stopped")) =>
+                    {
+                        first_error = Some((id, e))
+                    }
+                    _ => tracing::debug!(component = %id, error = %e, "further error after the first"),
+                }
+            }
+        }
+        options.health.set_ready(false);
+        stop_link.abort();
+        progress_stop.cancel();
+        if let Some(p) = progress {
+            let _ = p.await;
+        }
+        if let Some((id, e)) = first_error {
+            tracing::error!(component = %id, "pipeline failed: {e}");
+            return Err(e);
+        }
+        let shard_progress = progress_registry.lock().map(|r| r.clone()).unwrap_or_default();
+        let committed =
+            shard_progress.iter().map(|p| (p.shard().source.clone(), p.shard().id.clone(), p.committed())).collect();
+        let components = stats
+            .into_iter()
+            .map(|(id, kind, st)| ComponentSummary {
+                id,
+                kind,
+                records_in: st.records_in.load(Ordering::Relaxed),
+                records_out: st.records_out.load(Ordering::Relaxed),
+                bytes_in: st.bytes_in.load(Ordering::Relaxed),
+                bytes_out: st.bytes_out.load(Ordering::Relaxed),
+                dead_lettered: st.dead_lettered.load(Ordering::Relaxed),
+            })
+            .collect();
+        Ok(RunSummary { elapsed: started.elapsed(), components, committed, stopped: options.stop.is_cancelled() })
+    }
+}
+
+/// One source's shards, read `parallelism` at a time.
+struct SourceRun {
+    id: String,
+    source: Arc<dyn Source>,
+    output: Output,
+    metrics: ComponentMetrics,
+    budget: budget::MemoryBudget,
+    dead_letter: DeadLetter,
+    stop: CancellationToken,
+    halted: Arc<AtomicBool>,
+    parallelism: usize,
+    batch_size: usize,
+    registry: Arc<std::sync::Mutex<Vec<Arc<ShardProgress>>>>,
+}
+
+impl SourceRun {
+    async fn run(self) -> Result<()> {
+        let shards = self.source.shards().await?;
+        tracing::info!(source = %self.id, shards = shards.len(), "reading");
+        let committer = self.source.committer();
+        let mut reads = futures::stream::iter(shards.into_iter().map(|shard| {
+            let progress = ShardProgress::new(shard.clone(), committer.clone(), self.halted.clone());
+            if let Ok(mut r) = self.registry.lock() {
+                r.push(progress.clone());
+            }
+            let ctx = ShardContext {
+                shard: shard.clone(),
+                progress,
+                output: self.output.clone(),
+                budget: self.budget.clone(),
+                dead_letter: self.dead_letter.clone(),
+                metrics: self.metrics.clone(),
+                cancel: self.stop.clone(),
+                batch_size: self.batch_size,
+            };
+            let source = self.source.clone();
+            async move {
+                let r = source.read_shard(ctx).await;
+                tracing::debug!(shard = %shard.id, ok = r.is_ok(), "shard finished");
+                r
+            }
+        }))
+        .buffered(self.parallelism);
+        while let Some(r) = reads.next().await {
+            r?;
+            if self.stop.is_cancelled() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn run_transform(
+    mut transform: Box<dyn Transform>,
+    mut rx: mpsc::Receiver<Batch>,
+    output: Output,
+    dead_letter: DeadLetter,
+    metrics: ComponentMetrics,
+    abort: CancellationToken,
+) -> Result<()> {
+    loop {
+        let batch = tokio::select! {
+            b = rx.recv() => match b { Some(b) => b, None => return Ok(()) },
+            _ = abort.cancelled() => return Ok(()),
+        };
+        let started = Instant::now();
+        metrics.received(batch.data.num_rows(), batch.data.get_array_memory_size());
+        for out in transform.process(batch, &dead_letter, &metrics).await? {
+            metrics.sent(out.data.num_rows(), out.data.get_array_memory_size());
+            output.send(out).await.map_err(|_| Error::Internal {
+                component: metrics.component.clone(),
+                message: DOWNSTREAM_STOPPED.into(),
+            })?;
+        }
+        metrics.batch_duration(started.elapsed());
+    }
+}
+
+async fn run_sink(
+    mut sink: Box<dyn Sink>,
+    mut rx: mpsc::Receiver<Batch>,
+    metrics: ComponentMetrics,
+    abort: CancellationToken,
+) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = async {
+        loop {
+            tokio::select! {
+                b = rx.recv() => match b {
+                    Some(batch) => {
+                        let started = Instant::now();
+                        let (rows, bytes) = (batch.data.num_rows(), batch.data.get_array_memory_size());
+                        sink.write(batch).await?;
+                        metrics.received(rows, bytes);
+                        metrics.batch_duration(started.elapsed());
+                    }
+                    None => return sink.finish().await,
+                },
+                _ = tick.tick() => sink.tick().await?,
+                _ = abort.cancelled() => {
+                    sink.abort().await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+    .await;
+    if result.is_err() {
+        sink.abort().await;
+    }
+    result
+}

@@ -1,0 +1,571 @@
+//! The rolling, partitioned file writer shared by the file sink and object-storage sinks: encodes
+//! batches as Parquet, NDJSON or CSV into one open file per (output folder, source shard), rotates
+//! files by rows, bytes and age, bounds buffered memory, and releases acks when a file is committed.
+//!
+//! File names are deterministic: `part-{shard}-{first position:020}.{ext}` under Hive-style
+//! `col=value/` folders, so replaying the same input rewrites the same files.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, UInt32Array};
+use arrow::datatypes::{Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use indexmap::IndexMap;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression as PqCompression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use serde::Deserialize;
+
+use crate::batch::{Ack, Batch};
+use crate::config::{ByteSize, HumanDuration};
+use crate::observe::names;
+use crate::{Error, Result};
+
+/// Default `rotate.max_bytes`: 128 MiB.
+pub const DEFAULT_MAX_FILE_BYTES: ByteSize = ByteSize(128 << 20);
+/// Default `rotate.max_age`: 60 s.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60);
+/// Default Parquet row-group size in bytes of buffered data: 32 MiB.
+pub const DEFAULT_ROW_GROUP_BYTES: ByteSize = ByteSize(32 << 20);
+/// Default cap on bytes buffered in all open files together: 128 MiB.
+pub const DEFAULT_BUFFER_BYTES: ByteSize = ByteSize(128 << 20);
+/// Default cap on files open at once.
+pub const DEFAULT_MAX_OPEN_FILES: usize = 64;
+/// How many recent file names are remembered to avoid reusing one.
+const RECENT_NAMES: usize = 4096;
+/// Folder name for a null partition value (as Hive and Spark write it).
+pub const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
+
+/// Output encoding.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    #[default]
+    Parquet,
+    /// Newline-delimited JSON.
+    Json,
+    Csv,
+}
+
+impl OutputFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            OutputFormat::Parquet => "parquet",
+            OutputFormat::Json => "ndjson",
+            OutputFormat::Csv => "csv",
+        }
+    }
+}
+
+/// Compression codec: Parquet takes `zstd` (default), `snappy`, `lz4`, `gzip`, `none`; JSON and
+/// CSV take `gzip` or `none` (default).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    None,
+    Zstd,
+    Snappy,
+    Lz4,
+    Gzip,
+}
+
+/// `rotate = { max_rows, max_bytes, max_age }`: a file is closed when any limit is reached.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RotateConfig {
+    /// Records per file.
+    pub max_rows: Option<u64>,
+    /// Encoded bytes per file (default 128MiB).
+    pub max_bytes: Option<ByteSize>,
+    /// Time a file stays open (default 60s); bounds how long records wait to be committed.
+    pub max_age: Option<HumanDuration>,
+}
+
+/// Everything the writer needs to know, resolved from a sink's config.
+#[derive(Debug, Clone)]
+pub struct WriterSettings {
+    pub format: OutputFormat,
+    pub compression: Compression,
+    pub partition_by: Vec<String>,
+    pub max_rows: Option<u64>,
+    pub max_bytes: u64,
+    pub max_age: Duration,
+    pub row_group_bytes: u64,
+    pub buffer_bytes: u64,
+    pub max_open_files: usize,
+}
+
+/// Where one output file's bytes go: a temporary local file, a multipart upload.
+pub trait Destination: Send {
+    /// Appends encoded bytes.
+    ///
+    /// # Errors
+    /// I/O or upload failures, naming the destination.
+    fn write(&mut self, bytes: &[u8]) -> Result<()>;
+    /// Makes the file durable and visible under its final name, complete or not at all.
+    ///
+    /// # Errors
+    /// As [`write`](Self::write).
+    fn commit(self: Box<Self>) -> Result<()>;
+    /// Removes whatever was written.
+    fn abort(self: Box<Self>);
+}
+
+/// Creates destinations for relative file names such as `dt=2026-01-01/part-gen-0-….parquet`.
+pub trait DestinationFactory: Send {
+    /// # Errors
+    /// When the destination cannot be created.
+    fn create(&mut self, relative: &str) -> Result<Box<dyn Destination>>;
+}
+
+/// Growable buffer the encoders write into; drained into the destination after each write.
+#[derive(Clone, Default)]
+struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SharedBuf {
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Plain or gzip output for the text formats.
+enum TextOut {
+    Plain(SharedBuf),
+    Gzip(flate2::write::GzEncoder<SharedBuf>),
+}
+
+impl Write for TextOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            TextOut::Plain(b) => b.write(buf),
+            TextOut::Gzip(g) => g.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl TextOut {
+    fn finish(self) -> std::io::Result<()> {
+        match self {
+            TextOut::Plain(_) => Ok(()),
+            TextOut::Gzip(g) => g.finish().map(|_| ()),
+        }
+    }
+}
+
+enum Encoder {
+    Parquet(Box<ArrowWriter<SharedBuf>>),
+    Json(arrow::json::LineDelimitedWriter<TextOut>),
+    Csv(arrow::csv::Writer<TextOut>),
+}
+
+impl Encoder {
+    fn new(settings: &WriterSettings, schema: &SchemaRef, buf: SharedBuf) -> Result<Self, String> {
+        let text_out = |buf: SharedBuf| match settings.compression {
+            Compression::Gzip => TextOut::Gzip(flate2::write::GzEncoder::new(buf, flate2::Compression::default())),
+            _ => TextOut::Plain(buf),
+        };
+        Ok(match settings.format {
+            OutputFormat::Parquet => {
+                let compression = match settings.compression {
+                    Compression::None => PqCompression::UNCOMPRESSED,
+                    Compression::Zstd => PqCompression::ZSTD(ZstdLevel::default()),
+                    Compression::Snappy => PqCompression::SNAPPY,
+                    Compression::Lz4 => PqCompression::LZ4_RAW,
+                    Compression::Gzip => PqCompression::GZIP(Default::default()),
+                };
+                let props = WriterProperties::builder()
+                    .set_compression(compression)
+                    .set_max_row_group_row_count(Some(1 << 20))
+                    .build();
+                let w = ArrowWriter::try_new(buf, schema.clone(), Some(props)).map_err(|e| e.to_string())?;
+                Encoder::Parquet(Box::new(w))
+            }
+            OutputFormat::Json => Encoder::Json(arrow::json::LineDelimitedWriter::new(text_out(buf))),
+            OutputFormat::Csv => Encoder::Csv(arrow::csv::WriterBuilder::new().with_header(true).build(text_out(buf))),
+        })
+    }
+
+    fn write(&mut self, batch: &RecordBatch, row_group_bytes: u64) -> Result<(), String> {
+        match self {
+            Encoder::Parquet(w) => {
+                w.write(batch).map_err(|e| e.to_string())?;
+                if w.in_progress_size() as u64 >= row_group_bytes {
+                    w.flush().map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+            Encoder::Json(w) => w.write(batch).map_err(|e| e.to_string()),
+            Encoder::Csv(w) => w.write(batch).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Bytes held in memory that are not yet encoded output.
+    fn buffered(&self) -> u64 {
+        match self {
+            Encoder::Parquet(w) => w.in_progress_size() as u64,
+            _ => 0,
+        }
+    }
+
+    fn flush_row_group(&mut self) -> Result<(), String> {
+        match self {
+            Encoder::Parquet(w) => w.flush().map_err(|e| e.to_string()),
+            _ => Ok(()),
+        }
+    }
+
+    fn finish(self) -> Result<(), String> {
+        match self {
+            Encoder::Parquet(w) => w.close().map(|_| ()).map_err(|e| e.to_string()),
+            Encoder::Json(mut w) => {
+                w.finish().map_err(|e| e.to_string())?;
+                w.into_inner().finish().map_err(|e| e.to_string())
+            }
+            Encoder::Csv(w) => w.into_inner().finish().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+struct OpenFile {
+    name: String,
+    encoder: Encoder,
+    buf: SharedBuf,
+    dest: Box<dyn Destination>,
+    rows: u64,
+    written: u64,
+    opened: Instant,
+    acks: Vec<Ack>,
+}
+
+impl OpenFile {
+    fn size(&self) -> u64 {
+        self.written + self.encoder.buffered()
+    }
+
+    fn drain(&mut self) -> Result<()> {
+        let bytes = self.buf.take();
+        if !bytes.is_empty() {
+            self.written += bytes.len() as u64;
+            self.dest.write(&bytes)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes batches into rolling, partitioned files; see the module docs.
+pub struct RollingWriter {
+    component: String,
+    settings: WriterSettings,
+    factory: Box<dyn DestinationFactory>,
+    partition_columns: Vec<usize>,
+    data_columns: Vec<usize>,
+    file_schema: SchemaRef,
+    open: HashMap<(String, String), OpenFile>,
+    /// The most recent names opened (at most [`RECENT_NAMES`]), so two files never get the same
+    /// name (see `open_file`); bounded, since positions move on.
+    names_used: std::collections::VecDeque<String>,
+    files_written: metrics::Counter,
+}
+
+impl RollingWriter {
+    /// # Errors
+    /// `(key, message)` when a `partition_by` column is not in `schema`, or the compression does
+    /// not suit the format.
+    pub fn new(
+        component: &str,
+        schema: &SchemaRef,
+        settings: WriterSettings,
+        factory: Box<dyn DestinationFactory>,
+    ) -> Result<Self, (&'static str, String)> {
+        let mut partition_columns = Vec::new();
+        for col in &settings.partition_by {
+            let idx = schema.index_of(col).map_err(|_| {
+                let known: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                ("partition_by", format!("column `{col}` is not in the sink's input; it has: {}", known.join(", ")))
+            })?;
+            partition_columns.push(idx);
+        }
+        if settings.format != OutputFormat::Parquet
+            && !matches!(settings.compression, Compression::None | Compression::Gzip)
+        {
+            return Err((
+                "compression",
+                format!("{:?} output takes compression \"gzip\" or \"none\"", settings.format),
+            ));
+        }
+        let data_columns: Vec<usize> = (0..schema.fields().len()).filter(|i| !partition_columns.contains(i)).collect();
+        if data_columns.is_empty() {
+            return Err(("partition_by", "every column is a partition column; files would have no columns".into()));
+        }
+        let file_schema = Arc::new(schema.project(&data_columns).map_err(|e| ("partition_by", e.to_string()))?);
+        let files_written = metrics::counter!(names::SINK_FILES_WRITTEN_TOTAL, "component" => component.to_string());
+        Ok(RollingWriter {
+            component: component.to_string(),
+            settings,
+            factory,
+            partition_columns,
+            data_columns,
+            file_schema,
+            open: HashMap::new(),
+            names_used: Default::default(),
+            files_written,
+        })
+    }
+
+    /// The schema of the files written (the input less the partition columns).
+    pub fn file_schema(&self) -> &Schema {
+        &self.file_schema
+    }
+
+    /// Encodes `batch` into the open file of each of its partitions, rotating as needed.
+    ///
+    /// # Errors
+    /// Encoding and destination failures.
+    pub fn write(&mut self, batch: &Batch) -> Result<()> {
+        for (folder, data) in self.split(&batch.data)? {
+            let key = (folder, batch.shard.file_token());
+            if !self.open.contains_key(&key) {
+                let file = self.open_file(&key.0, &key.1, batch.first)?;
+                self.open.insert(key.clone(), file);
+            }
+            let file = self.open.get_mut(&key).expect("inserted above");
+            file.encoder.write(&data, self.settings.row_group_bytes).map_err(|e| Error::Internal {
+                component: self.component.clone(),
+                message: format!("encoding {}: {e}", file.name),
+            })?;
+            file.drain()?;
+            file.rows += data.num_rows() as u64;
+            file.acks.push(batch.ack.clone());
+            let full = self.settings.max_rows.is_some_and(|m| file.rows >= m) || file.size() >= self.settings.max_bytes;
+            if full {
+                self.close(&key)?;
+            }
+        }
+        self.enforce_limits()
+    }
+
+    /// Closes files open longer than `max_age`.
+    ///
+    /// # Errors
+    /// As [`write`](Self::write).
+    pub fn close_expired(&mut self) -> Result<()> {
+        let max_age = self.settings.max_age;
+        let expired: Vec<_> =
+            self.open.iter().filter(|(_, f)| f.opened.elapsed() >= max_age).map(|(k, _)| k.clone()).collect();
+        for key in expired {
+            self.close(&key)?;
+        }
+        Ok(())
+    }
+
+    /// Commits every open file.
+    ///
+    /// # Errors
+    /// As [`write`](Self::write).
+    pub fn finish(&mut self) -> Result<()> {
+        let mut keys: Vec<_> = self.open.keys().cloned().collect();
+        keys.sort();
+        for key in keys {
+            self.close(&key)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every open file's partial output; their records are not acknowledged.
+    pub fn abort(&mut self) {
+        for (_, file) in self.open.drain() {
+            file.dest.abort();
+        }
+    }
+
+    /// Bytes buffered in memory across open files.
+    pub fn buffered(&self) -> u64 {
+        self.open.values().map(|f| f.encoder.buffered()).sum()
+    }
+
+    /// Files open now.
+    pub fn open_files(&self) -> usize {
+        self.open.len()
+    }
+
+    fn open_file(&mut self, folder: &str, shard: &str, first: u64) -> Result<OpenFile> {
+        // Two files can start at the same position (two inputs derived from one source batch, dead
+        // letters without positions): number the later ones, in arrival order, so names stay
+        // deterministic for the same input and nothing is overwritten.
+        let ext = self.extension();
+        let mut name = format!("{folder}part-{shard}-{first:020}.{ext}");
+        let mut n = 1;
+        while self.names_used.contains(&name) {
+            name = format!("{folder}part-{shard}-{first:020}-{n}.{ext}");
+            n += 1;
+        }
+        if self.names_used.len() == RECENT_NAMES {
+            self.names_used.pop_front();
+        }
+        self.names_used.push_back(name.clone());
+        let buf = SharedBuf::default();
+        let encoder = Encoder::new(&self.settings, &self.file_schema, buf.clone()).map_err(|e| Error::Internal {
+            component: self.component.clone(),
+            message: format!("creating {name}: {e}"),
+        })?;
+        let dest = self.factory.create(&name)?;
+        Ok(OpenFile { name, encoder, buf, dest, rows: 0, written: 0, opened: Instant::now(), acks: Vec::new() })
+    }
+
+    fn extension(&self) -> String {
+        let ext = self.settings.format.extension();
+        match (self.settings.format, self.settings.compression) {
+            (OutputFormat::Json | OutputFormat::Csv, Compression::Gzip) => format!("{ext}.gz"),
+            _ => ext.to_string(),
+        }
+    }
+
+    fn close(&mut self, key: &(String, String)) -> Result<()> {
+        let Some(mut file) = self.open.remove(key) else { return Ok(()) };
+        let name = file.name.clone();
+        let finished = std::mem::replace(
+            &mut file.encoder,
+            Encoder::Json(arrow::json::LineDelimitedWriter::new(TextOut::Plain(SharedBuf::default()))),
+        );
+        if let Err(e) = finished.finish() {
+            file.dest.abort();
+            return Err(Error::Internal {
+                component: self.component.clone(),
+                message: format!("finishing {name}: {e}"),
+            });
+        }
+        file.drain()?;
+        file.dest.commit()?;
+        self.files_written.increment(1);
+        tracing::debug!(component = %self.component, file = %name, rows = file.rows, bytes = file.written, "file committed");
+        // Dropping the acks here, after the commit, is what lets source positions advance.
+        drop(file.acks);
+        Ok(())
+    }
+
+    /// Keeps buffered memory under `buffer_bytes` (flushing the largest row group first) and open
+    /// files under `max_open_files` (closing the largest first).
+    fn enforce_limits(&mut self) -> Result<()> {
+        while self.buffered() > self.settings.buffer_bytes {
+            let Some(key) = self.open.iter().max_by_key(|(_, f)| f.encoder.buffered()).map(|(k, _)| k.clone()) else {
+                break;
+            };
+            let file = self.open.get_mut(&key).expect("key from the map");
+            file.encoder.flush_row_group().map_err(|e| Error::Internal {
+                component: self.component.clone(),
+                message: format!("flushing {}: {e}", file.name),
+            })?;
+            file.drain()?;
+        }
+        while self.open.len() > self.settings.max_open_files {
+            let Some(key) = self.open.iter().max_by_key(|(_, f)| f.size()).map(|(k, _)| k.clone()) else { break };
+            self.close(&key)?;
+        }
+        Ok(())
+    }
+
+    /// Splits `data` by the partition columns into (`col=value/…/` folder, rows without the
+    /// partition columns).
+    fn split(&self, data: &RecordBatch) -> Result<Vec<(String, RecordBatch)>> {
+        let projected = data.project(&self.data_columns).map_err(|e| Error::arrow(&self.component, e))?;
+        if self.partition_columns.is_empty() {
+            return Ok(vec![(String::new(), projected)]);
+        }
+        let options = FormatOptions::default().with_null(NULL_PARTITION);
+        let columns: Vec<(&str, ArrayRef)> = self
+            .partition_columns
+            .iter()
+            .map(|&i| (data.schema_ref().field(i).name().as_str(), data.column(i).clone()))
+            .collect();
+        let formatters = columns
+            .iter()
+            .map(|(_, a)| ArrayFormatter::try_new(a.as_ref(), &options))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::arrow(&self.component, e))?;
+        let mut groups: IndexMap<String, Vec<u32>> = IndexMap::new();
+        let mut key = String::new();
+        for row in 0..data.num_rows() {
+            key.clear();
+            for ((name, array), f) in columns.iter().zip(&formatters) {
+                key.push_str(name);
+                key.push('=');
+                if array.is_null(row) {
+                    key.push_str(NULL_PARTITION);
+                } else {
+                    escape_segment(&f.value(row).to_string(), &mut key);
+                }
+                key.push('/');
+            }
+            match groups.get_mut(key.as_str()) {
+                Some(rows) => rows.push(row as u32),
+                None => {
+                    groups.insert(key.clone(), vec![row as u32]);
+                }
+            }
+        }
+        if groups.len() == 1 {
+            let (folder, _) = groups.into_iter().next().expect("one group");
+            return Ok(vec![(folder, projected)]);
+        }
+        groups
+            .into_iter()
+            .map(|(folder, rows)| {
+                let idx = UInt32Array::from(rows);
+                arrow::compute::take_record_batch(&projected, &idx)
+                    .map(|b| (folder, b))
+                    .map_err(|e| Error::arrow(&self.component, e))
+            })
+            .collect()
+    }
+}
+
+/// Percent-encodes a partition value for a path segment (as Hive does): everything but ASCII
+/// letters, digits and `-_.` (and a leading `.`, which would hide the folder).
+fn escape_segment(value: &str, out: &mut String) {
+    for (i, b) in value.bytes().enumerate() {
+        let safe = b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && i > 0);
+        if safe {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_values_are_escaped_for_paths() {
+        let mut s = String::new();
+        escape_segment("2026-01-01 10:00:00", &mut s);
+        assert_eq!(s, "2026-01-01%2010%3A00%3A00");
+        s.clear();
+        escape_segment("a/b", &mut s);
+        assert_eq!(s, "a%2Fb");
+        s.clear();
+        escape_segment("..", &mut s);
+        assert_eq!(s, "%2E.");
+        s.clear();
+        escape_segment("Zoë", &mut s);
+        assert_eq!(s, "Zo%C3%AB");
+    }
+}

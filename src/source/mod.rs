@@ -1,0 +1,176 @@
+//! Sources: the [`Source`] trait, the context a shard reader emits into, and the built-in sources.
+
+pub mod file;
+pub mod generator;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{Batch, PositionCommitter, RecordingCommitter, ShardInfo, ShardProgress};
+use crate::dead_letter::{BadRecord, DeadLetter};
+use crate::observe::ComponentMetrics;
+use crate::runtime::budget::MemoryBudget;
+use crate::runtime::Output;
+use crate::{Error, Result};
+
+/// A source of record batches, split into shards that can be read independently.
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// The schema of every batch the source emits.
+    fn schema(&self) -> SchemaRef;
+
+    /// The shards to read (files, partitions, ranges), in a stable order.
+    ///
+    /// # Errors
+    /// When the shards cannot be listed (a glob that matches nothing, an unreachable service).
+    async fn shards(&self) -> Result<Vec<Arc<ShardInfo>>>;
+
+    /// Reads one shard to its end (or until `ctx.cancel` fires), emitting batches through `ctx`.
+    ///
+    /// # Errors
+    /// I/O errors, and bad records when no dead-letter sink is configured.
+    ///
+    /// # Cancel safety
+    /// Returns promptly after `ctx.cancel` fires; batches already emitted stay valid.
+    async fn read_shard(&self, ctx: ShardContext) -> Result<()>;
+
+    /// Where committed positions go. Sources without an external position store (files, the
+    /// generator) record them for the run summary only and are read from the start on each run.
+    fn committer(&self) -> Arc<dyn PositionCommitter> {
+        Arc::new(RecordingCommitter::default())
+    }
+}
+
+/// What one read of a shard produced.
+#[derive(Debug)]
+pub struct Produced {
+    /// Decoded good records.
+    pub data: RecordBatch,
+    /// Source position of each row of `data`.
+    pub positions: Vec<u64>,
+    /// Records that could not be decoded or converted.
+    pub bad: Vec<BadRecord>,
+    /// First and last position covered (good and bad records alike).
+    pub first: u64,
+    pub last: u64,
+    /// Bytes read from the source for these records.
+    pub raw_bytes: usize,
+}
+
+/// Everything a shard reader needs to emit batches.
+pub struct ShardContext {
+    pub shard: Arc<ShardInfo>,
+    pub progress: Arc<ShardProgress>,
+    pub output: Output,
+    pub budget: MemoryBudget,
+    pub dead_letter: DeadLetter,
+    pub metrics: ComponentMetrics,
+    pub cancel: CancellationToken,
+    pub batch_size: usize,
+}
+
+impl ShardContext {
+    /// Registers the records of `p` for acknowledgement, sends bad ones to the dead-letter sink and
+    /// good ones downstream, waiting for room in the memory budget first.
+    ///
+    /// # Errors
+    /// A bad record without a dead-letter sink; a downstream component that has stopped.
+    pub async fn emit(&self, p: Produced) -> Result<()> {
+        let started = Instant::now();
+        let ack = self.progress.register(p.last);
+        if !p.bad.is_empty() {
+            self.dead_letter.send(&self.metrics, &self.shard, &ack, p.bad).await?;
+        }
+        let rows = p.data.num_rows();
+        if rows > 0 {
+            let mem = p.data.get_array_memory_size() as u64;
+            let reservation = tokio::select! {
+                r = self.budget.reserve(mem) => r,
+                _ = self.cancel.cancelled() => {
+                    ack.abandon();
+                    return Ok(());
+                }
+            };
+            let batch = Batch {
+                data: p.data,
+                shard: self.shard.clone(),
+                first: p.first,
+                last: p.last,
+                row_positions: Some(p.positions.into()),
+                ack,
+                memory: Some(Arc::new(reservation)),
+            };
+            self.output.send(batch).await.map_err(|_| self.downstream_stopped())?;
+        }
+        self.metrics.sent(rows, p.raw_bytes);
+        self.metrics.batch_duration(started.elapsed());
+        Ok(())
+    }
+
+    fn downstream_stopped(&self) -> Error {
+        Error::Internal {
+            component: self.metrics.component.clone(),
+            message: crate::runtime::DOWNSTREAM_STOPPED.into(),
+        }
+    }
+
+    /// Runs `next` on a blocking thread (file I/O and decoding) and emits what it produces, one
+    /// item ahead, until it returns `None`, fails, or the shard is cancelled.
+    ///
+    /// # Errors
+    /// The first error of `next` or of [`emit`](Self::emit).
+    pub async fn run_blocking<F>(&self, mut next: F) -> Result<()>
+    where
+        F: FnMut() -> Result<Option<Produced>> + Send + 'static,
+    {
+        let (tx, mut rx) = mpsc::channel::<Result<Produced>>(1);
+        let cancel = self.cancel.clone();
+        let reader = tokio::task::spawn_blocking(move || {
+            while !cancel.is_cancelled() {
+                match next() {
+                    Ok(Some(p)) => {
+                        if tx.blocking_send(Ok(p)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        break;
+                    }
+                }
+            }
+        });
+        let mut result = Ok(());
+        loop {
+            let item = tokio::select! {
+                item = rx.recv() => item,
+                _ = self.cancel.cancelled() => break,
+            };
+            match item {
+                Some(Ok(p)) => {
+                    if let Err(e) = self.emit(p).await {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    result = Err(e);
+                    break;
+                }
+                None => break,
+            }
+        }
+        drop(rx);
+        reader
+            .await
+            .map_err(|e| Error::Internal { component: self.metrics.component.clone(), message: e.to_string() })?;
+        result
+    }
+}

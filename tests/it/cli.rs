@@ -1,0 +1,185 @@
+//! The command line: `validate` errors for each kind of broken pipeline, exit codes, graceful
+//! shutdown on SIGTERM, and the metrics / health server.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::common::{read_parquet, rows, sluice};
+
+const BASE: &str = r#"[pipeline]
+name = "v"
+
+[sources.orders]
+type = "generator"
+shape = "orders"
+count = 10
+
+[transforms.clean]
+type = "sql"
+inputs = ["orders"]
+query = "SELECT order_id, amount FROM orders"
+
+[sinks.out]
+type = "blackhole"
+inputs = ["clean"]
+"#;
+
+fn validate(text: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = sluice().arg("validate").arg(&path).env_remove("NOT_SET_ANYWHERE").output().unwrap();
+    let msg = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.code().unwrap(), msg.replace(&path.display().to_string(), "p.toml"))
+}
+
+#[test]
+fn validate_accepts_a_good_pipeline() {
+    let (code, msg) = validate(BASE);
+    assert_eq!(code, 0, "{msg}");
+    assert!(msg.contains("pipeline `v` is valid"), "{msg}");
+    assert!(msg.contains("clean: order_id bigint, amount decimal(12,2)"), "{msg}");
+}
+
+#[test]
+fn validate_pinpoints_each_kind_of_broken_pipeline() {
+    let cases: Vec<(String, &[&str])> = vec![
+        // Unknown key.
+        (
+            BASE.replace("count = 10", "count = 10\ncolour = \"red\""),
+            &["p.toml:", "sources.orders", "unknown field `colour`"],
+        ),
+        // Wrong value type.
+        (BASE.replace("count = 10", "count = \"ten\""), &["p.toml:7:", "invalid type"]),
+        // Dangling input.
+        (
+            BASE.replace("inputs = [\"clean\"]", "inputs = [\"cleen\"]"),
+            &["p.toml:16:", "sinks.out.inputs", "unknown input `cleen`", "clean"],
+        ),
+        // A cycle.
+        (
+            BASE.replace("inputs = [\"orders\"]", "inputs = [\"again\"]")
+                + "\n[transforms.again]\ntype = \"sql\"\ninputs = [\"clean\"]\nquery = \"SELECT * FROM clean\"\n",
+            &["cycle", "clean", "again"],
+        ),
+        // SQL that does not plan: an unknown column.
+        (
+            BASE.replace("SELECT order_id, amount", "SELECT order_id, amount_usd"),
+            &["p.toml:12:", "transforms.clean.query", "amount_usd", "order_id bigint"],
+        ),
+        // A missing environment variable.
+        (
+            BASE.replace("name = \"v\"", "name = \"${NOT_SET_ANYWHERE}\""),
+            &["p.toml:2:", "pipeline.name", "NOT_SET_ANYWHERE", "is not set"],
+        ),
+        // An unknown component type.
+        (BASE.replace("type = \"blackhole\"", "type = \"kafkaa\""), &["p.toml:", "unknown variant `kafkaa`"]),
+        // A bad schema type.
+        (
+            BASE.replace(
+                "type = \"generator\"\nshape = \"orders\"\ncount = 10",
+                "type = \"file\"\npath = \"Cargo.toml\"\nformat = { type = \"json\" }\nschema = { id = \"bigintt\" }",
+            ),
+            &["sources.orders.schema", "unknown column type `bigintt`"],
+        ),
+        // A partition column that does not exist.
+        (
+            BASE.replace("type = \"blackhole\"", "type = \"file\"\npath = \"x\"\npartition_by = [\"dt\"]"),
+            &["sinks.out.partition_by", "`dt`", "order_id"],
+        ),
+    ];
+    for (text, expected) in cases {
+        let (code, msg) = validate(&text);
+        assert_eq!(code, 1, "expected exit 1 for:\n{text}\ngot:\n{msg}");
+        for e in expected {
+            assert!(msg.contains(e), "expected `{e}` in:\n{msg}");
+        }
+    }
+}
+
+#[test]
+fn run_exit_codes_distinguish_config_and_runtime_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[pipeline]\nname = 1\n").unwrap();
+    assert_eq!(sluice().args(["run", "--no-progress"]).arg(&bad).status().unwrap().code(), Some(1));
+    let strict = dir.path().join("strict.toml");
+    let input = dir.path().join("in.ndjson");
+    std::fs::write(&input, "{\"id\": \"x\"}\n").unwrap();
+    std::fs::write(
+        &strict,
+        format!("[pipeline]\nname = \"s\"\n[sources.i]\ntype = \"file\"\npath = \"{}\"\nformat = {{ type = \"json\" }}\nschema = {{ id = \"bigint\" }}\n[sinks.o]\ntype = \"blackhole\"\ninputs = [\"i\"]\n", input.display()),
+    )
+    .unwrap();
+    let out = sluice().args(["run", "--no-progress"]).arg(&strict).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(sluice().arg("frobnicate").status().unwrap().code(), Some(2));
+    let help = sluice().args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--metrics-addr") && help.contains("--log-format"), "{help}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let code = body.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body))
+}
+
+#[test]
+fn sigterm_stops_gracefully_with_complete_files_and_metrics_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("endless.toml");
+    let out = dir.path().join("out");
+    std::fs::write(
+        &path,
+        format!(
+            "[pipeline]\nname = \"endless\"\n[sources.g]\ntype = \"generator\"\nshape = \"clickstream\"\nrate = 20000\n[sinks.o]\ntype = \"file\"\ninputs = [\"g\"]\npath = \"{}\"\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut child = sluice()
+        .args(["run", "--no-progress", "--log-format", "json", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "info")
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        if let Some((200, body)) = http_get(port, "/metrics") {
+            if body.contains("sluice_component_sent_records_total") {
+                break body;
+            }
+        }
+        assert!(Instant::now() < deadline, "metrics never appeared");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(metrics.contains("pipeline=\"endless\""), "{metrics}");
+    assert!(metrics.contains("component=\"g\""), "{metrics}");
+    assert_eq!(http_get(port, "/healthz").unwrap().0, 200);
+    assert_eq!(http_get(port, "/readyz").unwrap().0, 200);
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(exit.code(), Some(0), "{stderr}");
+    assert!(stderr.lines().any(|l| l.starts_with('{') && l.contains("\"level\"")), "JSON logs: {stderr}");
+    let batches = read_parquet(Path::new(&out));
+    let n = rows(&batches);
+    assert!(n >= 10_000, "the records read before the stop were written: {n}");
+    assert!(crate::common::files(&out, ".inprogress").is_empty());
+}

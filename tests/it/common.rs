@@ -1,0 +1,78 @@
+//! Helpers shared by the integration tests.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::record_batch::RecordBatch;
+use sluice::runtime::{RunOptions, RunSummary};
+
+/// Parses, builds and runs a pipeline given as text; `${OUT}` resolves to `out`.
+pub async fn run_pipeline(toml: &str, out: &Path) -> sluice::Result<RunSummary> {
+    let out = out.display().to_string();
+    let loaded = sluice::config::load_str(Path::new("test.toml"), toml, |k| match k {
+        "OUT" => Some(out.clone()),
+        other => std::env::var(other).ok(),
+    })?;
+    let pipeline = sluice::runtime::build(&loaded).await?;
+    pipeline.run(RunOptions::default()).await
+}
+
+/// Every file under `dir` (recursively) whose name ends with `suffix`, sorted.
+pub fn files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with(suffix) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Reads every Parquet file under `dir`.
+pub fn read_parquet(dir: &Path) -> Vec<(PathBuf, RecordBatch)> {
+    files(dir, ".parquet")
+        .into_iter()
+        .flat_map(|p| {
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(File::open(&p).unwrap())
+                    .unwrap()
+                    .build()
+                    .unwrap();
+            reader.map(|b| b.unwrap()).map(move |b| (p.clone(), b)).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Reads every NDJSON line under `dir` as JSON values.
+pub fn read_ndjson(dir: &Path) -> Vec<serde_json::Value> {
+    files(dir, ".ndjson")
+        .into_iter()
+        .flat_map(|p| {
+            std::fs::read_to_string(&p)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", p.display())))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Total rows.
+pub fn rows(batches: &[(PathBuf, RecordBatch)]) -> usize {
+    batches.iter().map(|(_, b)| b.num_rows()).sum()
+}
+
+/// The sluice binary built for these tests.
+pub fn sluice() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    c.env("RUST_LOG", "warn");
+    c
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: real pipelines over real files, output read back with the Parquet and Arrow
+//! readers. One test binary (modules below) so the whole tree links once.
+
+mod cli;
+mod common;
+mod file_sink;
+mod messy;
+mod pipelines;
+mod transform_errors;
