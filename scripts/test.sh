@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: installs what is missing (idempotently), starts the
-# services the tests need, then runs fmt, clippy, every test, and the README's quickstart check.
+# The whole test suite, from a fresh clone: installs what is missing (idempotently), then runs
+# fmt, clippy, every test, and the README's quickstart check. (Today's components need no external
+# service; connectors that do will start theirs from here.)
 #
 #   scripts/test.sh              # everything
 #   SLUICE_SKIP_LINT=1 scripts/test.sh   # tests only
 #
 # Caches live outside the clone: $SLUICE_CACHE (default ~/.cache/sluice) holds the cargo target
-# directory, the Python virtualenv and service binaries. SLUICE_PREBUILT_BIN may point at a
-# directory of prebuilt service binaries (tansu, garage) to copy instead of compiling them.
+# directory and the Python virtualenv (pyarrow, duckdb) built from scripts/requirements.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh

@@ -172,7 +172,7 @@ async fn run(path: PathBuf, metrics_addr: Option<SocketAddr>, progress: bool, wo
     let pipeline = match runtime::build(&loaded).await {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: {}", ConfigError::from(e));
+            eprintln!("error: {e}");
             return EXIT_CONFIG;
         }
     };

@@ -204,13 +204,6 @@ impl LoadedPipeline {
         let (line, column) = self.locator.locate(path);
         Diagnostic { file: self.locator.file.clone(), line, column, key: path.join("."), message: message.into(), help }
     }
-
-    /// The directory relative paths in the pipeline are resolved against: the file's directory's
-    /// parent is not used; paths are relative to the current working directory, as users expect
-    /// from a CLI.
-    pub fn base_dir(&self) -> &Path {
-        Path::new(".")
-    }
 }
 
 /// Reads, interpolates and parses a pipeline file.

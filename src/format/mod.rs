@@ -145,7 +145,10 @@ where
     Fut: std::future::Future<Output = Result<T, String>>,
 {
     let mut out = Isolated { batches: Vec::new(), good: Vec::new(), bad: Vec::new() };
-    let mut stack = if n == 0 { vec![] } else { vec![0..n] };
+    let mut stack: Vec<Range<usize>> = Vec::new();
+    if n > 0 {
+        stack.push(0..n);
+    }
     while let Some(range) = stack.pop() {
         match f(range.clone()).await {
             Ok(batch) => {

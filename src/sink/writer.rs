@@ -145,7 +145,7 @@ impl SharedBuf {
 /// Plain or gzip output for the text formats.
 enum TextOut {
     Plain(SharedBuf),
-    Gzip(flate2::write::GzEncoder<SharedBuf>),
+    Gzip(Box<flate2::write::GzEncoder<SharedBuf>>),
 }
 
 impl Write for TextOut {
@@ -171,14 +171,16 @@ impl TextOut {
 
 enum Encoder {
     Parquet(Box<ArrowWriter<SharedBuf>>),
-    Json(arrow::json::LineDelimitedWriter<TextOut>),
-    Csv(arrow::csv::Writer<TextOut>),
+    Json(Box<arrow::json::LineDelimitedWriter<TextOut>>),
+    Csv(Box<arrow::csv::Writer<TextOut>>),
 }
 
 impl Encoder {
     fn new(settings: &WriterSettings, schema: &SchemaRef, buf: SharedBuf) -> Result<Self, String> {
         let text_out = |buf: SharedBuf| match settings.compression {
-            Compression::Gzip => TextOut::Gzip(flate2::write::GzEncoder::new(buf, flate2::Compression::default())),
+            Compression::Gzip => {
+                TextOut::Gzip(Box::new(flate2::write::GzEncoder::new(buf, flate2::Compression::default())))
+            }
             _ => TextOut::Plain(buf),
         };
         Ok(match settings.format {
@@ -197,8 +199,10 @@ impl Encoder {
                 let w = ArrowWriter::try_new(buf, schema.clone(), Some(props)).map_err(|e| e.to_string())?;
                 Encoder::Parquet(Box::new(w))
             }
-            OutputFormat::Json => Encoder::Json(arrow::json::LineDelimitedWriter::new(text_out(buf))),
-            OutputFormat::Csv => Encoder::Csv(arrow::csv::WriterBuilder::new().with_header(true).build(text_out(buf))),
+            OutputFormat::Json => Encoder::Json(Box::new(arrow::json::LineDelimitedWriter::new(text_out(buf)))),
+            OutputFormat::Csv => {
+                Encoder::Csv(Box::new(arrow::csv::WriterBuilder::new().with_header(true).build(text_out(buf))))
+            }
         })
     }
 
@@ -442,7 +446,7 @@ impl RollingWriter {
         let name = file.name.clone();
         let finished = std::mem::replace(
             &mut file.encoder,
-            Encoder::Json(arrow::json::LineDelimitedWriter::new(TextOut::Plain(SharedBuf::default()))),
+            Encoder::Json(Box::new(arrow::json::LineDelimitedWriter::new(TextOut::Plain(SharedBuf::default())))),
         );
         if let Err(e) = finished.finish() {
             file.dest.abort();
