@@ -175,6 +175,12 @@ impl ShardProgress {
         Ack(Arc::new(AckInner { progress: self.clone(), seq }))
     }
 
+    /// Stops all commits of the pipeline (every shard sharing this flag). Called by a failing
+    /// component before it drops the batches it holds, so their acks cannot commit anything.
+    pub fn halt_pipeline(&self) {
+        self.halted.store(true, Ordering::SeqCst);
+    }
+
     /// The shard this tracks.
     pub fn shard(&self) -> &Arc<ShardInfo> {
         &self.shard

@@ -215,10 +215,10 @@ impl Pipeline {
             let rx = receivers.remove(&format!("transforms.{}", t.id)).expect("a channel per transform");
             let output = output_for(&t.outputs);
             let dl = DeadLetter::new(dl_tx.clone());
-            let abort = abort.clone();
-            tasks.spawn(
-                async move { (t.id.clone(), run_transform(t.transform, rx, output, dl, t.metrics, abort).await) },
-            );
+            let (abort, halted) = (abort.clone(), halted.clone());
+            tasks.spawn(async move {
+                (t.id.clone(), run_transform(t.transform, rx, output, dl, t.metrics, abort, halted).await)
+            });
         }
         drop(dl_tx);
         drop(senders);
@@ -226,13 +226,13 @@ impl Pipeline {
             stats.push((k.id.clone(), "sink", k.metrics.stats.clone()));
             progress_sinks.push(k.metrics.stats.clone());
             let rx = receivers.remove(&format!("sinks.{}", k.id)).expect("a channel per sink");
-            let abort = abort.clone();
-            tasks.spawn(async move { (k.id.clone(), run_sink(k.sink, rx, k.metrics, abort).await) });
+            let (abort, halted) = (abort.clone(), halted.clone());
+            tasks.spawn(async move { (k.id.clone(), run_sink(k.sink, rx, k.metrics, abort, halted).await) });
         }
         if let (Some(k), Some(rx)) = (self.dead_letter, dl_rx) {
             stats.push((k.id.clone(), "dead_letter", k.metrics.stats.clone()));
-            let abort = abort.clone();
-            tasks.spawn(async move { (k.id.clone(), run_sink(k.sink, rx, k.metrics, abort).await) });
+            let (abort, halted) = (abort.clone(), halted.clone());
+            tasks.spawn(async move { (k.id.clone(), run_sink(k.sink, rx, k.metrics, abort, halted).await) });
         }
 
         let progress_stop = CancellationToken::new();
@@ -366,6 +366,7 @@ async fn run_transform(
     dead_letter: DeadLetter,
     metrics: ComponentMetrics,
     abort: CancellationToken,
+    halted: Arc<AtomicBool>,
 ) -> Result<()> {
     loop {
         let batch = tokio::select! {
@@ -374,13 +375,24 @@ async fn run_transform(
         };
         let started = Instant::now();
         metrics.received(batch.data.num_rows(), batch.data.get_array_memory_size());
-        for out in transform.process(batch, &dead_letter, &metrics).await? {
-            metrics.sent(out.data.num_rows(), out.data.get_array_memory_size());
-            output.send(out).await.map_err(|_| Error::Internal {
-                component: metrics.component.clone(),
-                message: DOWNSTREAM_STOPPED.into(),
-            })?;
+        // Held until the batch is through, so a failure halts commits before its ack can drop.
+        let ack = batch.ack.clone();
+        let result = async {
+            for out in transform.process(batch, &dead_letter, &metrics).await? {
+                metrics.sent(out.data.num_rows(), out.data.get_array_memory_size());
+                output.send(out).await.map_err(|_| Error::Internal {
+                    component: metrics.component.clone(),
+                    message: DOWNSTREAM_STOPPED.into(),
+                })?;
+            }
+            Ok::<(), Error>(())
         }
+        .await;
+        if result.is_err() {
+            halted.store(true, Ordering::SeqCst);
+        }
+        drop(ack);
+        result?;
         metrics.batch_duration(started.elapsed());
     }
 }
@@ -390,6 +402,7 @@ async fn run_sink(
     mut rx: mpsc::Receiver<Batch>,
     metrics: ComponentMetrics,
     abort: CancellationToken,
+    halted: Arc<AtomicBool>,
 ) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -400,7 +413,13 @@ async fn run_sink(
                     Some(batch) => {
                         let started = Instant::now();
                         let (rows, bytes) = (batch.data.num_rows(), batch.data.get_array_memory_size());
-                        sink.write(batch).await?;
+                        // Held across the write, so a failure halts commits before the ack drops.
+                        let ack = batch.ack.clone();
+                        if let Err(e) = sink.write(batch).await {
+                            halted.store(true, Ordering::SeqCst);
+                            return Err(e);
+                        }
+                        drop(ack);
                         metrics.received(rows, bytes);
                         metrics.batch_duration(started.elapsed());
                     }
@@ -416,6 +435,8 @@ async fn run_sink(
     }
     .await;
     if result.is_err() {
+        // Nothing the sink still holds may be committed: it is read again next time.
+        halted.store(true, Ordering::SeqCst);
         sink.abort().await;
     }
     result

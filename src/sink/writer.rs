@@ -396,6 +396,7 @@ impl RollingWriter {
     pub fn abort(&mut self) {
         for (_, file) in self.open.drain() {
             file.dest.abort();
+            file.acks.into_iter().for_each(Ack::abandon);
         }
     }
 
@@ -448,15 +449,25 @@ impl RollingWriter {
             &mut file.encoder,
             Encoder::Json(Box::new(arrow::json::LineDelimitedWriter::new(TextOut::Plain(SharedBuf::default())))),
         );
-        if let Err(e) = finished.finish() {
-            file.dest.abort();
-            return Err(Error::Internal {
+        let written = finished
+            .finish()
+            .map_err(|e| Error::Internal {
                 component: self.component.clone(),
                 message: format!("finishing {name}: {e}"),
-            });
+            })
+            .and_then(|_| file.drain());
+        let committed = match written {
+            Ok(()) => file.dest.commit(),
+            Err(e) => {
+                file.dest.abort();
+                Err(e)
+            }
+        };
+        if let Err(e) = committed {
+            // Not durable: its records must not count as delivered.
+            file.acks.into_iter().for_each(Ack::abandon);
+            return Err(e);
         }
-        file.drain()?;
-        file.dest.commit()?;
         self.files_written.increment(1);
         tracing::debug!(component = %self.component, file = %name, rows = file.rows, bytes = file.written, "file committed");
         // Dropping the acks here, after the commit, is what lets source positions advance.
@@ -556,6 +567,123 @@ fn escape_segment(value: &str, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::{RecordingCommitter, ShardInfo, ShardKind, ShardProgress};
+    use crate::source::generator::{generate, shape_schema, Shape};
+    use std::sync::atomic::AtomicBool;
+
+    /// Keeps bytes in memory; `commit` fails when told to.
+    struct MemDest {
+        fail_commit: bool,
+        committed: Arc<Mutex<Vec<(String, usize)>>>,
+        name: String,
+        bytes: Vec<u8>,
+    }
+    impl Destination for MemDest {
+        fn write(&mut self, bytes: &[u8]) -> Result<()> {
+            self.bytes.extend_from_slice(bytes);
+            Ok(())
+        }
+        fn commit(self: Box<Self>) -> Result<()> {
+            if self.fail_commit {
+                return Err(Error::Internal { component: "t".into(), message: "disk full".into() });
+            }
+            self.committed.lock().unwrap().push((self.name.clone(), self.bytes.len()));
+            Ok(())
+        }
+        fn abort(self: Box<Self>) {}
+    }
+    struct MemFactory(bool, Arc<Mutex<Vec<(String, usize)>>>);
+    impl DestinationFactory for MemFactory {
+        fn create(&mut self, relative: &str) -> Result<Box<dyn Destination>> {
+            Ok(Box::new(MemDest {
+                fail_commit: self.0,
+                committed: self.1.clone(),
+                name: relative.into(),
+                bytes: vec![],
+            }))
+        }
+    }
+
+    fn settings() -> WriterSettings {
+        WriterSettings {
+            format: OutputFormat::Parquet,
+            compression: Compression::Zstd,
+            partition_by: vec![],
+            max_rows: None,
+            max_bytes: DEFAULT_MAX_FILE_BYTES.0,
+            max_age: DEFAULT_MAX_AGE,
+            row_group_bytes: DEFAULT_ROW_GROUP_BYTES.0,
+            buffer_bytes: DEFAULT_BUFFER_BYTES.0,
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
+        }
+    }
+
+    fn batch(progress: &Arc<ShardProgress>, start: u64, end: u64) -> Batch {
+        let schema = shape_schema(Shape::Orders);
+        Batch {
+            data: generate(Shape::Orders, &schema, 0, start, end),
+            shard: progress.shard().clone(),
+            first: start,
+            last: end - 1,
+            row_positions: None,
+            ack: progress.register(end - 1),
+            memory: None,
+        }
+    }
+
+    fn progress() -> Arc<ShardProgress> {
+        let shard = Arc::new(ShardInfo { source: "g".into(), id: "gen-0".into(), kind: ShardKind::Sequence });
+        ShardProgress::new(shard, Arc::new(RecordingCommitter::default()), Arc::new(AtomicBool::new(false)))
+    }
+
+    #[test]
+    fn positions_commit_only_when_the_file_is_committed() {
+        let committed = Arc::new(Mutex::new(vec![]));
+        let schema = shape_schema(Shape::Orders);
+        let mut w =
+            RollingWriter::new("t", &schema, settings(), Box::new(MemFactory(false, committed.clone()))).unwrap();
+        let p = progress();
+        w.write(&batch(&p, 0, 100)).unwrap();
+        w.write(&batch(&p, 100, 200)).unwrap();
+        assert_eq!(p.committed(), None, "the file is still open");
+        w.finish().unwrap();
+        assert_eq!(p.committed(), Some(199));
+        let files = committed.lock().unwrap().clone();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].0, "part-gen-0-00000000000000000000.parquet");
+        assert!(files[0].1 > 0);
+    }
+
+    #[test]
+    fn a_failed_commit_or_an_abort_commits_nothing() {
+        let schema = shape_schema(Shape::Orders);
+        let mut w = RollingWriter::new("t", &schema, settings(), Box::new(MemFactory(true, Arc::default()))).unwrap();
+        let p = progress();
+        w.write(&batch(&p, 0, 100)).unwrap();
+        let err = w.finish().unwrap_err().to_string();
+        assert!(err.contains("disk full"), "{err}");
+        assert_eq!(p.committed(), None, "records of a file that failed to commit are not delivered");
+
+        let mut w = RollingWriter::new("t", &schema, settings(), Box::new(MemFactory(false, Arc::default()))).unwrap();
+        let p = progress();
+        w.write(&batch(&p, 0, 100)).unwrap();
+        w.abort();
+        assert_eq!(p.committed(), None);
+    }
+
+    #[test]
+    fn same_first_position_twice_gets_a_new_name() {
+        let committed = Arc::new(Mutex::new(vec![]));
+        let schema = shape_schema(Shape::Orders);
+        let s = WriterSettings { max_rows: Some(10), ..settings() };
+        let mut w = RollingWriter::new("t", &schema, s, Box::new(MemFactory(false, committed.clone()))).unwrap();
+        let p = progress();
+        let b = batch(&p, 0, 10);
+        w.write(&b).unwrap();
+        w.write(&b).unwrap();
+        let names: Vec<String> = committed.lock().unwrap().iter().map(|f| f.0.clone()).collect();
+        assert_eq!(names, ["part-gen-0-00000000000000000000.parquet", "part-gen-0-00000000000000000000-1.parquet"]);
+    }
 
     #[test]
     fn partition_values_are_escaped_for_paths() {

@@ -85,7 +85,11 @@ impl ShardContext {
         let started = Instant::now();
         let ack = self.progress.register(p.last);
         if !p.bad.is_empty() {
-            self.dead_letter.send(&self.metrics, &self.shard, &ack, p.bad).await?;
+            if let Err(e) = self.dead_letter.send(&self.metrics, &self.shard, &ack, p.bad).await {
+                // Halt before the ack drops: nothing at or past a bad record may be committed.
+                self.progress.halt_pipeline();
+                return Err(e);
+            }
         }
         let rows = p.data.num_rows();
         if rows > 0 {
@@ -106,7 +110,10 @@ impl ShardContext {
                 ack,
                 memory: Some(Arc::new(reservation)),
             };
-            self.output.send(batch).await.map_err(|_| self.downstream_stopped())?;
+            if self.output.send(batch).await.is_err() {
+                self.progress.halt_pipeline();
+                return Err(self.downstream_stopped());
+            }
         }
         self.metrics.sent(rows, p.raw_bytes);
         self.metrics.batch_duration(started.elapsed());
