@@ -230,7 +230,8 @@ fn hostname() -> String {
 
 fn print_summary(s: &RunSummary) {
     let secs = s.elapsed.as_secs_f64().max(1e-9);
-    eprintln!("{} in {:.2}s", if s.stopped { "stopped" } else { "done" }, secs);
+    let peak = observe::peak_rss_bytes().map(|b| format!(", peak memory (RSS) {}", human_bytes(b))).unwrap_or_default();
+    eprintln!("{} in {:.2}s{peak}", if s.stopped { "stopped" } else { "done" }, secs);
     for c in &s.components {
         let (records, bytes) = match c.kind {
             "source" => (c.records_out, c.bytes_out),

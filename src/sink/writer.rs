@@ -210,7 +210,7 @@ impl Encoder {
         match self {
             Encoder::Parquet(w) => {
                 w.write(batch).map_err(|e| e.to_string())?;
-                if w.in_progress_size() as u64 >= row_group_bytes {
+                if w.memory_size() as u64 >= row_group_bytes {
                     w.flush().map_err(|e| e.to_string())?;
                 }
                 Ok(())
@@ -220,8 +220,16 @@ impl Encoder {
         }
     }
 
-    /// Bytes held in memory that are not yet encoded output.
+    /// Bytes held in memory for the row group in progress (encoded pages and unencoded values).
     fn buffered(&self) -> u64 {
+        match self {
+            Encoder::Parquet(w) => w.memory_size() as u64,
+            _ => 0,
+        }
+    }
+
+    /// Expected encoded size of what is buffered, once written.
+    fn pending_output(&self) -> u64 {
         match self {
             Encoder::Parquet(w) => w.in_progress_size() as u64,
             _ => 0,
@@ -260,7 +268,7 @@ struct OpenFile {
 
 impl OpenFile {
     fn size(&self) -> u64 {
-        self.written + self.encoder.buffered()
+        self.written + self.encoder.pending_output()
     }
 
     fn drain(&mut self) -> Result<()> {

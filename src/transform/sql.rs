@@ -59,7 +59,10 @@ impl SqlTransform {
     /// # Errors
     /// The planner's message: unknown columns or functions, syntax errors, type errors.
     pub async fn new(component: &str, input: &str, schema: SchemaRef, query: &str) -> Result<Self, String> {
-        let config = SessionConfig::new().with_target_partitions(1).with_information_schema(false);
+        let mut config = SessionConfig::new().with_target_partitions(1).with_information_schema(false);
+        // The plan is executed again for every batch: dynamic filters would carry one batch's
+        // state (a TopK threshold, a join's build side) into the next.
+        config.options_mut().optimizer.enable_dynamic_filter_pushdown = false;
         let ctx = SessionContext::new_with_config(config);
         let slot: Slot = Arc::default();
         ctx.register_table(input, Arc::new(BatchTable { schema, slot: slot.clone() })).map_err(|e| e.to_string())?;
@@ -69,8 +72,10 @@ impl SqlTransform {
     }
 
     async fn run(&self, data: RecordBatch) -> Result<Vec<RecordBatch>, DataFusionError> {
+        // Operators that keep state between executions (a join's build side) start afresh.
+        let plan = datafusion::physical_plan::execution_plan::reset_plan_states(self.plan.clone())?;
         *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(data);
-        let out = datafusion::physical_plan::collect(self.plan.clone(), self.ctx.task_ctx()).await;
+        let out = datafusion::physical_plan::collect(plan, self.ctx.task_ctx()).await;
         *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
         out
     }
@@ -118,7 +123,12 @@ impl Transform for SqlTransform {
                     })
                     .collect();
                 dead_letter.send(metrics, &batch.shard, &batch.ack, bad).await?;
-                isolated.batches.into_iter().flatten().collect()
+                // Run the query once more over all the good rows together, so aggregates and
+                // LIMIT see the whole batch less the bad rows, not one piece at a time.
+                let pieces: Vec<RecordBatch> = isolated.good.iter().map(|r| data.slice(r.start, r.len())).collect();
+                let good = arrow::compute::concat_batches(&data.schema(), &pieces)
+                    .map_err(|e| Error::arrow(&self.component, e))?;
+                self.run(good).await.map_err(|e| Error::datafusion(&self.component, e))?
             }
         };
         Ok(outputs.into_iter().filter(|b| b.num_rows() > 0).map(|b| batch.with_data(b, None)).collect())
@@ -264,6 +274,48 @@ mod tests {
             assert_eq!(ids, (start as i64 + 1..=start as i64 + 100).filter(|v| v % 2 == 0).collect::<Vec<_>>());
         }
         assert_eq!(t.output_schema().field(1).name(), "double");
+    }
+
+    #[tokio::test]
+    async fn state_does_not_leak_from_one_batch_into_the_next() {
+        let schema = shape_schema(Shape::Orders);
+        let queries = [
+            "SELECT order_id FROM orders ORDER BY order_id DESC LIMIT 3",
+            "SELECT o.order_id FROM orders o JOIN (SELECT max(order_id) AS m FROM orders) x ON o.order_id = x.m",
+            "SELECT order_id FROM orders WHERE order_id >= (SELECT max(order_id) FROM orders)",
+        ];
+        let m = ComponentMetrics::new("t");
+        for q in queries {
+            let mut t = SqlTransform::new("t", "orders", schema.clone(), q).await.unwrap();
+            for start in [0u64, 100, 50] {
+                let out = t
+                    .process(batch(generate(Shape::Orders, &schema, 1, start, start + 10)), &DeadLetter::none(), &m)
+                    .await
+                    .unwrap();
+                let ids: Vec<i64> =
+                    out.iter().flat_map(|b| b.data.column(0).as_primitive::<Int64Type>().values().to_vec()).collect();
+                assert_eq!(ids.first(), Some(&(start as i64 + 10)), "{q} on batch from {start}: {ids:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn aggregates_after_isolation_see_all_good_rows_at_once() {
+        let schema = shape_schema(Shape::Orders);
+        let q = "SELECT count(*) AS n, sum(CAST(CASE WHEN order_id % 10 = 3 THEN 'x' ELSE '1' END AS INT)) AS s FROM orders";
+        let mut t = SqlTransform::new("t", "orders", schema.clone(), q).await.unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::channel(8);
+        let out = t
+            .process(
+                batch(generate(Shape::Orders, &schema, 1, 0, 40)),
+                &DeadLetter::new(Some(tx)),
+                &ComponentMetrics::new("t"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].data.num_rows(), 1, "one aggregate row, not one per piece");
+        assert_eq!(out[0].data.column(0).as_primitive::<Int64Type>().value(0), 36);
     }
 
     #[tokio::test]

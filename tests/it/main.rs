@@ -4,6 +4,7 @@
 mod cli;
 mod common;
 mod file_sink;
+mod memory;
 mod messy;
 mod pipelines;
 mod transform_errors;
