@@ -138,8 +138,6 @@ pub struct ShardProgress {
     shard: Arc<ShardInfo>,
     committer: Arc<dyn PositionCommitter>,
     halted: Arc<AtomicBool>,
-    /// Set when a batch of this shard was dropped undelivered (a stop while waiting for memory).
-    abandoned: AtomicBool,
     state: Mutex<ProgressState>,
 }
 
@@ -157,13 +155,7 @@ impl ShardProgress {
     /// `halted` is set when the pipeline fails: from then on nothing more is committed, so records
     /// after a failure are read again next time.
     pub fn new(shard: Arc<ShardInfo>, committer: Arc<dyn PositionCommitter>, halted: Arc<AtomicBool>) -> Arc<Self> {
-        Arc::new(ShardProgress {
-            shard,
-            committer,
-            halted,
-            abandoned: AtomicBool::new(false),
-            state: Mutex::new(ProgressState::default()),
-        })
+        Arc::new(ShardProgress { shard, committer, halted, state: Mutex::new(ProgressState::default()) })
     }
 
     /// Registers the next batch, which covers positions up to `last`, and returns its [`Ack`].
@@ -172,7 +164,7 @@ impl ShardProgress {
         let seq = st.next_seq;
         st.next_seq += 1;
         st.pending.push_back((last, false));
-        Ack(Arc::new(AckInner { progress: self.clone(), seq }))
+        Ack(Arc::new(AckInner { progress: self.clone(), seq, abandoned: AtomicBool::new(false) }))
     }
 
     /// Stops all commits of the pipeline (every shard sharing this flag). Called by a failing
@@ -210,7 +202,7 @@ impl ShardProgress {
             advanced = Some(last);
         }
         if let Some(pos) = advanced {
-            if self.halted.load(Ordering::SeqCst) || self.abandoned.load(Ordering::SeqCst) {
+            if self.halted.load(Ordering::SeqCst) || PANICKED.load(Ordering::SeqCst) {
                 return;
             }
             st.committed = Some(pos);
@@ -226,19 +218,39 @@ pub struct Ack(Arc<AckInner>);
 struct AckInner {
     progress: Arc<ShardProgress>,
     seq: u64,
+    abandoned: AtomicBool,
 }
 
 impl Drop for AckInner {
     fn drop(&mut self) {
-        self.progress.complete(self.seq);
+        if !self.abandoned.load(Ordering::SeqCst) {
+            self.progress.complete(self.seq);
+        }
     }
 }
 
+/// Set by the panic hook [`install_panic_guard`] installs: after a panic anywhere in the process,
+/// nothing more is committed (unwinding drops acks of data that was never made durable).
+static PANICKED: AtomicBool = AtomicBool::new(false);
+
+/// Installs (once) a panic hook that stops all commits before unwinding starts, then runs the
+/// previous hook.
+pub fn install_panic_guard() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICKED.store(true, Ordering::SeqCst);
+            previous(info);
+        }));
+    });
+}
+
 impl Ack {
-    /// Marks the batch as not delivered: the shard's committed position stops advancing for the
-    /// rest of the run, so the batch is read again next time.
+    /// Marks the batch as not delivered: it never counts as done, so its shard's committed
+    /// position stops just before it and it is read again next time.
     pub fn abandon(self) {
-        self.0.progress.abandoned.store(true, Ordering::SeqCst);
+        self.0.abandoned.store(true, Ordering::SeqCst);
     }
 
     /// An ack that tracks nothing (tests, internal batches).
@@ -280,6 +292,20 @@ mod tests {
         assert_eq!(p.committed(), Some(30));
         assert_eq!(committer.positions()[&("s".to_string(), "data/a b.ndjson".to_string())], 30);
         assert_eq!(p.in_flight(), 0);
+    }
+
+    #[test]
+    fn an_abandoned_batch_stops_commits_just_before_it() {
+        let p = ShardProgress::new(shard(), Arc::new(RecordingCommitter::default()), Arc::new(AtomicBool::new(false)));
+        let a = p.register(10);
+        let b = p.register(20);
+        let c = p.register(30);
+        b.abandon();
+        drop(c);
+        drop(a);
+        assert_eq!(p.committed(), Some(10), "batches before the abandoned one still commit");
+        drop(p.register(40));
+        assert_eq!(p.committed(), Some(10), "nothing past it does");
     }
 
     #[test]

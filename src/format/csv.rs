@@ -76,19 +76,46 @@ impl ChunkDecoder for CsvDecoder {
     }
 }
 
-/// Tracks whether a CSV record continues past a line break (inside a quoted field).
-#[derive(Debug, Default)]
+/// Tracks whether a CSV record continues past a line break (inside a quoted field). Quotes only
+/// open a quoted field at the start of a field, as RFC 4180 has it: `5,12" pizza,x` is one record.
+#[derive(Debug)]
 pub struct RecordSplitter {
+    delimiter: u8,
     in_quotes: bool,
 }
 
 impl RecordSplitter {
+    pub fn new(delimiter: u8) -> Self {
+        RecordSplitter { delimiter, in_quotes: false }
+    }
+
+    /// The field delimiter.
+    pub fn delimiter(&self) -> u8 {
+        self.delimiter
+    }
+
     /// Feeds one physical line; returns true when it completes a record.
     pub fn line_ends_record(&mut self, line: &[u8]) -> bool {
-        let quotes = memchr::memchr_iter(b'"', line).count();
-        if quotes % 2 == 1 {
-            self.in_quotes = !self.in_quotes;
+        #[derive(Clone, Copy, PartialEq)]
+        enum S {
+            FieldStart,
+            Unquoted,
+            Quoted,
+            QuoteInQuoted,
         }
+        let mut s = if self.in_quotes { S::Quoted } else { S::FieldStart };
+        for &b in line {
+            s = match (s, b) {
+                (S::FieldStart, b'"') => S::Quoted,
+                (S::FieldStart | S::Unquoted | S::QuoteInQuoted, d) if d == self.delimiter => S::FieldStart,
+                (S::FieldStart | S::Unquoted, _) => S::Unquoted,
+                (S::Quoted, b'"') => S::QuoteInQuoted,
+                (S::Quoted, _) => S::Quoted,
+                (S::QuoteInQuoted, b'"') => S::Quoted,
+                (S::QuoteInQuoted, _) => S::Unquoted,
+            };
+        }
+        self.in_quotes = s == S::Quoted;
         !self.in_quotes
     }
 }
@@ -124,8 +151,9 @@ mod tests {
 
     #[test]
     fn quoted_newlines_continue_a_record() {
-        let mut s = RecordSplitter::default();
+        let mut s = RecordSplitter::new(b',');
         assert!(s.line_ends_record(b"1,plain"));
+        assert!(s.line_ends_record(b"5,12\" pizza,x"), "a quote inside an unquoted field is a literal");
         assert!(!s.line_ends_record(b"2,\"starts"));
         assert!(!s.line_ends_record(b"still \"\"quoted\"\" inside"));
         assert!(s.line_ends_record(b"ends\""));

@@ -87,6 +87,16 @@ pub async fn build(loaded: &LoadedPipeline) -> Result<Pipeline, ConfigError> {
         .collect();
     let mut graph_ok = true;
     for (section, id, inputs) in &upstreams {
+        let mut seen = HashSet::new();
+        for input in inputs.iter() {
+            if !seen.insert(input) {
+                diags.push(loaded.diagnostic(
+                    &[section, id, "inputs"],
+                    format!("`{input}` is listed twice; every record would be processed twice"),
+                    None,
+                ));
+            }
+        }
         if inputs.is_empty() {
             graph_ok = false;
             diags.push(loaded.diagnostic(
@@ -210,6 +220,29 @@ pub async fn build(loaded: &LoadedPipeline) -> Result<Pipeline, ConfigError> {
         match build_sink(id, cfg, &schema, metrics.clone()) {
             Ok(sink) => sinks.push(BuiltSink { id: id.clone(), sink, metrics, inputs: inputs.to_vec() }),
             Err((key, msg)) => diags.push(loaded.diagnostic(&["sinks", id, key], msg, None)),
+        }
+    }
+
+    // Two file sinks writing one directory would overwrite each other's files.
+    let mut dirs: HashMap<String, String> = HashMap::new();
+    let file_sinks = f
+        .sinks
+        .iter()
+        .map(|(id, c)| (vec!["sinks", id.as_str()], c))
+        .chain(f.dead_letter.iter().map(|c| (vec!["dead_letter"], c)));
+    for (path, cfg) in file_sinks {
+        if let SinkConfig::File(c) = cfg {
+            let dir = std::path::Path::new(&c.path).components().collect::<std::path::PathBuf>().display().to_string();
+            let label = path.join(".");
+            if let Some(other) = dirs.insert(dir.clone(), label.clone()) {
+                let mut key = path.clone();
+                key.push("path");
+                diags.push(loaded.diagnostic(
+                    &key,
+                    format!("`{other}` already writes to `{dir}`"),
+                    Some("give each file sink its own directory".into()),
+                ));
+            }
         }
     }
 

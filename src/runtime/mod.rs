@@ -326,6 +326,8 @@ impl SourceRun {
         let shards = self.source.shards().await?;
         tracing::info!(source = %self.id, shards = shards.len(), "reading");
         let committer = self.source.committer();
+        // Cancelled on a stop request, or by this source when one of its shards fails.
+        let cancel = self.stop.child_token();
         let mut reads = futures::stream::iter(shards.into_iter().map(|shard| {
             let progress = ShardProgress::new(shard.clone(), committer.clone(), self.halted.clone());
             if let Ok(mut r) = self.registry.lock() {
@@ -338,7 +340,7 @@ impl SourceRun {
                 budget: self.budget.clone(),
                 dead_letter: self.dead_letter.clone(),
                 metrics: self.metrics.clone(),
-                cancel: self.stop.clone(),
+                cancel: cancel.clone(),
                 batch_size: self.batch_size,
             };
             let source = self.source.clone();
@@ -348,14 +350,20 @@ impl SourceRun {
                 r
             }
         }))
-        .buffered(self.parallelism);
+        .buffer_unordered(self.parallelism);
+        // Every shard future runs to its end (they all honour `cancel`): dropping one mid-send
+        // would drop a batch whose ack then counts as delivered.
+        let mut first_error = None;
         while let Some(r) = reads.next().await {
-            r?;
-            if self.stop.is_cancelled() {
-                break;
+            if let Err(e) = r {
+                if first_error.is_none() {
+                    self.halted.store(true, Ordering::SeqCst);
+                    cancel.cancel();
+                    first_error = Some(e);
+                }
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
 

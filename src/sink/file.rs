@@ -137,7 +137,7 @@ impl DestinationFactory for LocalDir {
         let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         let tmp = dir.join(format!(".{name}.inprogress"));
         let file = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
-        Ok(Box::new(LocalFile { tmp, target, dir, file: Some(BufWriter::with_capacity(1 << 20, file)) }))
+        Ok(Box::new(LocalFile { tmp, target, dir, file: Some(BufWriter::with_capacity(64 << 10, file)) }))
     }
 }
 

@@ -354,6 +354,13 @@ impl RollingWriter {
         for (folder, data) in self.split(&batch.data)? {
             let key = (folder, batch.shard.file_token());
             if !self.open.contains_key(&key) {
+                // Make room first, so a batch spread over many folders never exceeds the cap.
+                while self.open.len() >= self.settings.max_open_files {
+                    let Some(largest) = self.open.iter().max_by_key(|(_, f)| f.size()).map(|(k, _)| k.clone()) else {
+                        break;
+                    };
+                    self.close(&largest)?;
+                }
                 let file = self.open_file(&key.0, &key.1, batch.first)?;
                 self.open.insert(key.clone(), file);
             }

@@ -24,6 +24,10 @@ use crate::{Error, Result};
 
 /// Most bytes of text read into one batch.
 pub const DEFAULT_MAX_CHUNK_BYTES: usize = 16 << 20;
+/// Longest record read; a longer one is dead-lettered (its first bytes kept) and skipped.
+pub const MAX_RECORD_BYTES: usize = 8 << 20;
+/// Bytes of an oversized record kept in its dead letter.
+const OVERSIZED_RAW_BYTES: usize = 4096;
 /// Records sampled when `schema = "infer"`.
 pub const INFER_SAMPLE_RECORDS: usize = 1000;
 
@@ -117,13 +121,31 @@ impl FileSource {
             }
         }
         let files = expand(&config.path).map_err(|m| ("path", m))?;
+        if let (FileFormat::Csv(_), Some(SchemaSpec::Columns(cols))) = (&config.format, &config.schema) {
+            let schema = schema_from_columns(cols).map_err(|(col, m)| ("schema", format!("column `{col}`: {m}")))?;
+            for f in schema.fields() {
+                use arrow::datatypes::DataType;
+                if matches!(f.data_type(), DataType::Binary | DataType::List(_) | DataType::Time64(_)) {
+                    return Err((
+                        "schema",
+                        format!(
+                            "column `{}`: CSV cannot hold {}; read it as varchar and convert it in SQL",
+                            f.name(),
+                            crate::config::types::sql_type_name(f.data_type())
+                        ),
+                    ));
+                }
+            }
+        }
         let first = &files[0];
         let (schema, cast_to) = match (&config.format, &config.schema) {
             (_, Some(SchemaSpec::Columns(cols))) => {
                 let s = schema_from_columns(cols).map_err(|(col, m)| ("schema", format!("column `{col}`: {m}")))?;
                 match config.format {
                     FileFormat::Parquet(_) => {
-                        check_parquet_columns(first, &s).map_err(|m| ("schema", m))?;
+                        for f in &files {
+                            check_parquet_columns(f, &s).map_err(|m| ("schema", m))?;
+                        }
                         (s.clone(), Some(s))
                     }
                     _ => (s, None),
@@ -239,7 +261,6 @@ impl Source for FileSource {
                     FileFormat::Parquet(_) => unreachable!(),
                 };
                 let header = matches!(format, FileFormat::Csv(o) if o.header);
-                let csv = matches!(format, FileFormat::Csv(_));
                 let input = open_text(&path).map_err(|e| Error::io("cannot open", &path, e))?;
                 let mut reader = TextShard {
                     component: self.id.clone(),
@@ -248,7 +269,10 @@ impl Source for FileSource {
                     decoder,
                     line: 0,
                     skip_header: header,
-                    splitter: csv.then(RecordSplitter::default),
+                    splitter: match format {
+                        FileFormat::Csv(o) => Some(RecordSplitter::new(o.delimiter as u8)),
+                        _ => None,
+                    },
                     batch_size: ctx.batch_size,
                     done: false,
                 };
@@ -277,19 +301,25 @@ impl TextShard {
             return Ok(None);
         }
         let mut chunk = LineChunk::new();
+        let mut oversized = Vec::new();
         let mut first = None;
         while chunk.len() < self.batch_size && chunk.buf.len() < DEFAULT_MAX_CHUNK_BYTES {
             let record_start = chunk.buf.len();
             let record_line = self.line + 1;
             // A CSV record may span lines inside quotes; read until it is complete.
+            let mut cut = false;
             loop {
                 let before = chunk.buf.len();
-                let n = self
-                    .input
-                    .read_until(b'\n', &mut chunk.buf)
+                let room = MAX_RECORD_BYTES.saturating_sub(before - record_start);
+                let (n, line_cut) = read_line_capped(self.input.as_mut(), &mut chunk.buf, room)
                     .map_err(|e| Error::io("cannot read", &self.path, e))?;
                 if n == 0 {
                     self.done = true;
+                    break;
+                }
+                if line_cut {
+                    cut = true;
+                    self.line += 1;
                     break;
                 }
                 self.line += 1;
@@ -302,7 +332,22 @@ impl TextShard {
                 }
             }
             let record = &chunk.buf[record_start..];
-            if record.iter().all(u8::is_ascii_whitespace) {
+            if cut {
+                first.get_or_insert(record_line);
+                oversized.push(BadRecord {
+                    position: Some(record_line),
+                    stage: Stage::Decode,
+                    error: format!(
+                        "record longer than {} MiB; skipped to the next line (raw holds its first {OVERSIZED_RAW_BYTES} bytes)",
+                        MAX_RECORD_BYTES >> 20
+                    ),
+                    raw: record[..record.len().min(OVERSIZED_RAW_BYTES)].to_vec(),
+                });
+                chunk.buf.truncate(record_start);
+                if let Some(s) = &mut self.splitter {
+                    *s = RecordSplitter::new(s.delimiter());
+                }
+            } else if record.iter().all(u8::is_ascii_whitespace) {
                 chunk.buf.truncate(record_start);
             } else if self.skip_header {
                 self.skip_header = false;
@@ -320,15 +365,50 @@ impl TextShard {
             }
         }
         let Some(first) = first else { return Ok(None) };
-        let decoded = decode_chunk(self.decoder.as_ref(), &chunk).map_err(|e| Error::arrow(&self.component, e))?;
+        let mut decoded = decode_chunk(self.decoder.as_ref(), &chunk).map_err(|e| Error::arrow(&self.component, e))?;
+        let last = chunk
+            .positions
+            .iter()
+            .chain(oversized.iter().filter_map(|b| b.position.as_ref()))
+            .max()
+            .copied()
+            .unwrap_or(first);
+        decoded.bad.extend(oversized);
+        decoded.bad.sort_by_key(|b| b.position);
         Ok(Some(Produced {
             data: decoded.batch,
             positions: decoded.positions,
             bad: decoded.bad,
             first,
-            last: *chunk.positions.last().unwrap_or(&first),
+            last,
             raw_bytes: chunk.buf.len(),
         }))
+    }
+}
+
+/// Appends one line (with its `\n`) to `buf`, keeping at most `max` bytes of it and consuming the
+/// rest, so one huge line cannot take memory without limit. Returns the bytes consumed and whether
+/// the line was cut.
+fn read_line_capped(input: &mut dyn BufRead, buf: &mut Vec<u8>, max: usize) -> std::io::Result<(usize, bool)> {
+    let (mut consumed, mut kept, mut cut) = (0, 0, false);
+    loop {
+        let available = input.fill_buf()?;
+        if available.is_empty() {
+            return Ok((consumed, cut));
+        }
+        let (take, ends) = match memchr::memchr(b'\n', available) {
+            Some(i) => (i + 1, true),
+            None => (available.len(), false),
+        };
+        let keep = take.min(max.saturating_sub(kept));
+        buf.extend_from_slice(&available[..keep]);
+        kept += keep;
+        cut |= keep < take;
+        input.consume(take);
+        consumed += take;
+        if ends {
+            return Ok((consumed, cut));
+        }
     }
 }
 

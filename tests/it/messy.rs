@@ -218,3 +218,39 @@ path = "${{OUT}}/out"
     assert!(err.contains("dead_letter"), "says what to do: {err}");
     assert!(crate::common::files(&dir.path().join("out"), ".parquet").is_empty(), "nothing written past the failure");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_line_is_dead_lettered_and_reading_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("big.ndjson");
+    let huge = format!("{{\"id\": 2, \"pad\": \"{}\"}}", "x".repeat(sluice::source::file::MAX_RECORD_BYTES + 10));
+    std::fs::write(&input, format!("{{\"id\": 1}}\n{huge}\n{{\"id\": 3}}\n")).unwrap();
+    let pipeline = format!(
+        r#"
+[pipeline]
+name = "big"
+[sources.in]
+type = "file"
+path = "{}"
+format = {{ type = "json" }}
+schema = {{ id = "bigint" }}
+[sinks.out]
+type = "file"
+inputs = ["in"]
+path = "${{OUT}}/out"
+format = "json"
+[dead_letter]
+type = "file"
+path = "${{OUT}}/dlq"
+"#,
+        input.display()
+    );
+    run_pipeline(&pipeline, dir.path()).await.unwrap();
+    let good: Vec<i64> = read_ndjson(&dir.path().join("out")).iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    assert_eq!(good, vec![1, 3]);
+    let dead = read_ndjson(&dir.path().join("dlq"));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["position"]["line"], 2);
+    assert!(dead[0]["error"].as_str().unwrap().contains("record longer than"), "{}", dead[0]["error"]);
+    assert_eq!(dead[0]["raw"].as_str().unwrap().len(), 4096);
+}
