@@ -255,6 +255,11 @@ pub fn load_str(path: &Path, text: &str, env: impl Fn(&str) -> Option<String>) -
         if text.contains("${") {
             // A value may have come from the environment and be a secret: never echo quoted values.
             message = redact_quoted(&message);
+            if let Some(rest) = message.strip_prefix("unknown variant `") {
+                if let Some(end) = rest.find('`') {
+                    message = format!("unknown variant `***`{}", &rest[end + 1..]);
+                }
+            }
         }
         Diagnostic {
             file: file_label.clone(),

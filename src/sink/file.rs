@@ -133,11 +133,15 @@ impl DestinationFactory for LocalDir {
     fn create(&mut self, relative: &str) -> Result<Box<dyn Destination>> {
         let target = self.root.join(relative);
         let dir = target.parent().map(PathBuf::from).unwrap_or_else(|| self.root.clone());
+        // Directories this file creates (a new partition folder): their entries in their parents
+        // are synced on commit too, or a crash could lose a committed file's folder.
+        let new_dirs: Vec<PathBuf> =
+            dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).map(PathBuf::from).collect();
         fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create directory", &dir, e))?;
         let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         let tmp = dir.join(format!(".{name}.inprogress"));
         let file = File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
-        Ok(Box::new(LocalFile { tmp, target, dir, file: Some(BufWriter::with_capacity(64 << 10, file)) }))
+        Ok(Box::new(LocalFile { tmp, target, dir, new_dirs, file: Some(BufWriter::with_capacity(64 << 10, file)) }))
     }
 }
 
@@ -146,6 +150,7 @@ struct LocalFile {
     tmp: PathBuf,
     target: PathBuf,
     dir: PathBuf,
+    new_dirs: Vec<PathBuf>,
     file: Option<BufWriter<File>>,
 }
 
@@ -160,8 +165,12 @@ impl Destination for LocalFile {
         let f = f.into_inner().map_err(|e| Error::io("cannot write", &self.tmp, e.into_error()))?;
         f.sync_all().map_err(|e| Error::io("cannot sync", &self.tmp, e))?;
         fs::rename(&self.tmp, &self.target).map_err(|e| Error::io("cannot rename into place", &self.target, e))?;
-        // Make the rename itself durable.
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("cannot sync directory", &self.dir, e))
+        // Make the rename itself durable, and any folder created for the file.
+        let parents = self.new_dirs.iter().filter_map(|d| d.parent()).filter(|p| !p.as_os_str().is_empty());
+        for d in std::iter::once(self.dir.as_path()).chain(parents) {
+            File::open(d).and_then(|f| f.sync_all()).map_err(|e| Error::io("cannot sync directory", d, e))?;
+        }
+        Ok(())
     }
 
     fn abort(mut self: Box<Self>) {
