@@ -11,6 +11,7 @@
 #   BENCH_RUNS      timed runs of each tool, alternating (default 3)
 #   BENCH_WARMUP    1 (default): one untimed run of each tool first; 0: none
 #   BENCH_QUERY     the SQL (table `orders`), default in benches/harness.py
+#   BENCH_RESULTS   where to write the Markdown (default benches/results/file-ndjson-to-parquet.md)
 #   BENCH_SKIP_BUILD=1  use the existing release binary
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,4 +42,4 @@ step "compare: $runs runs of each tool"
 query_args=()
 if [ -n "${BENCH_QUERY:-}" ]; then query_args=(--query "$BENCH_QUERY"); fi
 "$py" benches/harness.py compare --sluice "$bin" --data "$data" --records "$records" \
-  --runs "$runs" --warmup "$warmup" --results benches/results/file-ndjson-to-parquet.md "${query_args[@]}"
+  --runs "$runs" --warmup "$warmup" --results "${BENCH_RESULTS:-benches/results/file-ndjson-to-parquet.md}" "${query_args[@]}"
