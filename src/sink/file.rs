@@ -40,10 +40,10 @@ pub struct FileSinkConfig {
     /// When to close a file and start the next.
     #[serde(default)]
     pub rotate: RotateConfig,
-    /// Parquet row groups are written when their buffered data reaches this size (default 32MiB).
+    /// Parquet row groups are written when their buffered data reaches this size (default 8MiB).
     pub row_group_bytes: Option<ByteSize>,
     /// Cap on data buffered in all open files together; the largest is flushed first (default
-    /// 128MiB).
+    /// 32MiB).
     pub buffer_bytes: Option<ByteSize>,
     /// Cap on files open at once (one per output folder and source shard); the largest is closed
     /// first (default 64).

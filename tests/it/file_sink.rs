@@ -178,3 +178,39 @@ format = "json"
     assert_eq!((na, nb), (4000, 4000));
     assert_eq!(ta, tb, "the same decimal sums per batch from Parquet and CSV");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mostly_distinct_columns_are_written_without_a_dictionary() {
+    use parquet::basic::Encoding;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = r#"
+[pipeline]
+name = "dict"
+
+[sources.orders]
+type = "generator"
+shape = "orders"
+count = 20000
+
+[sinks.out]
+type = "file"
+inputs = ["orders"]
+path = "${OUT}/out"
+"#;
+    run_pipeline(pipeline, dir.path()).await.unwrap();
+    let parquet_files = files(&dir.path().join("out"), ".parquet");
+    assert_eq!(parquet_files.len(), 1);
+    let reader = SerializedFileReader::new(std::fs::File::open(&parquet_files[0]).unwrap()).unwrap();
+    let row_group = reader.metadata().row_group(0);
+    let mut dictionary = BTreeMap::new();
+    for col in row_group.columns() {
+        let uses = col.encodings().any(|e| matches!(e, Encoding::RLE_DICTIONARY | Encoding::PLAIN_DICTIONARY));
+        dictionary.insert(col.column_path().string(), uses);
+    }
+    // Unique ids and timestamps: plain; a handful of countries and statuses: dictionary.
+    assert_eq!(dictionary.get("order_id"), Some(&false), "{dictionary:?}");
+    assert_eq!(dictionary.get("ts"), Some(&false), "{dictionary:?}");
+    assert_eq!(dictionary.get("country"), Some(&true), "{dictionary:?}");
+    assert_eq!(dictionary.get("status"), Some(&true), "{dictionary:?}");
+}
