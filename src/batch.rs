@@ -22,6 +22,8 @@ pub enum ShardKind {
     File { path: String },
     /// A range of a generated sequence; positions are record indexes.
     Sequence,
+    /// A Kafka topic partition; positions are offsets.
+    Partition { topic: String, partition: i32 },
 }
 
 /// One independently readable part of a source: a file, a Kafka partition, a table range.
@@ -40,6 +42,9 @@ impl ShardInfo {
         match &self.kind {
             ShardKind::File { path } => format!("{path}:{position}"),
             ShardKind::Sequence => format!("source `{}` shard {} record {position}", self.source, self.id),
+            ShardKind::Partition { topic, partition } => {
+                format!("topic {topic} partition {partition} offset {position}")
+            }
         }
     }
 
@@ -106,8 +111,17 @@ impl fmt::Debug for Batch {
 ///
 /// Called with a lock held on the shard's progress: implementations must not block (queue the
 /// commit, as rdkafka's async commit does).
+#[async_trait::async_trait]
 pub trait PositionCommitter: Send + Sync {
     fn commit(&self, shard: &ShardInfo, position: u64);
+
+    /// Makes every position handed to `commit` so far durable in the store (end of a run).
+    ///
+    /// # Errors
+    /// When the store refuses or cannot be reached.
+    async fn flush(&self) -> crate::Result<()> {
+        Ok(())
+    }
 }
 
 /// A committer that only records the positions (sources without an external position store:
@@ -124,6 +138,7 @@ impl RecordingCommitter {
     }
 }
 
+#[async_trait::async_trait]
 impl PositionCommitter for RecordingCommitter {
     fn commit(&self, shard: &ShardInfo, position: u64) {
         if let Ok(mut p) = self.positions.lock() {

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{ArrayRef, StringBuilder, StructArray, UInt64Builder};
+use arrow::array::{ArrayRef, Int32Builder, Int64Builder, StringBuilder, StructArray, UInt64Builder};
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use base64::Engine;
@@ -46,6 +46,8 @@ pub struct BadRecord {
     pub error: String,
     /// The record's original bytes (for transform errors: the row as JSON).
     pub raw: Vec<u8>,
+    /// The record's key, for sources that have one (Kafka).
+    pub key: Option<Vec<u8>>,
 }
 
 fn position_fields() -> Fields {
@@ -55,6 +57,9 @@ fn position_fields() -> Fields {
         Field::new("file", DataType::Utf8, true),
         Field::new("line", DataType::UInt64, true),
         Field::new("index", DataType::UInt64, true),
+        Field::new("topic", DataType::Utf8, true),
+        Field::new("partition", DataType::Int32, true),
+        Field::new("offset", DataType::Int64, true),
     ])
 }
 
@@ -67,6 +72,8 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("position", DataType::Struct(position_fields()), false),
         Field::new("raw", DataType::Utf8, false),
         Field::new("raw_encoding", DataType::Utf8, false),
+        Field::new("key", DataType::Utf8, true),
+        Field::new("key_encoding", DataType::Utf8, true),
     ]))
 });
 
@@ -162,6 +169,8 @@ fn to_batch(component: &str, shard: &ShardInfo, records: &[BadRecord]) -> Record
     let mut enc = StringBuilder::new();
     let (mut p_source, mut p_shard, mut p_file) = (StringBuilder::new(), StringBuilder::new(), StringBuilder::new());
     let (mut p_line, mut p_index) = (UInt64Builder::new(), UInt64Builder::new());
+    let (mut p_topic, mut p_partition, mut p_offset) = (StringBuilder::new(), Int32Builder::new(), Int64Builder::new());
+    let (mut key, mut key_enc) = (StringBuilder::new(), StringBuilder::new());
     for r in records {
         time.append_value(&now);
         comp.append_value(component);
@@ -170,6 +179,16 @@ fn to_batch(component: &str, shard: &ShardInfo, records: &[BadRecord]) -> Record
         let (text, encoding) = encode_raw(&r.raw);
         raw.append_value(text);
         enc.append_value(encoding);
+        match r.key.as_deref().map(encode_raw) {
+            Some((text, encoding)) => {
+                key.append_value(text);
+                key_enc.append_value(encoding);
+            }
+            None => {
+                key.append_null();
+                key_enc.append_null();
+            }
+        }
         p_source.append_value(&shard.source);
         p_shard.append_value(&shard.id);
         match &shard.kind {
@@ -183,6 +202,23 @@ fn to_batch(component: &str, shard: &ShardInfo, records: &[BadRecord]) -> Record
                 p_line.append_null();
                 p_index.append_option(r.position);
             }
+            ShardKind::Partition { .. } => {
+                p_file.append_null();
+                p_line.append_null();
+                p_index.append_null();
+            }
+        }
+        match &shard.kind {
+            ShardKind::Partition { topic, partition } => {
+                p_topic.append_value(topic);
+                p_partition.append_value(*partition);
+                p_offset.append_option(r.position.map(|p| p as i64));
+            }
+            _ => {
+                p_topic.append_null();
+                p_partition.append_null();
+                p_offset.append_null();
+            }
         }
     }
     let position = StructArray::new(
@@ -193,6 +229,9 @@ fn to_batch(component: &str, shard: &ShardInfo, records: &[BadRecord]) -> Record
             Arc::new(p_file.finish()),
             Arc::new(p_line.finish()),
             Arc::new(p_index.finish()),
+            Arc::new(p_topic.finish()),
+            Arc::new(p_partition.finish()),
+            Arc::new(p_offset.finish()),
         ],
         None,
     );
@@ -206,6 +245,8 @@ fn to_batch(component: &str, shard: &ShardInfo, records: &[BadRecord]) -> Record
             Arc::new(position),
             Arc::new(raw.finish()),
             Arc::new(enc.finish()),
+            Arc::new(key.finish()),
+            Arc::new(key_enc.finish()),
         ],
     )
     .expect("dead-letter columns match the dead-letter schema")
@@ -234,6 +275,7 @@ mod tests {
             stage: Stage::Decode,
             error: "expected value".into(),
             raw: b"{oops".to_vec(),
+            key: None,
         };
         let err = DeadLetter::none().send(&m, &shard, &Ack::detached(shard.clone()), vec![rec]).await.unwrap_err();
         let msg = err.to_string();
@@ -250,8 +292,14 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(1);
         let m = ComponentMetrics::new("in");
         let recs = vec![
-            BadRecord { position: Some(3), stage: Stage::Decode, error: "e1".into(), raw: b"x".to_vec() },
-            BadRecord { position: Some(9), stage: Stage::Convert, error: "e2".into(), raw: vec![0xfe] },
+            BadRecord { position: Some(3), stage: Stage::Decode, error: "e1".into(), raw: b"x".to_vec(), key: None },
+            BadRecord {
+                position: Some(9),
+                stage: Stage::Convert,
+                error: "e2".into(),
+                raw: vec![0xfe],
+                key: Some(b"k1".to_vec()),
+            },
         ];
         DeadLetter::new(Some(tx)).send(&m, &shard, &Ack::detached(shard.clone()), recs).await.unwrap();
         let b = rx.recv().await.unwrap();
@@ -260,5 +308,9 @@ mod tests {
         let enc = b.data.column_by_name("raw_encoding").unwrap();
         let enc = enc.as_any().downcast_ref::<arrow::array::StringArray>().unwrap();
         assert_eq!((enc.value(0), enc.value(1)), ("utf8", "base64"));
+        let key = b.data.column_by_name("key").unwrap();
+        let key = key.as_any().downcast_ref::<arrow::array::StringArray>().unwrap();
+        assert!(arrow::array::Array::is_null(key, 0));
+        assert_eq!(key.value(1), "k1");
     }
 }

@@ -51,6 +51,10 @@ pub enum Error {
         source: Box<datafusion::error::DataFusionError>,
     },
 
+    /// An external service (a Kafka broker, a database, an object store) failed or refused.
+    #[error("component `{component}`: {message}")]
+    Service { component: String, message: String },
+
     /// The metrics / health server could not start.
     #[error("metrics server on {addr}: {message}")]
     Metrics { addr: String, message: String },

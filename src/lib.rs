@@ -6,6 +6,7 @@ pub mod config;
 pub mod dead_letter;
 pub mod error;
 pub mod format;
+pub mod kafka;
 pub mod observe;
 pub mod runtime;
 pub mod sink;

@@ -62,6 +62,10 @@ enum Command {
         /// Worker name used as the `worker` metric label (default: the host name).
         #[arg(long, env = "SLUICE_WORKER")]
         worker: Option<String>,
+        /// Read each streaming source (Kafka) up to the positions that were its end when the run
+        /// started, then flush, commit and exit 0 (a backfill; "available now").
+        #[arg(long)]
+        bounded: bool,
     },
     /// Check a pipeline without running it: syntax, keys and value types, environment variables,
     /// the graph of inputs, schemas, and that every SQL query plans. Exit 0 when valid, 1 when not.
@@ -86,8 +90,8 @@ fn main() -> ExitCode {
     let code = rt.block_on(async {
         match cli.command {
             Command::Validate { pipeline } => validate(pipeline).await,
-            Command::Run { pipeline, metrics_addr, no_progress, worker } => {
-                run(pipeline, metrics_addr, !no_progress, worker).await
+            Command::Run { pipeline, metrics_addr, no_progress, worker, bounded } => {
+                run(pipeline, metrics_addr, !no_progress, worker, bounded).await
             }
         }
     });
@@ -164,7 +168,13 @@ fn plural(n: usize) -> &'static str {
     }
 }
 
-async fn run(path: PathBuf, metrics_addr: Option<SocketAddr>, progress: bool, worker: Option<String>) -> u8 {
+async fn run(
+    path: PathBuf,
+    metrics_addr: Option<SocketAddr>,
+    progress: bool,
+    worker: Option<String>,
+    bounded: bool,
+) -> u8 {
     let loaded = match config::load(&path) {
         Ok(l) => l,
         Err(e) => {
@@ -201,7 +211,7 @@ async fn run(path: PathBuf, metrics_addr: Option<SocketAddr>, progress: bool, wo
     let stop = CancellationToken::new();
     tokio::spawn(watch_signals(stop.clone()));
     tracing::info!(pipeline = %pipeline.name(), file = %path.display(), "starting");
-    let result = pipeline.run(RunOptions { stop, progress, health }).await;
+    let result = pipeline.run(RunOptions { stop, progress, health, bounded }).await;
     server_stop.cancel();
     if let Some(h) = server {
         let _ = h.await;

@@ -86,6 +86,8 @@ pub enum SourceConfig {
     Generator(GeneratorConfig),
     /// NDJSON, CSV or Parquet files.
     File(FileSourceConfig),
+    /// Partitions of Kafka topics.
+    Kafka(Box<crate::source::kafka::KafkaSourceConfig>),
 }
 
 /// A `[transforms.ID]` table, chosen by its `type`.
@@ -115,6 +117,8 @@ pub enum SinkConfig {
     Stdout(StdoutSinkConfig),
     /// Counts and discards records.
     Blackhole(BlackholeSinkConfig),
+    /// Messages to a Kafka topic.
+    Kafka(Box<crate::sink::kafka::KafkaSinkConfig>),
 }
 
 impl SinkConfig {
@@ -124,6 +128,7 @@ impl SinkConfig {
             SinkConfig::File(c) => &c.inputs,
             SinkConfig::Stdout(c) => &c.inputs,
             SinkConfig::Blackhole(c) => &c.inputs,
+            SinkConfig::Kafka(c) => &c.inputs,
         }
     }
 
@@ -133,6 +138,7 @@ impl SinkConfig {
             SinkConfig::File(_) => "file",
             SinkConfig::Stdout(_) => "stdout",
             SinkConfig::Blackhole(_) => "blackhole",
+            SinkConfig::Kafka(_) => "kafka",
         }
     }
 }
@@ -433,6 +439,8 @@ fn precise_component_error(text: &str, table: &str) -> Option<toml::de::Error> {
     match (section, ty.as_str()) {
         ("sources", "generator") => check::<GeneratorConfig>(&masked, section, id),
         ("sources", "file") => check::<FileSourceConfig>(&masked, section, id),
+        ("sources", "kafka") => check::<crate::source::kafka::KafkaSourceConfig>(&masked, section, id),
+        ("sinks" | "dead_letter", "kafka") => check::<crate::sink::kafka::KafkaSinkConfig>(&masked, section, id),
         ("transforms", "sql") => check::<SqlTransformConfig>(&masked, section, id),
         ("sinks" | "dead_letter", "file") => check::<FileSinkConfig>(&masked, section, id),
         ("sinks" | "dead_letter", "stdout") => check::<StdoutSinkConfig>(&masked, section, id),

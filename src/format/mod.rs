@@ -25,11 +25,36 @@ pub struct LineChunk {
     pub starts: Vec<usize>,
     /// Source position (1-based line number) of each record.
     pub positions: Vec<u64>,
+    /// Record keys (Kafka), kept for dead letters: `key_spans[i]` is the range of record `i`'s key
+    /// in `key_buf`. Empty when the source has no keys.
+    pub key_buf: Vec<u8>,
+    pub key_spans: Vec<Option<(usize, usize)>>,
 }
 
 impl LineChunk {
     pub fn new() -> Self {
-        LineChunk { buf: Vec::new(), starts: vec![0], positions: Vec::new() }
+        LineChunk {
+            buf: Vec::new(),
+            starts: vec![0],
+            positions: Vec::new(),
+            key_buf: Vec::new(),
+            key_spans: Vec::new(),
+        }
+    }
+
+    /// Appends one record with its key.
+    pub fn push_keyed(&mut self, record: &[u8], position: u64, key: Option<&[u8]>) {
+        self.push(record, position);
+        self.key_spans.resize(self.positions.len() - 1, None);
+        self.key_spans.push(key.map(|k| {
+            self.key_buf.extend_from_slice(k);
+            (self.key_buf.len() - k.len(), self.key_buf.len())
+        }));
+    }
+
+    /// The key of record `i`, when it has one.
+    pub fn key(&self, i: usize) -> Option<Vec<u8>> {
+        self.key_spans.get(i).copied().flatten().map(|(a, b)| self.key_buf[a..b].to_vec())
     }
 
     /// Appends one record.
@@ -108,7 +133,13 @@ pub fn decode_chunk(decoder: &dyn ChunkDecoder, chunk: &LineChunk) -> Result<Dec
         .into_iter()
         .map(|(i, error)| {
             let stage = failures.iter().find(|(j, _)| *j == i).map(|(_, s)| *s).unwrap_or(Stage::Decode);
-            BadRecord { position: Some(chunk.positions[i]), stage, error, raw: chunk.record(i).to_vec() }
+            BadRecord {
+                position: Some(chunk.positions[i]),
+                stage,
+                error,
+                raw: chunk.record(i).to_vec(),
+                key: chunk.key(i),
+            }
         })
         .collect();
     let batch = match isolated.batches.len() {

@@ -147,6 +147,9 @@ pub async fn build(loaded: &LoadedPipeline) -> Result<Pipeline, ConfigError> {
         let built: Result<Arc<dyn Source>, (&str, String)> = match cfg {
             SourceConfig::Generator(c) => GeneratorSource::new(id, c.clone()).map(|s| Arc::new(s) as Arc<dyn Source>),
             SourceConfig::File(c) => FileSource::new(id, c).map(|s| Arc::new(s) as Arc<dyn Source>),
+            SourceConfig::Kafka(c) => {
+                crate::source::kafka::KafkaSource::new(id, &f.pipeline.name, c).map(|s| Arc::new(s) as Arc<dyn Source>)
+            }
         };
         match built {
             Ok(source) => {
@@ -310,6 +313,7 @@ fn build_sink(
         SinkConfig::File(c) => Box::new(FileSink::new(id, c, schema, metrics)?),
         SinkConfig::Stdout(c) => Box::new(StdoutSink::new(id, c)),
         SinkConfig::Blackhole(_) => Box::new(BlackholeSink),
+        SinkConfig::Kafka(c) => Box::new(crate::sink::kafka::KafkaSink::new(id, c, schema, metrics)?),
     })
 }
 

@@ -45,6 +45,11 @@ impl Output {
     ///
     /// # Cancel safety
     /// Not cancel safe: a batch may have reached some targets and not others.
+    /// True when some target has no room: a send would wait.
+    pub fn is_full(&self) -> bool {
+        self.targets.iter().any(|t| t.capacity() == 0)
+    }
+
     pub async fn send(&self, batch: Batch) -> Result<(), ()> {
         let Some((last, rest)) = self.targets.split_last() else { return Ok(()) };
         for t in rest {
@@ -97,6 +102,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Readiness for `/readyz`.
     pub health: Health,
+    /// Stop each unbounded source (Kafka) at the positions that were its end when the run started,
+    /// instead of reading on (a backfill: "available now").
+    pub bounded: bool,
 }
 
 /// Totals of one component after a run.
@@ -187,6 +195,7 @@ impl Pipeline {
 
         let mut stats: Vec<(String, &'static str, Arc<ComponentStats>)> = Vec::new();
         let mut progress_sources = Vec::new();
+        let mut committers = Vec::new();
         let mut progress_sinks = Vec::new();
         let mut tasks: JoinSet<(String, Result<()>)> = JoinSet::new();
         let progress_registry = Arc::new(std::sync::Mutex::new(Vec::<Arc<ShardProgress>>::new()));
@@ -195,8 +204,12 @@ impl Pipeline {
             stats.push((src.id.clone(), "source", src.metrics.stats.clone()));
             progress_sources.push(src.metrics.stats.clone());
             let output = output_for(&src.outputs);
+            let committer = src.source.committer();
+            committers.push((src.id.clone(), committer.clone()));
             let ctx = SourceRun {
                 id: src.id.clone(),
+                committer,
+                bounded: options.bounded,
                 source: src.source,
                 output,
                 metrics: src.metrics,
@@ -220,15 +233,16 @@ impl Pipeline {
                 (t.id.clone(), run_transform(t.transform, rx, output, dl, t.metrics, abort, halted).await)
             });
         }
-        drop(dl_tx);
         drop(senders);
-        for k in self.sinks {
+        for mut k in self.sinks {
+            k.sink.set_dead_letter(DeadLetter::new(dl_tx.clone()));
             stats.push((k.id.clone(), "sink", k.metrics.stats.clone()));
             progress_sinks.push(k.metrics.stats.clone());
             let rx = receivers.remove(&format!("sinks.{}", k.id)).expect("a channel per sink");
             let (abort, halted) = (abort.clone(), halted.clone());
             tasks.spawn(async move { (k.id.clone(), run_sink(k.sink, rx, k.metrics, abort, halted).await) });
         }
+        drop(dl_tx);
         if let (Some(k), Some(rx)) = (self.dead_letter, dl_rx) {
             stats.push((k.id.clone(), "dead_letter", k.metrics.stats.clone()));
             let (abort, halted) = (abort.clone(), halted.clone());
@@ -279,6 +293,16 @@ impl Pipeline {
         }
         options.health.set_ready(false);
         stop_link.abort();
+        // Positions that became durable are handed to their stores now (Kafka commits them
+        // synchronously), after a failure too: only what is durable was ever queued.
+        for (id, committer) in &committers {
+            if let Err(e) = committer.flush().await {
+                tracing::warn!(source = %id, "committing positions at the end of the run failed: {e}");
+                if first_error.is_none() {
+                    first_error = Some((id.clone(), e));
+                }
+            }
+        }
         progress_stop.cancel();
         if let Some(p) = progress {
             let _ = p.await;
@@ -309,6 +333,8 @@ impl Pipeline {
 /// One source's shards, read `parallelism` at a time.
 struct SourceRun {
     id: String,
+    committer: Arc<dyn crate::batch::PositionCommitter>,
+    bounded: bool,
     source: Arc<dyn Source>,
     output: Output,
     metrics: ComponentMetrics,
@@ -325,7 +351,9 @@ impl SourceRun {
     async fn run(self) -> Result<()> {
         let shards = self.source.shards().await?;
         tracing::info!(source = %self.id, shards = shards.len(), "reading");
-        let committer = self.source.committer();
+        let committer = self.committer.clone();
+        // Sources whose shards never end on their own (Kafka partitions) read all at once.
+        let parallelism = if self.source.reads_all_shards_at_once() { shards.len().max(1) } else { self.parallelism };
         // Cancelled on a stop request, or by this source when one of its shards fails.
         let cancel = self.stop.child_token();
         let mut reads = futures::stream::iter(shards.into_iter().map(|shard| {
@@ -342,6 +370,7 @@ impl SourceRun {
                 metrics: self.metrics.clone(),
                 cancel: cancel.clone(),
                 batch_size: self.batch_size,
+                bounded: self.bounded,
             };
             let source = self.source.clone();
             async move {
@@ -350,7 +379,7 @@ impl SourceRun {
                 r
             }
         }))
-        .buffer_unordered(self.parallelism);
+        .buffer_unordered(parallelism);
         // Every shard future runs to its end (they all honour `cancel`): dropping one mid-send
         // would drop a batch whose ack then counts as delivered.
         let mut first_error = None;

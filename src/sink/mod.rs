@@ -2,6 +2,7 @@
 
 pub mod blackhole;
 pub mod file;
+pub mod kafka;
 pub mod stdout;
 pub mod writer;
 
@@ -14,6 +15,10 @@ use crate::Result;
 /// records are durable there (not before).
 #[async_trait]
 pub trait Sink: Send {
+    /// Gives the sink the pipeline's dead-letter path, for records the destination refuses one by
+    /// one (the Kafka sink's failed deliveries). Sinks that fail as a whole ignore it.
+    fn set_dead_letter(&mut self, _dead_letter: crate::dead_letter::DeadLetter) {}
+
     /// Takes one batch. May buffer it (holding its ack) until a file or part is complete.
     ///
     /// # Errors

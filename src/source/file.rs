@@ -342,6 +342,7 @@ impl TextShard {
                         MAX_RECORD_BYTES >> 20
                     ),
                     raw: record[..record.len().min(OVERSIZED_RAW_BYTES)].to_vec(),
+                    key: None,
                 });
                 chunk.buf.truncate(record_start);
                 if let Some(s) = &mut self.splitter {
@@ -459,6 +460,7 @@ impl ParquetShard {
                 stage: Stage::Convert,
                 error,
                 raw: crate::transform::row_as_json(&batch, i),
+                key: None,
             })
             .collect();
         let data =

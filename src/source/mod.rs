@@ -2,6 +2,7 @@
 
 pub mod file;
 pub mod generator;
+pub mod kafka;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -45,6 +46,12 @@ pub trait Source: Send + Sync {
     fn committer(&self) -> Arc<dyn PositionCommitter> {
         Arc::new(RecordingCommitter::default())
     }
+
+    /// True when shards never end on their own (partitions of a stream): all of them are read
+    /// at once, whatever `shard_parallelism` says.
+    fn reads_all_shards_at_once(&self) -> bool {
+        false
+    }
 }
 
 /// What one read of a shard produced.
@@ -73,6 +80,8 @@ pub struct ShardContext {
     pub metrics: ComponentMetrics,
     pub cancel: CancellationToken,
     pub batch_size: usize,
+    /// `sluice run --bounded`: stop at the end positions the shard had when the run started.
+    pub bounded: bool,
 }
 
 impl ShardContext {

@@ -120,6 +120,7 @@ impl Transform for SqlTransform {
                         stage: Stage::Transform,
                         error,
                         raw: row_as_json(&data, i),
+                        key: None,
                     })
                     .collect();
                 dead_letter.send(metrics, &batch.shard, &batch.ack, bad).await?;

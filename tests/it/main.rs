@@ -4,6 +4,7 @@
 mod cli;
 mod common;
 mod file_sink;
+mod kafka;
 mod memory;
 mod messy;
 mod pipelines;

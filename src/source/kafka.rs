@@ -1,0 +1,998 @@
+//! The `kafka` source: every partition of the configured topics is a shard, read by its own
+//! consumer (assigned that one partition), decoded many messages at a time into Arrow batches.
+//!
+//! One consumer per partition rather than one consumer with a queue split off per partition:
+//! librdkafka can deliver the first fetch to the shared queue before the split takes effect, and
+//! those messages would have to be routed back in order; separate consumers have no such race,
+//! and pausing, stopping and handing over a partition touch only its own client.
+//!
+//! Positions are offsets. A partition's offset is committed to the consumer group only once every
+//! sink that received its records has made them durable (the runtime's acks), batched per
+//! partition: a background thread commits the latest durable offsets every `commit_interval`, and
+//! the end of a run commits them synchronously. Nothing is committed on a timer ahead of the sinks.
+//!
+//! Partitions are assigned explicitly (`assign`): standalone, one worker takes every partition of
+//! its topics (or the `partitions` listed); the coordinator hands partitions to workers the same way.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::{
+    ArrayRef, BinaryBuilder, Int32Array, Int64Array, ListBuilder, StringArray, StringBuilder, StructBuilder,
+    TimestampMillisecondArray,
+};
+use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use indexmap::IndexMap;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Statistics};
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use tokio::sync::{mpsc, OnceCell};
+
+use super::file::{NoOptions, SchemaSpec};
+use super::{Produced, ShardContext, Source};
+use crate::batch::{PositionCommitter, ShardInfo, ShardKind};
+use crate::config::types::schema_from_columns;
+use crate::config::HumanDuration;
+use crate::dead_letter::{BadRecord, Stage};
+use crate::format::csv::{CsvDecoder, CsvOptions};
+use crate::format::json::JsonDecoder;
+use crate::format::{decode_chunk, ChunkDecoder, LineChunk};
+use crate::kafka::{redact, Connection, SaslConfig, TlsConfig, REQUEST_TIMEOUT};
+use crate::observe::names;
+use crate::{Error, Result};
+
+/// Default `commit_interval`.
+pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+/// Default `max_wait`: how long a batch waits to fill before it is sent partly full.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(100);
+/// Most payload bytes in one batch.
+const MAX_CHUNK_BYTES: usize = 16 << 20;
+/// How long one poll of a partition queue blocks, which bounds how late a stop is noticed.
+const POLL_SLICE: Duration = Duration::from_millis(100);
+
+/// `[sources.ID] type = "kafka"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// Bootstrap brokers, comma separated (`host:port,host:port`).
+    pub brokers: String,
+    /// Topics to read; every partition of each is a shard.
+    pub topics: Vec<String>,
+    /// Consumer group whose committed offsets are the positions (default `sluice-{pipeline}`).
+    pub group_id: Option<String>,
+    /// Where a partition without a committed offset starts.
+    #[serde(default)]
+    pub start: StartAt,
+    /// How message values are encoded.
+    pub format: KafkaFormat,
+    /// Columns and SQL types of the decoded values (JSON and CSV).
+    pub schema: Option<SchemaSpec>,
+    /// Message metadata added as columns `_key`, `_topic`, `_partition`, `_offset`, `_timestamp`,
+    /// `_headers`.
+    #[serde(default)]
+    pub metadata: Vec<MetadataField>,
+    /// Only these partitions (of every topic), instead of all.
+    pub partitions: Option<Vec<i32>>,
+    /// `"assign"` (default): this worker reads the partitions it is given (all, standalone).
+    #[serde(default)]
+    pub assignment: Assignment,
+    pub tls: Option<TlsConfig>,
+    pub sasl: Option<SaslConfig>,
+    /// Raw librdkafka client settings (`fetch.max.bytes`, `socket.keepalive.enable`, ...).
+    #[serde(default)]
+    pub librdkafka_options: IndexMap<String, String>,
+    /// How often durable offsets are committed (default 1s).
+    pub commit_interval: Option<HumanDuration>,
+    /// Longest a batch waits to fill up to `batch_size` (default 100ms).
+    pub max_wait: Option<HumanDuration>,
+}
+
+/// How partitions reach this worker.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Assignment {
+    /// Explicit assignment: every partition of the topics (or `partitions`), or what the
+    /// coordinator hands out.
+    #[default]
+    Assign,
+}
+
+/// `start = "earliest" | "latest" | "<RFC 3339 time>"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StartAt {
+    #[default]
+    Earliest,
+    Latest,
+    /// The first offset whose timestamp is at or after this time (milliseconds since the epoch).
+    Time(i64),
+}
+
+impl<'de> Deserialize<'de> for StartAt {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        StartAt::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+impl StartAt {
+    /// Parses `earliest`, `latest` or an RFC 3339 time.
+    ///
+    /// # Errors
+    /// A message saying what is accepted.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "earliest" => Ok(StartAt::Earliest),
+            "latest" => Ok(StartAt::Latest),
+            t => chrono::DateTime::parse_from_rfc3339(t).map(|t| StartAt::Time(t.timestamp_millis())).map_err(|e| {
+                format!(
+                    "start must be \"earliest\", \"latest\" or an RFC 3339 time such as \"2026-11-27T10:00:00Z\" ({e})"
+                )
+            }),
+        }
+    }
+}
+
+impl fmt::Display for StartAt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartAt::Earliest => f.write_str("earliest"),
+            StartAt::Latest => f.write_str("latest"),
+            StartAt::Time(ms) => match chrono::DateTime::from_timestamp_millis(*ms) {
+                Some(t) => write!(f, "{}", t.to_rfc3339()),
+                None => write!(f, "{ms}ms"),
+            },
+        }
+    }
+}
+
+/// `format = { type = "json" | "csv" | "string" | "bytes" }`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum KafkaFormat {
+    /// One JSON object per message.
+    Json(NoOptions),
+    /// One CSV record per message.
+    Csv(CsvOptions),
+    /// The value as one UTF-8 text column `value`.
+    String(NoOptions),
+    /// The value as one binary column `value`.
+    Bytes(NoOptions),
+}
+
+/// A metadata column.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum MetadataField {
+    Key,
+    Topic,
+    Partition,
+    Offset,
+    Timestamp,
+    Headers,
+}
+
+impl MetadataField {
+    fn field(self, key_binary: bool) -> Field {
+        match self {
+            MetadataField::Key => Field::new("_key", if key_binary { DataType::Binary } else { DataType::Utf8 }, true),
+            MetadataField::Topic => Field::new("_topic", DataType::Utf8, false),
+            MetadataField::Partition => Field::new("_partition", DataType::Int32, false),
+            MetadataField::Offset => Field::new("_offset", DataType::Int64, false),
+            MetadataField::Timestamp => {
+                Field::new("_timestamp", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), true)
+            }
+            MetadataField::Headers => Field::new("_headers", headers_type(), true),
+        }
+    }
+}
+
+/// `_headers`: a list of `{key, value}` (values are bytes; a header may repeat).
+pub fn headers_type() -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::Struct(header_fields()), true)))
+}
+
+fn header_fields() -> Fields {
+    Fields::from(vec![Field::new("key", DataType::Utf8, false), Field::new("value", DataType::Binary, true)])
+}
+
+/// Reads Kafka partitions as shards.
+pub struct KafkaSource {
+    id: String,
+    topics: Vec<String>,
+    partitions: Option<Vec<i32>>,
+    start: StartAt,
+    connection: Connection,
+    client_config: ClientConfig,
+    format: KafkaFormat,
+    decoder: Option<Arc<dyn ChunkDecoder>>,
+    schema: SchemaRef,
+    metadata: Vec<MetadataField>,
+    max_wait: Duration,
+    commit_interval: Duration,
+    session: OnceCell<Arc<Session>>,
+    committer: Arc<KafkaCommitter>,
+}
+
+impl KafkaSource {
+    /// Checks the settings and derives the schema; connects nothing (validation runs offline).
+    ///
+    /// # Errors
+    /// `(key, message)` naming the setting at fault.
+    pub fn new(id: &str, pipeline: &str, config: &KafkaSourceConfig) -> Result<Self, (&'static str, String)> {
+        if config.topics.is_empty() || config.topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(("topics", "give at least one topic name, e.g. topics = [\"orders\"]".into()));
+        }
+        let connection = Connection {
+            brokers: config.brokers.clone(),
+            tls: config.tls.clone(),
+            sasl: config.sasl.clone(),
+            librdkafka_options: config.librdkafka_options.clone(),
+        };
+        let group_id = config.group_id.clone().unwrap_or_else(|| format!("sluice-{pipeline}"));
+        let client_config = connection.client_config(&[
+            ("group.id", &group_id),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            // Prefetch is bounded per partition; pauses stop fetching altogether.
+            ("queued.max.messages.kbytes", "8192"),
+            ("fetch.wait.max.ms", "100"),
+            ("statistics.interval.ms", "5000"),
+            // Bounded reads learn about the end from partition EOF events too (past transaction
+            // markers, which are never delivered).
+            ("enable.partition.eof", "true"),
+        ])?;
+        let mut seen = std::collections::HashSet::new();
+        for m in &config.metadata {
+            if !seen.insert(*m) {
+                return Err(("metadata", format!("`{m:?}` is listed twice")));
+            }
+        }
+        let key_binary = config.format == KafkaFormat::Bytes(NoOptions {});
+        let (payload, decoder): (SchemaRef, Option<Arc<dyn ChunkDecoder>>) = match (&config.format, &config.schema) {
+            (KafkaFormat::String(_) | KafkaFormat::Bytes(_), Some(_)) => {
+                return Err(("schema", "`string` and `bytes` values are one column `value`; remove `schema`".into()))
+            }
+            (KafkaFormat::String(_), None) => (Arc::new(Schema::new(vec![Field::new("value", DataType::Utf8, false)])), None),
+            (KafkaFormat::Bytes(_), None) => {
+                (Arc::new(Schema::new(vec![Field::new("value", DataType::Binary, false)])), None)
+            }
+            (_, Some(SchemaSpec::Columns(cols))) => {
+                let s = schema_from_columns(cols).map_err(|(col, m)| ("schema", format!("column `{col}`: {m}")))?;
+                let d: Arc<dyn ChunkDecoder> = match &config.format {
+                    KafkaFormat::Json(_) => Arc::new(JsonDecoder::new(s.clone())),
+                    KafkaFormat::Csv(o) => {
+                        if !o.delimiter.is_ascii() {
+                            return Err(("format.delimiter", "the delimiter must be one ASCII character".into()));
+                        }
+                        Arc::new(CsvDecoder::new(s.clone(), o))
+                    }
+                    _ => unreachable!("string and bytes are handled above"),
+                };
+                (s, Some(d))
+            }
+            (_, Some(SchemaSpec::Infer)) => {
+                return Err((
+                    "schema",
+                    "a Kafka source cannot infer its schema (topics change); list the columns: [sources.ID.schema] with `column = \"sql type\"` lines".into(),
+                ))
+            }
+            (_, None) => {
+                return Err((
+                    "schema",
+                    "JSON and CSV values need a schema: add [sources.ID.schema] with `column = \"sql type\"` lines".into(),
+                ))
+            }
+        };
+        let mut fields: Vec<Field> = payload.fields().iter().map(|f| f.as_ref().clone()).collect();
+        for m in &config.metadata {
+            let f = m.field(key_binary);
+            if payload.field_with_name(f.name()).is_ok() {
+                return Err(("metadata", format!("the schema already has a column `{}`", f.name())));
+            }
+            fields.push(f);
+        }
+        if let Some(p) = &config.partitions {
+            if p.is_empty() || p.iter().any(|p| *p < 0) {
+                return Err(("partitions", "list partition numbers (0, 1, ...), or leave it out for all".into()));
+            }
+        }
+        Ok(KafkaSource {
+            id: id.to_string(),
+            topics: config.topics.clone(),
+            partitions: config.partitions.clone(),
+            start: config.start,
+            connection,
+            client_config,
+            format: config.format.clone(),
+            decoder,
+            schema: Arc::new(Schema::new(fields)),
+            metadata: config.metadata.clone(),
+            max_wait: config.max_wait.map_or(DEFAULT_MAX_WAIT, |d| d.0),
+            commit_interval: config.commit_interval.map_or(DEFAULT_COMMIT_INTERVAL, |d| d.0),
+            session: OnceCell::new(),
+            committer: Arc::new(KafkaCommitter::new(id)),
+        })
+    }
+
+    fn error(&self, message: impl Into<String>) -> Error {
+        Error::Service { component: self.id.clone(), message: redact(&message.into(), &self.connection) }
+    }
+
+    /// Connects, lists the partitions, resolves where each starts and (for bounded runs) ends,
+    /// assigns them and splits one queue per partition.
+    async fn connect(&self) -> Result<Arc<Session>> {
+        let client_config = self.client_config.clone();
+        let topics = self.topics.clone();
+        let only = self.partitions.clone();
+        let start = self.start;
+        let source = self.id.clone();
+        let committer = self.committer.clone();
+        let interval = self.commit_interval;
+        let result = tokio::task::spawn_blocking(move || {
+            Session::open(&source, client_config, &topics, only.as_deref(), start, committer, interval)
+        })
+        .await
+        .map_err(|e| self.error(e.to_string()))?;
+        result.map(Arc::new).map_err(|m| self.error(m))
+    }
+
+    async fn session(&self) -> Result<Arc<Session>> {
+        self.session.get_or_try_init(|| self.connect()).await.cloned()
+    }
+
+    fn decode(
+        &self,
+        chunk: &LineChunk,
+        meta: &ChunkMeta,
+        mut bad: Vec<BadRecord>,
+    ) -> Result<(RecordBatch, Vec<u64>, Vec<BadRecord>)> {
+        let (payload, positions) = match &self.decoder {
+            Some(d) => {
+                let decoded = decode_chunk(d.as_ref(), chunk).map_err(|e| self.error(e.to_string()))?;
+                bad.extend(decoded.bad);
+                (decoded.batch, decoded.positions)
+            }
+            None => {
+                let mut positions = Vec::with_capacity(chunk.len());
+                let col: ArrayRef = match self.format {
+                    KafkaFormat::Bytes(_) => {
+                        let mut b = BinaryBuilder::with_capacity(chunk.len(), chunk.buf.len());
+                        for i in 0..chunk.len() {
+                            b.append_value(chunk.record(i));
+                            positions.push(chunk.positions[i]);
+                        }
+                        Arc::new(b.finish())
+                    }
+                    _ => {
+                        let mut b = StringBuilder::with_capacity(chunk.len(), chunk.buf.len());
+                        for i in 0..chunk.len() {
+                            match std::str::from_utf8(chunk.record(i)) {
+                                Ok(s) => {
+                                    b.append_value(s);
+                                    positions.push(chunk.positions[i]);
+                                }
+                                Err(e) => bad.push(BadRecord {
+                                    position: Some(chunk.positions[i]),
+                                    stage: Stage::Decode,
+                                    error: format!(
+                                        "the value is not valid UTF-8 ({e}); use format = {{ type = \"bytes\" }}"
+                                    ),
+                                    raw: chunk.record(i).to_vec(),
+                                    key: chunk.key(i),
+                                }),
+                            }
+                        }
+                        Arc::new(b.finish())
+                    }
+                };
+                let schema = Arc::new(Schema::new(vec![self.schema.field(0).clone()]));
+                (RecordBatch::try_new(schema, vec![col]).map_err(|e| self.error(e.to_string()))?, positions)
+            }
+        };
+        if self.metadata.is_empty() {
+            let batch = RecordBatch::try_new(self.schema.clone(), payload.columns().to_vec())
+                .map_err(|e| self.error(e.to_string()))?;
+            return Ok((batch, positions, bad));
+        }
+        // Rows of the chunk that decoded, in order (offsets increase within a partition).
+        let rows: Vec<usize> = positions
+            .iter()
+            .map(|p| chunk.positions.binary_search(p).expect("every decoded position comes from the chunk"))
+            .collect();
+        let mut columns = payload.columns().to_vec();
+        for m in &self.metadata {
+            columns.push(meta.column(
+                *m,
+                &rows,
+                chunk,
+                self.schema.field_with_name("_key").map(|f| f.data_type() == &DataType::Binary).unwrap_or(false),
+            ));
+        }
+        let batch = RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| self.error(e.to_string()))?;
+        Ok((batch, positions, bad))
+    }
+}
+
+/// Per-message metadata of a chunk, beside the [`LineChunk`] that holds values and keys.
+#[derive(Default)]
+struct ChunkMeta {
+    topic: String,
+    partition: i32,
+    timestamps: Vec<Option<i64>>,
+    /// Per record: the range of its headers in `headers`.
+    header_spans: Vec<(usize, usize)>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl ChunkMeta {
+    fn column(&self, field: MetadataField, rows: &[usize], chunk: &LineChunk, key_binary: bool) -> ArrayRef {
+        match field {
+            MetadataField::Key => {
+                if key_binary {
+                    let mut b = BinaryBuilder::new();
+                    for &i in rows {
+                        b.append_option(chunk.key(i));
+                    }
+                    Arc::new(b.finish())
+                } else {
+                    let mut b = StringBuilder::new();
+                    for &i in rows {
+                        // Keys that are not UTF-8 were dead-lettered before decoding.
+                        b.append_option(chunk.key(i).map(|k| String::from_utf8_lossy(&k).into_owned()));
+                    }
+                    Arc::new(b.finish())
+                }
+            }
+            MetadataField::Topic => Arc::new(StringArray::from_iter_values(rows.iter().map(|_| self.topic.as_str()))),
+            MetadataField::Partition => Arc::new(Int32Array::from_value(self.partition, rows.len())),
+            MetadataField::Offset => {
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|&i| chunk.positions[i] as i64)))
+            }
+            MetadataField::Timestamp => Arc::new(
+                TimestampMillisecondArray::from_iter(rows.iter().map(|&i| self.timestamps[i])).with_timezone("UTC"),
+            ),
+            MetadataField::Headers => {
+                let values = StructBuilder::from_fields(header_fields(), 0);
+                let mut b = ListBuilder::new(values).with_field(Arc::new(Field::new(
+                    "item",
+                    DataType::Struct(header_fields()),
+                    true,
+                )));
+                for &i in rows {
+                    let (a, z) = self.header_spans[i];
+                    for (k, v) in &self.headers[a..z] {
+                        let s = b.values();
+                        s.field_builder::<StringBuilder>(0).expect("key is a string").append_value(k);
+                        s.field_builder::<BinaryBuilder>(1).expect("value is binary").append_option(v.as_deref());
+                        s.append(true);
+                    }
+                    b.append(true);
+                }
+                Arc::new(b.finish())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Source for KafkaSource {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    async fn shards(&self) -> Result<Vec<Arc<ShardInfo>>> {
+        let session = self.session().await?;
+        Ok(session
+            .partitions
+            .iter()
+            .map(|p| {
+                Arc::new(ShardInfo {
+                    source: self.id.clone(),
+                    id: format!("{}/{}", p.topic, p.partition),
+                    kind: ShardKind::Partition { topic: p.topic.clone(), partition: p.partition },
+                })
+            })
+            .collect())
+    }
+
+    fn committer(&self) -> Arc<dyn PositionCommitter> {
+        self.committer.clone()
+    }
+
+    fn reads_all_shards_at_once(&self) -> bool {
+        true
+    }
+
+    async fn read_shard(&self, ctx: ShardContext) -> Result<()> {
+        let session = self.session().await?;
+        let ShardKind::Partition { topic, partition } = &ctx.shard.kind else {
+            return Err(self.error(format!("shard {} is not a Kafka partition", ctx.shard.id)));
+        };
+        let (topic, partition) = (topic.clone(), *partition);
+        let Some(range) = session.partitions.iter().find(|p| p.topic == topic && p.partition == partition).cloned()
+        else {
+            return Err(self.error(format!("partition {topic}/{partition} was not assigned to this worker")));
+        };
+        let end = if ctx.bounded { Some(range.end) } else { None };
+        if end.is_some_and(|end| range.start >= end) {
+            tracing::debug!(source = %self.id, topic, partition, "nothing to read up to the end offset");
+            return Ok(());
+        }
+        let consumer = {
+            let (config, source, topic) = (self.client_config.clone(), self.id.clone(), topic.clone());
+            let start = range.start;
+            tokio::task::spawn_blocking(move || -> Result<BaseConsumer<SourceContext>, String> {
+                let c: BaseConsumer<SourceContext> = config
+                    .create_with_context(SourceContext { source })
+                    .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&topic, partition, Offset::Offset(start)).map_err(|e| e.to_string())?;
+                c.assign(&tpl).map_err(|e| format!("cannot assign {topic}/{partition}: {e}"))?;
+                Ok(c)
+            })
+            .await
+            .map_err(|e| self.error(e.to_string()))?
+            .map_err(|m| self.error(m))?
+        };
+        let consumer = Arc::new(consumer);
+        let labels = [("component", self.id.clone()), ("topic", topic.clone()), ("partition", partition.to_string())];
+        let consumed = metrics::counter!(names::KAFKA_CONSUMED_RECORDS_TOTAL, &labels);
+        let consumed_bytes = metrics::counter!(names::KAFKA_CONSUMED_BYTES_TOTAL, &labels);
+        let lag_seconds = metrics::gauge!(names::KAFKA_LAG_SECONDS, &labels);
+        let pauses = metrics::counter!(names::KAFKA_PAUSES_TOTAL, &labels);
+
+        let (tx, mut rx) = mpsc::channel::<Result<(LineChunk, ChunkMeta, Vec<BadRecord>)>>(1);
+        let cancel = ctx.cancel.clone();
+        let batch_size = ctx.batch_size.max(1);
+        let max_wait = self.max_wait;
+        let want_headers = self.metadata.contains(&MetadataField::Headers);
+        let key_utf8 = self.metadata.contains(&MetadataField::Key) && self.format != KafkaFormat::Bytes(NoOptions {});
+        let reader_consumer = consumer.clone();
+        let (topic_r, component) = (topic.clone(), self.id.clone());
+        let reader = tokio::task::spawn_blocking(move || {
+            let consumer = reader_consumer;
+            let mut reached_end = false;
+            let mut next_offset: Option<i64> = None;
+            while !cancel.is_cancelled() && !reached_end {
+                let mut chunk = LineChunk::new();
+                let mut meta = ChunkMeta { topic: topic_r.clone(), partition, ..Default::default() };
+                let mut bad = Vec::new();
+                let mut deadline: Option<Instant> = None;
+                let mut newest_ts = None;
+                while chunk.len() + bad.len() < batch_size && chunk.buf.len() < MAX_CHUNK_BYTES {
+                    if cancel.is_cancelled() {
+                        break;
+                    }
+                    let wait = match deadline {
+                        Some(d) => d.saturating_duration_since(Instant::now()),
+                        None => POLL_SLICE,
+                    };
+                    if deadline.is_some() && wait.is_zero() {
+                        break;
+                    }
+                    match consumer.poll(wait.min(POLL_SLICE)) {
+                        None => {
+                            if deadline.is_none() {
+                                lag_seconds.set(0.0);
+                            }
+                        }
+                        Some(Err(KafkaError::PartitionEOF(_))) => {
+                            // Caught up with the high watermark of the last fetch. The consumer's
+                            // position is then past any transaction markers at the end (they are
+                            // never delivered); stop if it has reached the end. The event alone
+                            // is not trusted: a broker can report a stale watermark.
+                            if let Some(end) = end {
+                                let position = consumer
+                                    .position()
+                                    .ok()
+                                    .and_then(|t| t.find_partition(&topic_r, partition).map(|e| e.offset()));
+                                if matches!(position, Some(Offset::Offset(o)) if o >= end) {
+                                    reached_end = true;
+                                    break;
+                                }
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(source = %component, topic = %topic_r, partition, "consumer error: {e}");
+                        }
+                        Some(Ok(msg)) => {
+                            let offset = msg.offset();
+                            if next_offset.is_some_and(|n| n != offset) {
+                                // Normal for compacted topics and transaction markers.
+                                tracing::debug!(source = %component, topic = %topic_r, partition, expected = ?next_offset, offset, "offset gap");
+                            }
+                            next_offset = Some(offset + 1);
+                            if end.is_some_and(|end| offset >= end) {
+                                reached_end = true;
+                                break;
+                            }
+                            deadline.get_or_insert_with(|| Instant::now() + max_wait);
+                            let position = offset as u64;
+                            let key = msg.key();
+                            let ts = msg.timestamp().to_millis();
+                            newest_ts = ts.or(newest_ts);
+                            let payload = msg.payload();
+                            consumed.increment(1);
+                            consumed_bytes.increment(payload.map_or(0, <[u8]>::len) as u64);
+                            let problem = match payload {
+                                None => Some("the message has no value (a tombstone)".to_string()),
+                                Some(_) if key_utf8 && key.is_some_and(|k| std::str::from_utf8(k).is_err()) => Some(
+                                    "the key is not valid UTF-8; use format = { type = \"bytes\" } to read binary keys"
+                                        .to_string(),
+                                ),
+                                Some(_) => None,
+                            };
+                            if let Some(error) = problem {
+                                bad.push(BadRecord {
+                                    position: Some(position),
+                                    stage: Stage::Decode,
+                                    error,
+                                    raw: payload.unwrap_or_default().to_vec(),
+                                    key: key.map(<[u8]>::to_vec),
+                                });
+                            } else {
+                                chunk.push_keyed(payload.unwrap_or_default(), position, key);
+                                meta.timestamps.push(ts);
+                                let from = meta.headers.len();
+                                if want_headers {
+                                    if let Some(h) = msg.headers() {
+                                        for header in h.iter() {
+                                            meta.headers
+                                                .push((header.key.to_string(), header.value.map(<[u8]>::to_vec)));
+                                        }
+                                    }
+                                }
+                                meta.header_spans.push((from, meta.headers.len()));
+                            }
+                            if end.is_some_and(|end| offset + 1 >= end) {
+                                reached_end = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+                if let Some(ts) = newest_ts {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    lag_seconds.set(((now - ts).max(0) as f64) / 1000.0);
+                }
+                if (!chunk.is_empty() || !bad.is_empty()) && tx.blocking_send(Ok((chunk, meta, bad))).is_err() {
+                    return;
+                }
+            }
+        });
+
+        let tpl = {
+            let mut t = TopicPartitionList::new();
+            t.add_partition(&topic, partition);
+            t
+        };
+        let mut result = Ok(());
+        loop {
+            let item = tokio::select! {
+                item = rx.recv() => item,
+                _ = ctx.cancel.cancelled() => break,
+            };
+            let (chunk, meta, bad) = match item {
+                Some(Ok(x)) => x,
+                Some(Err(e)) => {
+                    result = Err(e);
+                    break;
+                }
+                None => break,
+            };
+            let first = chunk.positions.first().copied().into_iter().chain(bad.iter().filter_map(|b| b.position)).min();
+            let last = chunk.positions.last().copied().into_iter().chain(bad.iter().filter_map(|b| b.position)).max();
+            let (Some(first), Some(last)) = (first, last) else { continue };
+            let raw_bytes = chunk.buf.len();
+            let (data, positions, mut bad) = match self.decode(&chunk, &meta, bad) {
+                Ok(x) => x,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            bad.sort_by_key(|b| b.position);
+            let produced = Produced { data, positions, bad, first, last, raw_bytes };
+            // Backpressure: while the budget or the downstream channel is full, stop fetching
+            // this partition instead of letting librdkafka prefetch more.
+            let mem = produced.data.get_array_memory_size() as u64;
+            let pause = ctx.budget.would_wait(mem) || ctx.output.is_full();
+            if pause {
+                pauses.increment(1);
+                if let Err(e) = consumer.pause(&tpl) {
+                    tracing::warn!(source = %self.id, topic, partition, "pausing the partition failed: {e}");
+                }
+            }
+            let emitted = ctx.emit(produced).await;
+            if pause {
+                if let Err(e) = consumer.resume(&tpl) {
+                    tracing::warn!(source = %self.id, topic, partition, "resuming the partition failed: {e}");
+                }
+            }
+            if let Err(e) = emitted {
+                result = Err(e);
+                break;
+            }
+        }
+        drop(rx);
+        reader.await.map_err(|e| self.error(e.to_string()))?;
+        result
+    }
+}
+
+/// One partition this worker reads: where it starts, and its end when the run started.
+#[derive(Debug, Clone)]
+struct PartitionRange {
+    topic: String,
+    partition: i32,
+    start: i64,
+    end: i64,
+}
+
+/// The connected consumer of one source.
+struct Session {
+    partitions: Vec<PartitionRange>,
+    stop: Arc<AtomicBool>,
+    poller: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.poller.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Session {
+    fn open(
+        source: &str,
+        client_config: ClientConfig,
+        topics: &[String],
+        only: Option<&[i32]>,
+        start: StartAt,
+        committer: Arc<KafkaCommitter>,
+        commit_interval: Duration,
+    ) -> Result<Session, String> {
+        let context = SourceContext { source: source.to_string() };
+        let consumer: BaseConsumer<SourceContext> =
+            client_config.create_with_context(context).map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
+        let consumer = Arc::new(consumer);
+        let mut wanted = Vec::new();
+        for topic in topics {
+            let md = consumer
+                .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+                .map_err(|e| format!("cannot read the metadata of topic `{topic}` from the brokers: {e}"))?;
+            let t = md.topics().iter().find(|t| t.name() == topic);
+            let Some(t) = t.filter(|t| t.error().is_none() && !t.partitions().is_empty()) else {
+                let why = t.and_then(|t| t.error()).map(|e| format!(" ({e:?})")).unwrap_or_default();
+                return Err(format!("topic `{topic}` does not exist on the brokers{why}"));
+            };
+            let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+            ids.sort_unstable();
+            if let Some(only) = only {
+                for p in only {
+                    if !ids.contains(p) {
+                        return Err(format!("topic `{topic}` has no partition {p} (it has {})", ids.len()));
+                    }
+                }
+                ids.retain(|p| only.contains(p));
+            }
+            wanted.extend(ids.into_iter().map(|p| (topic.clone(), p)));
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &wanted {
+            tpl.add_partition(t, *p);
+        }
+        let committed = consumer
+            .committed_offsets(tpl.clone(), REQUEST_TIMEOUT)
+            .map_err(|e| format!("cannot read the committed offsets of the consumer group: {e}"))?;
+        let by_time = match start {
+            StartAt::Time(ms) => {
+                let mut t = TopicPartitionList::new();
+                for (topic, p) in &wanted {
+                    t.add_partition_offset(topic, *p, Offset::Offset(ms)).map_err(|e| e.to_string())?;
+                }
+                Some(
+                    consumer
+                        .offsets_for_times(t, REQUEST_TIMEOUT)
+                        .map_err(|e| format!("cannot look up offsets for start = \"{start}\": {e}"))?,
+                )
+            }
+            _ => None,
+        };
+        let mut partitions = Vec::new();
+        let mut assignment = TopicPartitionList::new();
+        for (topic, p) in &wanted {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, *p, REQUEST_TIMEOUT)
+                .map_err(|e| format!("cannot read the offsets of {topic}/{p}: {e}"))?;
+            let committed = committed.find_partition(topic, *p).map(|e| e.offset());
+            let begin = match committed {
+                Some(Offset::Offset(o)) if o >= 0 => o.max(low),
+                _ => match start {
+                    StartAt::Earliest => low,
+                    StartAt::Latest => high,
+                    StartAt::Time(_) => {
+                        match by_time.as_ref().and_then(|t| t.find_partition(topic, *p)).map(|e| e.offset()) {
+                            Some(Offset::Offset(o)) if o >= 0 => o,
+                            _ => high,
+                        }
+                    }
+                },
+            };
+            tracing::info!(source, topic, partition = p, start = begin, end = high, committed = ?committed, "partition");
+            assignment.add_partition_offset(topic, *p, Offset::Offset(begin)).map_err(|e| e.to_string())?;
+            partitions.push(PartitionRange { topic: topic.clone(), partition: *p, start: begin, end: high });
+        }
+        committer.attach(consumer.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        // This consumer reads nothing: it commits the group's offsets, and is polled for the
+        // commit results.
+        let poller = {
+            let (consumer, stop, committer) = (consumer.clone(), stop.clone(), committer.clone());
+            let source = source.to_string();
+            std::thread::Builder::new()
+                .name(format!("kafka-{source}"))
+                .spawn(move || {
+                    let mut last_commit = Instant::now();
+                    while !stop.load(Ordering::SeqCst) {
+                        if let Some(Err(e)) = consumer.poll(POLL_SLICE) {
+                            tracing::warn!(source = %source, "Kafka client: {e}");
+                        }
+                        if last_commit.elapsed() >= commit_interval {
+                            if let Err(e) = committer.commit_pending(CommitMode::Async) {
+                                tracing::warn!(source = %source, "committing offsets failed (retried): {e}");
+                            }
+                            last_commit = Instant::now();
+                        }
+                    }
+                })
+                .map_err(|e| format!("cannot start the Kafka poll thread: {e}"))?
+        };
+        Ok(Session { partitions, stop, poller: Mutex::new(Some(poller)) })
+    }
+}
+
+/// Client callbacks: librdkafka errors, commit results and statistics into logs and metrics.
+pub struct SourceContext {
+    source: String,
+}
+
+impl ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::PartitionEOF(_)) {
+            return;
+        }
+        tracing::warn!(source = %self.source, "Kafka client error: {error}: {reason}");
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (p, s) in &t.partitions {
+                if *p < 0 || s.consumer_lag < 0 {
+                    continue;
+                }
+                let labels =
+                    [("component", self.source.clone()), ("topic", topic.clone()), ("partition", p.to_string())];
+                metrics::gauge!(names::KAFKA_LAG_RECORDS, &labels).set(s.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                for e in offsets.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        let labels = [
+                            ("component", self.source.clone()),
+                            ("topic", e.topic().to_string()),
+                            ("partition", e.partition().to_string()),
+                        ];
+                        metrics::gauge!(names::KAFKA_COMMITTED_OFFSET, &labels).set(o as f64);
+                    }
+                }
+            }
+            Err(e) => {
+                metrics::counter!(names::KAFKA_COMMIT_ERRORS_TOTAL, "component" => self.source.clone()).increment(1);
+                tracing::warn!(source = %self.source, "committing offsets failed (retried with the next commit): {e}");
+            }
+        }
+    }
+}
+
+/// Queues each partition's durable offset and commits the latest ones in batches.
+pub struct KafkaCommitter {
+    source: String,
+    consumer: std::sync::OnceLock<Arc<BaseConsumer<SourceContext>>>,
+    /// Next offset to read (committed position + 1) per partition, not yet sent to Kafka.
+    pending: Mutex<IndexMap<(String, i32), i64>>,
+    /// Sent, but perhaps not yet acknowledged: sent again by `flush` so that it is synchronous.
+    sent: Mutex<IndexMap<(String, i32), i64>>,
+}
+
+impl KafkaCommitter {
+    fn new(source: &str) -> Self {
+        KafkaCommitter {
+            source: source.to_string(),
+            consumer: std::sync::OnceLock::new(),
+            pending: Mutex::new(IndexMap::new()),
+            sent: Mutex::new(IndexMap::new()),
+        }
+    }
+
+    fn attach(&self, consumer: Arc<BaseConsumer<SourceContext>>) {
+        let _ = self.consumer.set(consumer);
+    }
+
+    /// Commits what is pending; returns the error of a synchronous commit.
+    fn commit_pending(&self, mode: CommitMode) -> rdkafka::error::KafkaResult<()> {
+        let Some(consumer) = self.consumer.get() else { return Ok(()) };
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        let batch = match mode {
+            CommitMode::Sync => {
+                let mut all = std::mem::take(&mut *sent);
+                all.extend(pending);
+                all
+            }
+            CommitMode::Async => pending,
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in &batch {
+            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+        }
+        let r = consumer.commit(&tpl, mode);
+        match mode {
+            CommitMode::Async => sent.extend(batch),
+            CommitMode::Sync if r.is_err() => {
+                // Keep them for the next try.
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                for (k, v) in batch {
+                    pending.entry(k).and_modify(|o| *o = (*o).max(v)).or_insert(v);
+                }
+            }
+            CommitMode::Sync => {
+                tracing::debug!(source = %self.source, partitions = tpl.count(), "offsets committed");
+            }
+        }
+        r
+    }
+}
+
+#[async_trait]
+impl PositionCommitter for KafkaCommitter {
+    fn commit(&self, shard: &ShardInfo, position: u64) {
+        let ShardKind::Partition { topic, partition } = &shard.kind else { return };
+        let next = position as i64 + 1;
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.entry((topic.clone(), *partition)).and_modify(|o| *o = (*o).max(next)).or_insert(next);
+        metrics::counter!(names::COMMITS_TOTAL, "component" => shard.source.clone()).increment(1);
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if self.consumer.get().is_none() {
+            return Ok(());
+        }
+        crate::sink::blocking(|| self.commit_pending(CommitMode::Sync)).map_err(|e| Error::Service {
+            component: self.source.clone(),
+            message: format!("committing the final offsets failed: {e} (they are read again on the next run)"),
+        })
+    }
+}

@@ -1,0 +1,439 @@
+//! The Kafka source and sink against a real Kafka-protocol broker (tansu, started by
+//! scripts/test.sh), with records produced and read back by an independent client
+//! (confluent-kafka, tests/kafka_tool.py).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use arrow::array::AsArray;
+use arrow::datatypes::{Decimal128Type, Int64Type};
+
+use crate::common::{files, read_ndjson, read_parquet, rows, sluice};
+
+/// The broker the test script started.
+fn brokers() -> String {
+    std::env::var("SLUICE_TEST_KAFKA").expect(
+        "SLUICE_TEST_KAFKA is not set: run the tests with scripts/test.sh, which starts a Kafka-protocol broker",
+    )
+}
+
+/// Runs tests/kafka_tool.py with the test virtualenv's Python; returns its stdout.
+fn tool(args: &[&str]) -> String {
+    let python = std::env::var("SLUICE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kafka_tool.py");
+    let out = std::process::Command::new(python).arg(script).args(args).output().expect("python runs");
+    assert!(
+        out.status.success(),
+        "kafka_tool.py {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A topic name no other test (or earlier run against the same broker) uses.
+fn topic(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+fn create(topic: &str, partitions: usize) {
+    tool(&["create", "--brokers", &brokers(), "--topic", topic, "--partitions", &partitions.to_string()]);
+}
+
+struct Manifest {
+    /// order id → amount in cents, for every good record.
+    good: HashMap<i64, i64>,
+    bad: Vec<i64>,
+}
+
+fn produce(topic: &str, partitions: usize, count: usize, start: usize, bad_every: usize, dir: &Path) -> Manifest {
+    let manifest = dir.join(format!("manifest-{start}.json"));
+    tool(&[
+        "produce",
+        "--brokers",
+        &brokers(),
+        "--topic",
+        topic,
+        "--partitions",
+        &partitions.to_string(),
+        "--count",
+        &count.to_string(),
+        "--start",
+        &start.to_string(),
+        "--bad-every",
+        &bad_every.to_string(),
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    Manifest {
+        good: v["good"].as_object().unwrap().iter().map(|(k, c)| (k.parse().unwrap(), c.as_i64().unwrap())).collect(),
+        bad: v["bad"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect(),
+    }
+}
+
+/// partition → (committed offset, end offset) of `group` on `topic`.
+fn offsets(topic: &str, group: &str) -> BTreeMap<i32, (i64, i64)> {
+    let out = tool(&["offsets", "--brokers", &brokers(), "--topic", topic, "--group", group]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v.as_object()
+        .unwrap()
+        .iter()
+        .map(|(p, pair)| (p.parse().unwrap(), (pair[0].as_i64().unwrap(), pair[1].as_i64().unwrap())))
+        .collect()
+}
+
+fn run_bounded(pipeline: &Path) -> std::process::Output {
+    let out = sluice().args(["run", "--bounded", "--no-progress"]).arg(pipeline).output().unwrap();
+    assert!(
+        out.status.success(),
+        "sluice run --bounded failed ({:?}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn order_pipeline(topic: &str, group: &str, out: &Path, extra_sink: &str) -> String {
+    format!(
+        r#"
+[pipeline]
+name = "kafka-it"
+batch_size = 5000
+
+[sources.orders]
+type = "kafka"
+brokers = "{brokers}"
+topics = ["{topic}"]
+group_id = "{group}"
+format = {{ type = "json" }}
+metadata = ["key", "partition", "offset"]
+
+[sources.orders.schema]
+order_id = "bigint not null"
+customer = "varchar"
+amount = "decimal(10,2) not null"
+status = "varchar not null"
+
+[transforms.kept]
+type = "sql"
+inputs = ["orders"]
+query = "SELECT order_id, customer, amount, status, _key, _partition, _offset FROM orders WHERE status <> 'cancelled'"
+
+[sinks.lake]
+type = "file"
+inputs = ["kept"]
+path = "{out}/lake"
+{extra_sink}
+
+[dead_letter]
+type = "file"
+path = "{out}/dead"
+"#,
+        brokers = brokers(),
+        out = out.display()
+    )
+}
+
+/// (order id, amount cents, key) of every row written.
+fn lake_rows(dir: &Path) -> Vec<(i64, i64, String)> {
+    let mut out = Vec::new();
+    for (_, b) in read_parquet(dir) {
+        let ids = b.column_by_name("order_id").unwrap().as_primitive::<Int64Type>().clone();
+        let amounts = b.column_by_name("amount").unwrap().as_primitive::<Decimal128Type>().clone();
+        let keys = b.column_by_name("_key").unwrap().as_string::<i32>().clone();
+        for i in 0..b.num_rows() {
+            out.push((ids.value(i), amounts.value(i) as i64, keys.value(i).to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn bounded_run_writes_the_good_rows_dead_letters_the_bad_and_commits_the_end_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = topic("orders");
+    create(&t, 6);
+    let m = produce(&t, 6, 200_000, 1, 100, dir.path());
+    assert_eq!(m.bad.len(), 2000);
+    let group = format!("{t}-g");
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(&pipeline, order_pipeline(&t, &group, dir.path(), "")).unwrap();
+    let run = run_bounded(&pipeline);
+    let summary = String::from_utf8_lossy(&run.stderr).to_string();
+
+    let got = lake_rows(&dir.path().join("lake"));
+    let expected: BTreeMap<i64, i64> =
+        m.good.iter().filter(|(id, _)| *id % 4 != 2).map(|(id, cents)| (*id, *cents)).collect(); // status "cancelled" is i % 4 == 2
+    assert_eq!(got.len(), expected.len(), "rows written; the run said:\n{summary}");
+    let got_map: BTreeMap<i64, i64> = got.iter().map(|(id, c, _)| (*id, *c)).collect();
+    assert_eq!(got_map.len(), got.len(), "no duplicates");
+    assert_eq!(got_map, expected, "every kept record with its exact amount");
+    assert!(got.iter().all(|(id, _, key)| key == &format!("order-{id}")), "keys carried as metadata");
+    let sum: i64 = got.iter().map(|(_, c, _)| c).sum();
+    assert_eq!(sum, expected.values().sum::<i64>(), "decimal sum exact");
+
+    let dead = read_ndjson(&dir.path().join("dead"));
+    assert_eq!(dead.len(), m.bad.len(), "every bad record dead-lettered once");
+    let mut dead_keys: Vec<String> = dead.iter().map(|d| d["key"].as_str().unwrap().to_string()).collect();
+    dead_keys.sort();
+    let mut bad_keys: Vec<String> = m.bad.iter().map(|i| format!("order-{i}")).collect();
+    bad_keys.sort();
+    assert_eq!(dead_keys, bad_keys);
+    for d in &dead {
+        let pos = &d["position"];
+        assert_eq!(pos["topic"], t.as_str());
+        assert!(pos["partition"].as_i64().unwrap() < 6 && pos["offset"].as_i64().is_some(), "{d}");
+        assert!(["decode", "convert"].contains(&d["stage"].as_str().unwrap()), "{d}");
+        assert!(!d["raw"].as_str().unwrap().is_empty());
+    }
+
+    let committed = offsets(&t, &group);
+    assert_eq!(committed.len(), 6);
+    for (p, (c, end)) in &committed {
+        assert_eq!(c, end, "partition {p}: committed offset equals the end offset");
+    }
+
+    // A second bounded run finds nothing new to read.
+    std::fs::remove_dir_all(dir.path().join("lake")).unwrap();
+    run_bounded(&pipeline);
+    assert_eq!(rows(&read_parquet(&dir.path().join("lake"))), 0, "positions were resumed from the commits");
+}
+
+#[test]
+fn after_kill_9_a_rerun_loses_nothing_and_duplicates_only_what_was_uncommitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = topic("crash");
+    create(&t, 3);
+    let m = produce(&t, 3, 60_000, 1, 0, dir.path());
+    let group = format!("{t}-g");
+    let pipeline = dir.path().join("p.toml");
+    // Small files commit often, so the kill lands between commits.
+    std::fs::write(&pipeline, order_pipeline(&t, &group, dir.path(), "rotate = { max_rows = 2000 }")).unwrap();
+    let mut child = sluice().args(["run", "--no-progress"]).arg(&pipeline).spawn().unwrap();
+    let started = Instant::now();
+    loop {
+        let written = files(&dir.path().join("lake"), ".parquet").len();
+        if written >= 5 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no output after 120 s");
+        assert!(child.try_wait().unwrap().is_none(), "sluice exited early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = offsets(&t, &group);
+    let committed: i64 = at_kill.values().map(|(c, _)| (*c).max(0)).sum();
+    let total: i64 = at_kill.values().map(|(_, e)| *e).sum();
+    assert_eq!(total, 60_000);
+    assert!(committed < total, "the kill happened before everything was committed");
+    let uncommitted = total - committed;
+
+    run_bounded(&pipeline);
+    let got = lake_rows(&dir.path().join("lake"));
+    let mut counts: HashMap<i64, usize> = HashMap::new();
+    for (id, _, _) in &got {
+        *counts.entry(*id).or_default() += 1;
+    }
+    let expected: Vec<i64> = m.good.keys().copied().filter(|id| id % 4 != 2).collect();
+    for id in &expected {
+        assert!(counts.contains_key(id), "order {id} lost");
+    }
+    assert_eq!(counts.len(), expected.len());
+    let duplicates = got.len() - counts.len();
+    assert!(
+        duplicates as i64 <= uncommitted,
+        "{duplicates} duplicates, but only {uncommitted} records were uncommitted at the kill"
+    );
+    assert!(files(&dir.path().join("lake"), ".inprogress").is_empty());
+    for (p, (c, end)) in offsets(&t, &group) {
+        assert_eq!(c, end, "partition {p} fully committed after the rerun");
+    }
+}
+
+#[test]
+fn kafka_to_kafka_keeps_keys_and_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (topic("k2k-in"), topic("k2k-out"));
+    create(&input, 4);
+    create(&output, 2);
+    let m = produce(&input, 4, 5000, 1, 0, dir.path());
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"
+[pipeline]
+name = "k2k"
+
+[sources.orders]
+type = "kafka"
+brokers = "{b}"
+topics = ["{input}"]
+format = {{ type = "json" }}
+metadata = ["key", "headers", "timestamp"]
+schema = {{ order_id = "bigint not null", amount = "decimal(10,2)", status = "varchar" }}
+
+[transforms.big]
+type = "sql"
+inputs = ["orders"]
+query = "SELECT order_id, amount * 2 AS doubled, status, _key, _headers FROM orders"
+
+[sinks.out]
+type = "kafka"
+inputs = ["big"]
+brokers = "{b}"
+topic = "{output}"
+key = "_key"
+headers = ["status"]
+"#,
+            b = brokers()
+        ),
+    )
+    .unwrap();
+    run_bounded(&pipeline);
+    let expect = m.good.len().to_string();
+    let lines = tool(&["read", "--brokers", &brokers(), "--topic", &output, "--expect", &expect]);
+    let msgs: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(msgs.len(), m.good.len());
+    let mut seen = std::collections::HashSet::new();
+    for msg in &msgs {
+        let value: serde_json::Value = serde_json::from_str(msg["value"].as_str().unwrap()).unwrap();
+        let id = value["order_id"].as_i64().unwrap();
+        assert!(seen.insert(id), "order {id} twice");
+        assert_eq!(msg["key"], format!("order-{id}"), "{msg}");
+        assert_eq!(msg["headers"]["source"], "test", "source header passed through: {msg}");
+        let status = ["paid", "shipped", "cancelled", "refunded"][(id % 4) as usize];
+        assert_eq!(msg["headers"]["status"], status, "header from a column: {msg}");
+        assert!(value.get("status").is_none(), "header columns stay out of the value: {value}");
+        let cents = m.good[&id];
+        let doubled = (value["doubled"].as_f64().unwrap() * 100.0).round() as i64;
+        assert_eq!(doubled, cents * 2, "{value}");
+        assert!(value.get("_key").is_none() && value.get("_headers").is_none(), "metadata stays out of the value");
+    }
+}
+
+#[test]
+fn messages_the_producer_refuses_are_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (topic("refuse-in"), topic("refuse-out"));
+    create(&input, 1);
+    create(&output, 1);
+    produce(&input, 1, 300, 1, 0, dir.path());
+    let pipeline = dir.path().join("p.toml");
+    // A 200-byte message cap: the orders with a long customer name do not fit.
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"
+[pipeline]
+name = "refuse"
+
+[sources.orders]
+type = "kafka"
+brokers = "{b}"
+topics = ["{input}"]
+format = {{ type = "string" }}
+
+[transforms.pad]
+type = "sql"
+inputs = ["orders"]
+query = "SELECT CASE WHEN value LIKE '%Zo%' THEN concat(value, repeat('x', 2000)) ELSE value END AS value FROM orders"
+
+[sinks.out]
+type = "kafka"
+inputs = ["pad"]
+brokers = "{b}"
+topic = "{output}"
+format = "string"
+librdkafka_options = {{ "message.max.bytes" = "1000" }}
+
+[dead_letter]
+type = "file"
+path = "{out}/dead"
+"#,
+            b = brokers(),
+            out = dir.path().display()
+        ),
+    )
+    .unwrap();
+    run_bounded(&pipeline);
+    let dead = read_ndjson(&dir.path().join("dead"));
+    let long = (1..=300).filter(|i| i % 11 == 0).count();
+    assert_eq!(dead.len(), long, "{dead:?}");
+    assert!(
+        dead.iter().all(|d| d["stage"] == "write" && d["error"].as_str().unwrap().contains("too large")),
+        "{dead:?}"
+    );
+    let expect = (300 - long).to_string();
+    let lines = tool(&["read", "--brokers", &brokers(), "--topic", &output, "--expect", &expect]);
+    assert_eq!(lines.lines().count(), 300 - long);
+}
+
+#[test]
+fn validate_explains_kafka_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.toml");
+    std::fs::write(
+        &p,
+        r#"
+[pipeline]
+name = "v"
+
+[sources.k]
+type = "kafka"
+brokers = "127.0.0.1:1"
+topics = ["t"]
+start = "yesterday"
+format = { type = "json" }
+schema = { a = "bigint" }
+
+[sinks.out]
+type = "blackhole"
+inputs = ["k"]
+"#,
+    )
+    .unwrap();
+    let out = sluice().arg("validate").arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("p.toml:9") && err.contains("start") && err.contains("RFC 3339"), "{err}");
+
+    std::fs::write(
+        &p,
+        r#"
+[pipeline]
+name = "v"
+
+[sources.k]
+type = "kafka"
+brokers = "127.0.0.1:1"
+topics = ["t"]
+format = { type = "json" }
+
+[sinks.out]
+type = "blackhole"
+inputs = ["k"]
+"#,
+    )
+    .unwrap();
+    let out = sluice().arg("validate").arg(&p).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("schema") && err.contains("need a schema"), "{err}");
+
+    // Unreachable brokers: a clear runtime error, exit 3, not a hang.
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&p).unwrap().replace("format = { type = \"json\" }", "format = { type = \"string\" }"),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = sluice().args(["run", "--no-progress"]).arg(&p).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("topic `t`") && err.contains("brokers"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
