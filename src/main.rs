@@ -67,6 +67,18 @@ enum Command {
         #[arg(long)]
         bounded: bool,
     },
+    /// Set the committed positions of the pipeline's Kafka sources (their consumer groups) to
+    /// `--to`, so that the next run starts there. Run it while the pipeline is stopped.
+    Reset {
+        /// The pipeline TOML file.
+        pipeline: PathBuf,
+        /// `earliest`, `latest`, or an RFC 3339 time (the first record at or after it).
+        #[arg(long)]
+        to: String,
+        /// Only this source (default: every Kafka source of the pipeline).
+        #[arg(long)]
+        source: Option<String>,
+    },
     /// Check a pipeline without running it: syntax, keys and value types, environment variables,
     /// the graph of inputs, schemas, and that every SQL query plans. Exit 0 when valid, 1 when not.
     Validate {
@@ -90,6 +102,7 @@ fn main() -> ExitCode {
     let code = rt.block_on(async {
         match cli.command {
             Command::Validate { pipeline } => validate(pipeline).await,
+            Command::Reset { pipeline, to, source } => reset(pipeline, &to, source.as_deref()).await,
             Command::Run { pipeline, metrics_addr, no_progress, worker, bounded } => {
                 run(pipeline, metrics_addr, !no_progress, worker, bounded).await
             }
@@ -166,6 +179,59 @@ fn plural(n: usize) -> &'static str {
     } else {
         "s"
     }
+}
+
+async fn reset(path: PathBuf, to: &str, only: Option<&str>) -> u8 {
+    use sluice::config::SourceConfig;
+    use sluice::source::kafka::{KafkaSource, StartAt};
+    let to = match StartAt::parse(to) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: --to: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let loaded = match config::load(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let mut found = 0;
+    for (id, cfg) in &loaded.file.sources {
+        let SourceConfig::Kafka(c) = cfg else { continue };
+        if only.is_some_and(|o| o != id) {
+            continue;
+        }
+        found += 1;
+        let source = match KafkaSource::new(id, &loaded.file.pipeline.name, c) {
+            Ok(s) => s,
+            Err((key, msg)) => {
+                eprintln!("error: sources.{id}.{key}: {msg}");
+                return EXIT_CONFIG;
+            }
+        };
+        match source.reset_positions(to).await {
+            Ok(parts) => {
+                for (topic, partition, offset) in parts {
+                    println!("{id}\t{topic}/{partition}\t{offset}");
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_RUNTIME;
+            }
+        }
+    }
+    if found == 0 {
+        eprintln!(
+            "error: the pipeline has no Kafka source{}",
+            only.map(|o| format!(" named `{o}`")).unwrap_or_default()
+        );
+        return EXIT_CONFIG;
+    }
+    EXIT_OK
 }
 
 async fn run(

@@ -45,6 +45,9 @@ pub struct FileSinkConfig {
     /// Cap on data buffered in all open files together; the largest is flushed first (default
     /// 32MiB).
     pub buffer_bytes: Option<ByteSize>,
+    /// Parquet dictionary encoding: `always` (default) or `auto` (not for mostly-distinct columns).
+    #[serde(default)]
+    pub dictionary: DictionaryMode,
     /// Cap on files open at once (one per output folder and source shard); the largest is closed
     /// first (default 64).
     pub max_open_files: Option<usize>,
@@ -68,8 +71,21 @@ impl FileSinkConfig {
             row_group_bytes: self.row_group_bytes.unwrap_or(DEFAULT_ROW_GROUP_BYTES).0,
             buffer_bytes: self.buffer_bytes.unwrap_or(DEFAULT_BUFFER_BYTES).0,
             max_open_files: self.max_open_files.unwrap_or(DEFAULT_MAX_OPEN_FILES).max(1),
+            adaptive_dictionary: self.dictionary == DictionaryMode::Auto,
         }
     }
+}
+
+/// `dictionary = "always" | "auto"`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DictionaryMode {
+    /// Every column is dictionary-encoded (falling back to plain per page when the dictionary
+    /// overflows): the writer's default.
+    #[default]
+    Always,
+    /// Columns that are mostly distinct in the first batch are written plain.
+    Auto,
 }
 
 /// Writes files into a local directory.

@@ -34,6 +34,10 @@ pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60);
 pub const DEFAULT_ROW_GROUP_BYTES: ByteSize = ByteSize(8 << 20);
 /// Default cap on bytes buffered in all open files together: 32 MiB.
 pub const DEFAULT_BUFFER_BYTES: ByteSize = ByteSize(32 << 20);
+/// Most rows in one Parquet row group (DuckDB writes 122,880). The byte limit alone is not enough:
+/// the writer counts encoded, compressed pages, so plain-encoded columns (`dictionary = "auto"`)
+/// would let a row group reach ~600k rows.
+const MAX_ROW_GROUP_ROWS: usize = 128 * 1024;
 /// Default cap on files open at once.
 pub const DEFAULT_MAX_OPEN_FILES: usize = 64;
 /// How many recent file names are remembered to avoid reusing one.
@@ -98,6 +102,8 @@ pub struct WriterSettings {
     pub row_group_bytes: u64,
     pub buffer_bytes: u64,
     pub max_open_files: usize,
+    /// Parquet: dictionary-encode only columns that are not mostly distinct.
+    pub adaptive_dictionary: bool,
 }
 
 /// Where one output file's bytes go: a temporary local file, a multipart upload.
@@ -235,8 +241,9 @@ impl Encoder {
                     Compression::Lz4 => PqCompression::LZ4_RAW,
                     Compression::Gzip => PqCompression::GZIP(Default::default()),
                 };
-                let mut props =
-                    WriterProperties::builder().set_compression(compression).set_max_row_group_row_count(Some(1 << 20));
+                let mut props = WriterProperties::builder()
+                    .set_compression(compression)
+                    .set_max_row_group_row_count(Some(MAX_ROW_GROUP_ROWS));
                 for col in plain {
                     props = props.set_column_dictionary_enabled(ColumnPath::from(col.as_str()), false);
                 }
@@ -410,7 +417,10 @@ impl RollingWriter {
                     };
                     self.close(&largest)?;
                 }
-                if self.plain_columns.is_none() && self.settings.format == OutputFormat::Parquet {
+                if self.plain_columns.is_none()
+                    && self.settings.format == OutputFormat::Parquet
+                    && self.settings.adaptive_dictionary
+                {
                     self.plain_columns = Some(high_cardinality_columns(&data));
                 }
                 let file = self.open_file(&key.0, &key.1, batch.first)?;
@@ -682,6 +692,7 @@ mod tests {
             row_group_bytes: DEFAULT_ROW_GROUP_BYTES.0,
             buffer_bytes: DEFAULT_BUFFER_BYTES.0,
             max_open_files: DEFAULT_MAX_OPEN_FILES,
+            adaptive_dictionary: false,
         }
     }
 

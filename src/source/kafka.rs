@@ -345,6 +345,31 @@ impl KafkaSource {
         result.map(Arc::new).map_err(|m| self.error(m))
     }
 
+    /// Sets the consumer group's committed offset of every partition to `to` (`sluice reset`):
+    /// the next run starts there. Returns (topic, partition, offset) of each.
+    ///
+    /// # Errors
+    /// Unreachable brokers, unknown topics, a refused commit.
+    pub async fn reset_positions(&self, to: StartAt) -> Result<Vec<(String, i32, i64)>> {
+        let (config, topics, only, source) =
+            (self.client_config.clone(), self.topics.clone(), self.partitions.clone(), self.id.clone());
+        let result = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32, i64)>, String> {
+            let consumer: BaseConsumer<SourceContext> = config
+                .create_with_context(SourceContext { source: source.clone() })
+                .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
+            let parts = resolve_partitions(&source, &consumer, &topics, only.as_deref(), to, false)?;
+            let mut tpl = TopicPartitionList::new();
+            for p in &parts {
+                tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(p.start)).map_err(|e| e.to_string())?;
+            }
+            consumer.commit(&tpl, CommitMode::Sync).map_err(|e| format!("committing the new offsets failed: {e}"))?;
+            Ok(parts.into_iter().map(|p| (p.topic, p.partition, p.start)).collect())
+        })
+        .await
+        .map_err(|e| self.error(e.to_string()))?;
+        result.map_err(|m| self.error(m))
+    }
+
     async fn session(&self) -> Result<Arc<Session>> {
         self.session.get_or_try_init(|| self.connect()).await.cloned()
     }
@@ -768,73 +793,7 @@ impl Session {
         let consumer: BaseConsumer<SourceContext> =
             client_config.create_with_context(context).map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
         let consumer = Arc::new(consumer);
-        let mut wanted = Vec::new();
-        for topic in topics {
-            let md = consumer
-                .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
-                .map_err(|e| format!("cannot read the metadata of topic `{topic}` from the brokers: {e}"))?;
-            let t = md.topics().iter().find(|t| t.name() == topic);
-            let Some(t) = t.filter(|t| t.error().is_none() && !t.partitions().is_empty()) else {
-                let why = t.and_then(|t| t.error()).map(|e| format!(" ({e:?})")).unwrap_or_default();
-                return Err(format!("topic `{topic}` does not exist on the brokers{why}"));
-            };
-            let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
-            ids.sort_unstable();
-            if let Some(only) = only {
-                for p in only {
-                    if !ids.contains(p) {
-                        return Err(format!("topic `{topic}` has no partition {p} (it has {})", ids.len()));
-                    }
-                }
-                ids.retain(|p| only.contains(p));
-            }
-            wanted.extend(ids.into_iter().map(|p| (topic.clone(), p)));
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (t, p) in &wanted {
-            tpl.add_partition(t, *p);
-        }
-        let committed = consumer
-            .committed_offsets(tpl.clone(), REQUEST_TIMEOUT)
-            .map_err(|e| format!("cannot read the committed offsets of the consumer group: {e}"))?;
-        let by_time = match start {
-            StartAt::Time(ms) => {
-                let mut t = TopicPartitionList::new();
-                for (topic, p) in &wanted {
-                    t.add_partition_offset(topic, *p, Offset::Offset(ms)).map_err(|e| e.to_string())?;
-                }
-                Some(
-                    consumer
-                        .offsets_for_times(t, REQUEST_TIMEOUT)
-                        .map_err(|e| format!("cannot look up offsets for start = \"{start}\": {e}"))?,
-                )
-            }
-            _ => None,
-        };
-        let mut partitions = Vec::new();
-        let mut assignment = TopicPartitionList::new();
-        for (topic, p) in &wanted {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, *p, REQUEST_TIMEOUT)
-                .map_err(|e| format!("cannot read the offsets of {topic}/{p}: {e}"))?;
-            let committed = committed.find_partition(topic, *p).map(|e| e.offset());
-            let begin = match committed {
-                Some(Offset::Offset(o)) if o >= 0 => o.max(low),
-                _ => match start {
-                    StartAt::Earliest => low,
-                    StartAt::Latest => high,
-                    StartAt::Time(_) => {
-                        match by_time.as_ref().and_then(|t| t.find_partition(topic, *p)).map(|e| e.offset()) {
-                            Some(Offset::Offset(o)) if o >= 0 => o,
-                            _ => high,
-                        }
-                    }
-                },
-            };
-            tracing::info!(source, topic, partition = p, start = begin, end = high, committed = ?committed, "partition");
-            assignment.add_partition_offset(topic, *p, Offset::Offset(begin)).map_err(|e| e.to_string())?;
-            partitions.push(PartitionRange { topic: topic.clone(), partition: *p, start: begin, end: high });
-        }
+        let partitions = resolve_partitions(source, &consumer, topics, only, start, true)?;
         committer.attach(consumer.clone());
         let stop = Arc::new(AtomicBool::new(false));
         // This consumer reads nothing: it commits the group's offsets, and is polled for the
@@ -862,6 +821,88 @@ impl Session {
         };
         Ok(Session { partitions, stop, poller: Mutex::new(Some(poller)) })
     }
+}
+
+/// Lists the partitions of `topics` (or `only` those numbers) and where each starts: the group's
+/// committed offset when `use_committed` and there is one, else `start`; and each one's end now.
+fn resolve_partitions(
+    source: &str,
+    consumer: &BaseConsumer<SourceContext>,
+    topics: &[String],
+    only: Option<&[i32]>,
+    start: StartAt,
+    use_committed: bool,
+) -> Result<Vec<PartitionRange>, String> {
+    let mut wanted = Vec::new();
+    for topic in topics {
+        let md = consumer
+            .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+            .map_err(|e| format!("cannot read the metadata of topic `{topic}` from the brokers: {e}"))?;
+        let t = md.topics().iter().find(|t| t.name() == topic);
+        let Some(t) = t.filter(|t| t.error().is_none() && !t.partitions().is_empty()) else {
+            let why = t.and_then(|t| t.error()).map(|e| format!(" ({e:?})")).unwrap_or_default();
+            return Err(format!("topic `{topic}` does not exist on the brokers{why}"));
+        };
+        let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+        ids.sort_unstable();
+        if let Some(only) = only {
+            for p in only {
+                if !ids.contains(p) {
+                    return Err(format!("topic `{topic}` has no partition {p} (it has {})", ids.len()));
+                }
+            }
+            ids.retain(|p| only.contains(p));
+        }
+        wanted.extend(ids.into_iter().map(|p| (topic.clone(), p)));
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in &wanted {
+        tpl.add_partition(t, *p);
+    }
+    let committed = if use_committed {
+        consumer
+            .committed_offsets(tpl.clone(), REQUEST_TIMEOUT)
+            .map_err(|e| format!("cannot read the committed offsets of the consumer group: {e}"))?
+    } else {
+        TopicPartitionList::new()
+    };
+    let by_time = match start {
+        StartAt::Time(ms) => {
+            let mut t = TopicPartitionList::new();
+            for (topic, p) in &wanted {
+                t.add_partition_offset(topic, *p, Offset::Offset(ms)).map_err(|e| e.to_string())?;
+            }
+            Some(
+                consumer
+                    .offsets_for_times(t, REQUEST_TIMEOUT)
+                    .map_err(|e| format!("cannot look up offsets for start = \"{start}\": {e}"))?,
+            )
+        }
+        _ => None,
+    };
+    let mut partitions = Vec::new();
+    for (topic, p) in &wanted {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *p, REQUEST_TIMEOUT)
+            .map_err(|e| format!("cannot read the offsets of {topic}/{p}: {e}"))?;
+        let committed = committed.find_partition(topic, *p).map(|e| e.offset());
+        let begin = match committed {
+            Some(Offset::Offset(o)) if o >= 0 => o.max(low),
+            _ => match start {
+                StartAt::Earliest => low,
+                StartAt::Latest => high,
+                StartAt::Time(_) => {
+                    match by_time.as_ref().and_then(|t| t.find_partition(topic, *p)).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) if o >= 0 => o,
+                        _ => high,
+                    }
+                }
+            },
+        };
+        tracing::info!(source, topic, partition = p, start = begin, end = high, committed = ?committed, "partition");
+        partitions.push(PartitionRange { topic: topic.clone(), partition: *p, start: begin, end: high });
+    }
+    Ok(partitions)
 }
 
 /// Client callbacks: librdkafka errors, commit results and statistics into logs and metrics.

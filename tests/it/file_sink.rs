@@ -197,6 +197,7 @@ count = 20000
 type = "file"
 inputs = ["orders"]
 path = "${OUT}/out"
+dictionary = "auto"
 "#;
     run_pipeline(pipeline, dir.path()).await.unwrap();
     let parquet_files = files(&dir.path().join("out"), ".parquet");

@@ -200,6 +200,16 @@ fn bounded_run_writes_the_good_rows_dead_letters_the_bad_and_commits_the_end_off
     std::fs::remove_dir_all(dir.path().join("lake")).unwrap();
     run_bounded(&pipeline);
     assert_eq!(rows(&read_parquet(&dir.path().join("lake"))), 0, "positions were resumed from the commits");
+
+    // `sluice reset` rewinds the group; a time before every record is the same as earliest.
+    for (to, want_start) in [("earliest", true), ("latest", false), ("2001-01-01T00:00:00Z", true)] {
+        let out = sluice().args(["reset", "--to", to]).arg(&pipeline).output().unwrap();
+        assert!(out.status.success(), "reset --to {to}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 6, "one line per partition");
+        for (p, (c, end)) in offsets(&t, &group) {
+            assert_eq!(c, if want_start { 0 } else { end }, "reset --to {to}: partition {p}");
+        }
+    }
 }
 
 #[test]
