@@ -25,11 +25,10 @@ py="$SLUICE_VENV/bin/python"
 
 if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
   step "cargo build --release (sluice and the bare consume loop)"
-  cargo build --release --bin sluice
-  cargo bench --bench kafka_bare --no-run
+  cargo build --release --bin sluice --bin kafka-bare
 fi
 bin="$CARGO_TARGET_DIR/release/sluice"
-bare="$(ls -t "$CARGO_TARGET_DIR"/release/deps/kafka_bare-* | grep -v '\.d$' | head -n 1)"
+bare="$CARGO_TARGET_DIR/release/kafka-bare"
 [ -x "$bin" ] && [ -x "$bare" ] || { echo "missing release binaries" >&2; exit 1; }
 
 step "broker: tansu (memory engine) on 127.0.0.1:$port"

@@ -1,7 +1,7 @@
 //! The client-side limit for the Kafka benchmarks: a bare rdkafka consume loop that reads every
 //! partition of a topic from offset 0 and touches each payload (no decoding), until it has seen
 //! `BENCH_COUNT` messages. Run by benches/kafka.sh with the same librdkafka settings as the
-//! sluice source (one consumer, one queue per partition, a thread per partition).
+//! sluice source (one consumer per partition, each polled by its own thread).
 //!
 //! Env: BENCH_BROKERS, BENCH_TOPIC, BENCH_COUNT. Prints one JSON line: messages, bytes, wall seconds.
 
@@ -22,34 +22,33 @@ fn main() {
     };
     let topic = std::env::var("BENCH_TOPIC").expect("BENCH_TOPIC");
     let count: u64 = std::env::var("BENCH_COUNT").expect("BENCH_COUNT").parse().expect("a number");
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "bench-bare")
-        .set("enable.auto.commit", "false")
-        .set("queued.max.messages.kbytes", "16384")
-        .set("fetch.wait.max.ms", "100")
-        .create()
-        .expect("consumer");
-    let consumer = Arc::new(consumer);
-    let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).expect("metadata");
+    let config = {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &brokers)
+            .set("group.id", "bench-bare")
+            .set("enable.auto.commit", "false")
+            .set("queued.max.messages.kbytes", "8192")
+            .set("fetch.wait.max.ms", "100");
+        c
+    };
+    let meta: BaseConsumer = config.create().expect("consumer");
+    let md = meta.fetch_metadata(Some(&topic), Duration::from_secs(10)).expect("metadata");
     let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
-    let mut tpl = TopicPartitionList::new();
-    for p in &parts {
-        tpl.add_partition_offset(&topic, *p, Offset::Beginning).expect("tpl");
-    }
-    consumer.assign(&tpl).expect("assign");
-    let queues: Vec<_> = parts.iter().map(|p| consumer.split_partition_queue(&topic, *p).expect("queue")).collect();
     let seen = Arc::new(AtomicU64::new(0));
     let bytes = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let threads: Vec<_> = queues
+    let threads: Vec<_> = parts
         .into_iter()
-        .map(|q| {
-            let (seen, bytes) = (seen.clone(), bytes.clone());
+        .map(|p| {
+            let (seen, bytes, config, topic) = (seen.clone(), bytes.clone(), config.clone(), topic.clone());
             std::thread::spawn(move || {
+                let consumer: BaseConsumer = config.create().expect("consumer");
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&topic, p, Offset::Beginning).expect("tpl");
+                consumer.assign(&tpl).expect("assign");
                 let mut checksum = 0u64;
                 while seen.load(Ordering::Relaxed) < count {
-                    if let Some(Ok(m)) = q.poll(Duration::from_millis(50)) {
+                    if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
                         let p = m.payload().unwrap_or_default();
                         checksum = checksum.wrapping_add(p.first().copied().unwrap_or(0) as u64);
                         bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
@@ -60,17 +59,8 @@ fn main() {
             })
         })
         .collect();
-    let poller = {
-        let (consumer, seen) = (consumer.clone(), seen.clone());
-        std::thread::spawn(move || {
-            while seen.load(Ordering::Relaxed) < count {
-                let _ = consumer.poll(Duration::from_millis(50));
-            }
-        })
-    };
     let checksum: u64 = threads.into_iter().map(|t| t.join().expect("thread")).fold(0, u64::wrapping_add);
     let wall = started.elapsed().as_secs_f64();
-    poller.join().expect("poller");
     println!(
         "{{\"messages\": {}, \"bytes\": {}, \"wall\": {wall:.3}, \"checksum\": {checksum}}}",
         seen.load(Ordering::Relaxed),

@@ -52,12 +52,6 @@ impl MemoryBudget {
         MemoryReservation { _permit: permit, bytes }
     }
 
-    /// True when a reservation of `bytes` would have to wait.
-    pub fn would_wait(&self, bytes: u64) -> bool {
-        let units = bytes.div_ceil(UNIT).clamp(1, u64::from(self.units)) as usize;
-        self.sem.available_permits() < units
-    }
-
     /// Bytes currently reserved.
     pub fn used(&self) -> u64 {
         u64::from(self.units - self.sem.available_permits() as u32) * UNIT

@@ -45,11 +45,6 @@ impl Output {
     ///
     /// # Cancel safety
     /// Not cancel safe: a batch may have reached some targets and not others.
-    /// True when some target has no room: a send would wait.
-    pub fn is_full(&self) -> bool {
-        self.targets.iter().any(|t| t.capacity() == 0)
-    }
-
     pub async fn send(&self, batch: Batch) -> Result<(), ()> {
         let Some((last, rest)) = self.targets.split_last() else { return Ok(()) };
         for t in rest {

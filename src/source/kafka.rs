@@ -53,6 +53,8 @@ use crate::{Error, Result};
 pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// Default `max_wait`: how long a batch waits to fill before it is sent partly full.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(100);
+/// How long a batch may wait for room downstream before its partition is paused.
+const PAUSE_AFTER: Duration = Duration::from_millis(200);
 /// Most payload bytes in one batch.
 const MAX_CHUNK_BYTES: usize = 16 << 20;
 /// How long one poll of a partition queue blocks, which bounds how late a stop is noticed.
@@ -727,18 +729,24 @@ impl Source for KafkaSource {
             };
             bad.sort_by_key(|b| b.position);
             let produced = Produced { data, positions, bad, first, last, raw_bytes };
-            // Backpressure: while the budget or the downstream channel is full, stop fetching
-            // this partition instead of letting librdkafka prefetch more.
-            let mem = produced.data.get_array_memory_size() as u64;
-            let pause = ctx.budget.would_wait(mem) || ctx.output.is_full();
-            if pause {
-                pauses.increment(1);
-                if let Err(e) = consumer.pause(&tpl) {
-                    tracing::warn!(source = %self.id, topic, partition, "pausing the partition failed: {e}");
+            // Backpressure: when the budget or the downstream channel stays full, stop fetching
+            // this partition instead of letting librdkafka prefetch more. Not at the first full
+            // channel: a pause drops what librdkafka has prefetched, to be fetched again.
+            let emit = ctx.emit(produced);
+            tokio::pin!(emit);
+            let mut paused = false;
+            let emitted = tokio::select! {
+                r = &mut emit => r,
+                _ = tokio::time::sleep(PAUSE_AFTER) => {
+                    paused = true;
+                    pauses.increment(1);
+                    if let Err(e) = consumer.pause(&tpl) {
+                        tracing::warn!(source = %self.id, topic, partition, "pausing the partition failed: {e}");
+                    }
+                    emit.await
                 }
-            }
-            let emitted = ctx.emit(produced).await;
-            if pause {
+            };
+            if paused {
                 if let Err(e) = consumer.resume(&tpl) {
                     tracing::warn!(source = %self.id, topic, partition, "resuming the partition failed: {e}");
                 }
