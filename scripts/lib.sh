@@ -104,3 +104,19 @@ stop_tansu() {
   local dir="$SLUICE_CACHE/run/tansu-$1"
   if [ -f "$dir/pid" ]; then kill "$(cat "$dir/pid")" 2>/dev/null || true; rm -f "$dir/pid"; fi
 }
+
+# ensure_debian_packages PKG...: installs the missing ones (rdkafka builds librdkafka with OpenSSL
+# from source and needs libssl-dev).
+ensure_debian_packages() {
+  local missing=()
+  local p
+  for p in "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    step "installing Debian packages: ${missing[*]}"
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo=sudo; fi
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+}

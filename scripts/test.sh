@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 step "toolchain"
+ensure_debian_packages libssl-dev pkg-config
 ensure_rust
 ensure_python_env
 export PATH="$SLUICE_VENV/bin:$PATH"
