@@ -527,7 +527,7 @@ def render_compare(a, data, records, data_bytes, runs, machine, same, mismatches
              + ", ".join(f"{t}" for t in ORDERS_DUCKDB.values()) + ".")
     L.append("- sluice: `sluice run --no-progress PIPELINE`, a file source (json, explicit schema) → sql "
              "transform → file sink (parquet, zstd), all other settings at their defaults (memory_budget "
-             "512MiB, batch_size 8192, channel_capacity 4, row_group_bytes 32MiB, rotate max_bytes 128MiB / "
+             "512MiB, batch_size 8192, channel_capacity 4, row_group_bytes 8MiB, rotate max_bytes 128MiB / "
              "max_age 60s). One input file is one shard, so decoding runs on one task; the SQL transform and "
              "the sink are separate tasks on the multi-threaded Tokio runtime, which may use both cores.")
     L.append("- DuckDB: a Python child process (`benches/harness.py duckdb-job`): `SET threads=1`, a view over "
@@ -682,13 +682,12 @@ def render_memory(a, counts, variants, results, machine, sweep, all_counts):
         L.append(f"- `{v}`: {MEMORY_VARIANTS[v]}.")
     L.append("- All memory settings are the defaults: `memory_budget = \"512MiB\"` (Arrow bytes of batches in "
              "flight), `batch_size = 8192`, `channel_capacity = 4`, `shard_parallelism = 2`, one generator "
-             "shard; file sink `row_group_bytes = \"32MiB\"`, `buffer_bytes = \"128MiB\"`, "
+             "shard; file sink `row_group_bytes = \"8MiB\"`, `buffer_bytes = \"32MiB\"`, "
              "`max_open_files = 64`, `rotate.max_bytes = \"128MiB\"`, `rotate.max_age = \"60s\"` "
              "(quickstart also sets `rotate.max_rows = 500000`), compression zstd.")
     L.append("- Why a small run stays below the plateau: the file sink keeps a Parquet row group in memory "
-             "until it reaches `row_group_bytes` (32MiB of buffered data), and keeps files open until "
-             "`rotate` closes them or the caps force it. `plain` at 1,000,000 records writes about 11 MB in all, "
-             "so its row group never fills. `quickstart` writes one folder per day (86,400 records) and, in a "
+             "until it reaches `row_group_bytes` (8MiB of buffered data) or 131,072 rows, and keeps files open until "
+             "`rotate` closes them or the caps force it. `plain` fills several row groups even at 1,000,000 records. `quickstart` writes one folder per day (86,400 records) and, in a "
              "run shorter than `max_age`, keeps every day's file open until there are `max_open_files` (64) of "
              "them, that is after about 5,500,000 records; from then on `max_open_files` and `buffer_bytes` "
              "bound it.")
