@@ -53,8 +53,13 @@ impl LineChunk {
     }
 
     /// The key of record `i`, when it has one.
+    pub fn key_bytes(&self, i: usize) -> Option<&[u8]> {
+        self.key_spans.get(i).copied().flatten().map(|(a, b)| &self.key_buf[a..b])
+    }
+
+    /// An owned copy of the key of record `i` (for dead letters).
     pub fn key(&self, i: usize) -> Option<Vec<u8>> {
-        self.key_spans.get(i).copied().flatten().map(|(a, b)| self.key_buf[a..b].to_vec())
+        self.key_bytes(i).map(<[u8]>::to_vec)
     }
 
     /// Appends one record.

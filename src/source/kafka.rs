@@ -258,7 +258,7 @@ impl KafkaSource {
                 return Err(("metadata", format!("`{m:?}` is listed twice")));
             }
         }
-        let key_binary = config.format == KafkaFormat::Bytes(NoOptions {});
+        let key_binary = matches!(config.format, KafkaFormat::Bytes(_));
         let (payload, decoder): (SchemaRef, Option<Arc<dyn ChunkDecoder>>) = match (&config.format, &config.schema) {
             (KafkaFormat::String(_) | KafkaFormat::Bytes(_), Some(_)) => {
                 return Err(("schema", "`string` and `bytes` values are one column `value`; remove `schema`".into()))
@@ -436,13 +436,9 @@ impl KafkaSource {
             .map(|p| chunk.positions.binary_search(p).expect("every decoded position comes from the chunk"))
             .collect();
         let mut columns = payload.columns().to_vec();
+        let key_binary = matches!(self.format, KafkaFormat::Bytes(_));
         for m in &self.metadata {
-            columns.push(meta.column(
-                *m,
-                &rows,
-                chunk,
-                self.schema.field_with_name("_key").map(|f| f.data_type() == &DataType::Binary).unwrap_or(false),
-            ));
+            columns.push(meta.column(*m, &rows, chunk, key_binary));
         }
         let batch = RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| self.error(e.to_string()))?;
         Ok((batch, positions, bad))
@@ -467,14 +463,14 @@ impl ChunkMeta {
                 if key_binary {
                     let mut b = BinaryBuilder::new();
                     for &i in rows {
-                        b.append_option(chunk.key(i));
+                        b.append_option(chunk.key_bytes(i));
                     }
                     Arc::new(b.finish())
                 } else {
                     let mut b = StringBuilder::new();
                     for &i in rows {
                         // Keys that are not UTF-8 were dead-lettered before decoding.
-                        b.append_option(chunk.key(i).map(|k| String::from_utf8_lossy(&k).into_owned()));
+                        b.append_option(chunk.key_bytes(i).and_then(|k| std::str::from_utf8(k).ok()));
                     }
                     Arc::new(b.finish())
                 }
@@ -582,7 +578,7 @@ impl Source for KafkaSource {
         let batch_size = ctx.batch_size.max(1);
         let max_wait = self.max_wait;
         let want_headers = self.metadata.contains(&MetadataField::Headers);
-        let key_utf8 = self.metadata.contains(&MetadataField::Key) && self.format != KafkaFormat::Bytes(NoOptions {});
+        let key_utf8 = self.metadata.contains(&MetadataField::Key) && !matches!(self.format, KafkaFormat::Bytes(_));
         let reader_consumer = consumer.clone();
         let (topic_r, component) = (topic.clone(), self.id.clone());
         let reader = tokio::task::spawn_blocking(move || {
