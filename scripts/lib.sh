@@ -120,3 +120,64 @@ ensure_debian_packages() {
     $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
   fi
 }
+
+# start_garage PORT: a single-node Garage S3 server on 127.0.0.1:PORT (region "garage", RPC on
+# PORT+1, admin on PORT+3), with one access key whose id and secret are written to
+# $SLUICE_CACHE/run/garage-PORT/env (sourced by the tests; never printed). Buckets are created by
+# the tests themselves through the S3 API... except that Garage's S3 API cannot create buckets for a
+# key without the owner flag, so the key is given `--create-bucket`.
+start_garage() {
+  local port=$1
+  local dir="$SLUICE_CACHE/run/garage-$port"
+  ensure_service_binary garage garage 2.5.0 ""
+  if port_open "$port" && [ -f "$dir/env" ]; then return; fi
+  if [ -f "$dir/pid" ]; then kill "$(cat "$dir/pid")" 2>/dev/null || true; sleep 0.5; fi
+  rm -rf "$dir"
+  mkdir -p "$dir/meta" "$dir/data"
+  cat >"$dir/garage.toml" <<TOML
+metadata_dir = "$dir/meta"
+data_dir = "$dir/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$((port + 1))"
+rpc_public_addr = "127.0.0.1:$((port + 1))"
+rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$port"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:$((port + 3))"
+TOML
+  chmod 600 "$dir/garage.toml"
+  local g=("$SLUICE_BIN/garage" -c "$dir/garage.toml")
+  ("${g[@]}" server >"$dir/server.log" 2>&1) &
+  echo $! >"$dir/pid"
+  wait_port "$port" 30 "$dir/server.log"
+  local node i
+  for ((i = 0; i < 100; i++)); do
+    node="$("${g[@]}" status 2>/dev/null | awk '/NO ROLE ASSIGNED|^[0-9a-f]{16} /{print $1; exit}')"
+    if [ -n "$node" ]; then break; fi
+    sleep 0.2
+  done
+  if [ -z "$node" ]; then echo "garage did not report its node id; log:" >&2; tail -n 30 "$dir/server.log" >&2; return 1; fi
+  "${g[@]}" layout assign -z dc1 -c 1G "$node" >/dev/null
+  "${g[@]}" layout apply --version 1 >/dev/null
+  "${g[@]}" key create sluice-test >/dev/null
+  "${g[@]}" key allow --create-bucket sluice-test >/dev/null
+  local info
+  info="$("${g[@]}" key info sluice-test --show-secret)"
+  {
+    echo "export SLUICE_TEST_S3_ENDPOINT=http://127.0.0.1:$port"
+    echo "export SLUICE_TEST_S3_KEY_ID=$(awk -F': *' '/Key ID/{print $2; exit}' <<<"$info")"
+    echo "export SLUICE_TEST_S3_SECRET=$(awk -F': *' '/Secret key/{print $2; exit}' <<<"$info")"
+  } >"$dir/env"
+  chmod 600 "$dir/env"
+}
+
+stop_garage() {
+  local dir="$SLUICE_CACHE/run/garage-$1"
+  if [ -f "$dir/pid" ]; then kill "$(cat "$dir/pid")" 2>/dev/null || true; rm -f "$dir/pid"; fi
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what is missing (idempotently), then runs
 # fmt, clippy, every test, and the README's quickstart check. Starts the services the tests talk to
-# (a Kafka-protocol broker, tansu, on 127.0.0.1:$SLUICE_KAFKA_PORT, default 19092) and leaves them
+# (a Kafka-protocol broker, tansu, on 127.0.0.1:$SLUICE_KAFKA_PORT, default 19092, and an
+# S3-compatible server, Garage, on 127.0.0.1:$SLUICE_S3_PORT, default 13900) and leaves them
 # running for the next run.
 #
 #   scripts/test.sh              # everything
@@ -33,6 +34,12 @@ export SLUICE_KAFKA_PORT="${SLUICE_KAFKA_PORT:-19092}"
 # tests/kafka_tool.py, which sends the last record of each partition in a batch of its own.
 start_tansu "$SLUICE_KAFKA_PORT" memory
 export SLUICE_TEST_KAFKA="127.0.0.1:$SLUICE_KAFKA_PORT"
+# An S3-compatible server (Garage) with a test key; its id and secret go to the tests through the
+# environment only.
+export SLUICE_S3_PORT="${SLUICE_S3_PORT:-13900}"
+start_garage "$SLUICE_S3_PORT"
+# shellcheck disable=SC1090
+source "$SLUICE_CACHE/run/garage-$SLUICE_S3_PORT/env"
 export SLUICE_TEST_PYTHON="$SLUICE_VENV/bin/python"
 
 step "cargo test"

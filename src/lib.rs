@@ -9,6 +9,7 @@ pub mod format;
 pub mod kafka;
 pub mod observe;
 pub mod runtime;
+pub mod s3;
 pub mod sink;
 pub mod source;
 pub mod transform;

@@ -88,6 +88,8 @@ pub enum SourceConfig {
     File(FileSourceConfig),
     /// Partitions of Kafka topics.
     Kafka(Box<crate::source::kafka::KafkaSourceConfig>),
+    /// Objects in an S3-compatible bucket.
+    S3(Box<crate::source::s3::S3SourceConfig>),
 }
 
 /// A `[transforms.ID]` table, chosen by its `type`.
@@ -119,6 +121,8 @@ pub enum SinkConfig {
     Blackhole(BlackholeSinkConfig),
     /// Messages to a Kafka topic.
     Kafka(Box<crate::sink::kafka::KafkaSinkConfig>),
+    /// Objects in an S3-compatible bucket.
+    S3(Box<crate::sink::s3::S3SinkConfig>),
 }
 
 impl SinkConfig {
@@ -129,6 +133,7 @@ impl SinkConfig {
             SinkConfig::Stdout(c) => &c.inputs,
             SinkConfig::Blackhole(c) => &c.inputs,
             SinkConfig::Kafka(c) => &c.inputs,
+            SinkConfig::S3(c) => &c.inputs,
         }
     }
 
@@ -139,6 +144,7 @@ impl SinkConfig {
             SinkConfig::Stdout(_) => "stdout",
             SinkConfig::Blackhole(_) => "blackhole",
             SinkConfig::Kafka(_) => "kafka",
+            SinkConfig::S3(_) => "s3",
         }
     }
 }
@@ -441,6 +447,8 @@ fn precise_component_error(text: &str, table: &str) -> Option<toml::de::Error> {
         ("sources", "file") => check::<FileSourceConfig>(&masked, section, id),
         ("sources", "kafka") => check::<crate::source::kafka::KafkaSourceConfig>(&masked, section, id),
         ("sinks" | "dead_letter", "kafka") => check::<crate::sink::kafka::KafkaSinkConfig>(&masked, section, id),
+        ("sources", "s3") => check::<crate::source::s3::S3SourceConfig>(&masked, section, id),
+        ("sinks" | "dead_letter", "s3") => check::<crate::sink::s3::S3SinkConfig>(&masked, section, id),
         ("transforms", "sql") => check::<SqlTransformConfig>(&masked, section, id),
         ("sinks" | "dead_letter", "file") => check::<FileSinkConfig>(&masked, section, id),
         ("sinks" | "dead_letter", "stdout") => check::<StdoutSinkConfig>(&masked, section, id),

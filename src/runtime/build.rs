@@ -150,6 +150,9 @@ pub async fn build(loaded: &LoadedPipeline) -> Result<Pipeline, ConfigError> {
             SourceConfig::Kafka(c) => {
                 crate::source::kafka::KafkaSource::new(id, &f.pipeline.name, c).map(|s| Arc::new(s) as Arc<dyn Source>)
             }
+            SourceConfig::S3(c) => {
+                crate::source::s3::S3Source::new(id, &f.pipeline.name, c).await.map(|s| Arc::new(s) as Arc<dyn Source>)
+            }
         };
         match built {
             Ok(source) => {
@@ -314,6 +317,7 @@ fn build_sink(
         SinkConfig::Stdout(c) => Box::new(StdoutSink::new(id, c)),
         SinkConfig::Blackhole(_) => Box::new(BlackholeSink),
         SinkConfig::Kafka(c) => Box::new(crate::sink::kafka::KafkaSink::new(id, c, schema, metrics)?),
+        SinkConfig::S3(c) => Box::new(crate::sink::s3::S3Sink::new(id, c, schema, metrics)?),
     })
 }
 

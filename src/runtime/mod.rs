@@ -351,7 +351,30 @@ impl SourceRun {
         let parallelism = if self.source.reads_all_shards_at_once() { shards.len().max(1) } else { self.parallelism };
         // Cancelled on a stop request, or by this source when one of its shards fails.
         let cancel = self.stop.child_token();
-        let mut reads = futures::stream::iter(shards.into_iter().map(|shard| {
+        // Shards found by listing again every `poll_interval` (unbounded runs of sources that
+        // gain shards), each read once, until the run stops.
+        let mut seen: std::collections::HashSet<String> = shards.iter().map(|s| s.id.clone()).collect();
+        let poll = self.source.poll_interval().filter(|_| !self.bounded);
+        let later = futures::stream::unfold((self.source.clone(), cancel.clone()), move |(source, cancel)| async move {
+            let every = poll?;
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = cancel.cancelled() => return None,
+            }
+            let found = match source.shards().await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing new shards failed; trying again later");
+                    Vec::new()
+                }
+            };
+            Some((futures::stream::iter(found), (source, cancel)))
+        })
+        .flatten()
+        .filter(move |s| futures::future::ready(seen.insert(s.id.clone())))
+        .boxed();
+        let all = futures::stream::iter(shards).chain(later);
+        let mut reads = all.map(|shard| {
             let progress = ShardProgress::new(shard.clone(), committer.clone(), self.halted.clone());
             if let Ok(mut r) = self.registry.lock() {
                 r.push(progress.clone());
@@ -373,7 +396,7 @@ impl SourceRun {
                 tracing::debug!(shard = %shard.id, ok = r.is_ok(), "shard finished");
                 r
             }
-        }))
+        })
         .buffer_unordered(parallelism);
         // Every shard future runs to its end (they all honour `cancel`): dropping one mid-send
         // would drop a batch whose ack then counts as delivered.

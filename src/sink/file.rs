@@ -51,9 +51,50 @@ pub struct FileSinkConfig {
     /// Cap on files open at once (one per output folder and source shard); the largest is closed
     /// first (default 64).
     pub max_open_files: Option<usize>,
+    /// Deterministic files (named by the source position of their first row, cut only by
+    /// `rotate.max_rows` and record time), so a replay after a crash rewrites the same files.
+    #[serde(default)]
+    pub exactly_once: bool,
+    /// With `exactly_once`: the timestamp column `rotate.max_age` is measured on (e.g. the Kafka
+    /// source's `_timestamp`).
+    pub time_column: Option<String>,
 }
 
+/// Default `rotate.max_rows` with `exactly_once` (files cannot be cut by bytes then).
+pub const EXACTLY_ONCE_MAX_ROWS: u64 = 1_000_000;
+
 impl FileSinkConfig {
+    /// Checks the writer settings.
+    ///
+    /// # Errors
+    /// `(key, message)` naming the setting at fault.
+    pub fn validate_writer(&self) -> Result<(), (&'static str, String)> {
+        if self.rotate.max_rows == Some(0) {
+            return Err(("rotate.max_rows", "must be at least 1".into()));
+        }
+        if self.exactly_once {
+            if self.rotate.max_bytes.is_some() {
+                return Err((
+                    "rotate.max_bytes",
+                    "exactly_once cuts files by rotate.max_rows and record time only (a cut by bytes could \
+                     fall elsewhere on a replay); remove max_bytes"
+                        .into(),
+                ));
+            }
+            if self.rotate.max_age.is_some() && self.time_column.is_none() {
+                return Err((
+                    "time_column",
+                    "with exactly_once, rotate.max_age is measured on record time: name a timestamp column \
+                     (the Kafka source's `_timestamp`, say)"
+                        .into(),
+                ));
+            }
+        } else if self.time_column.is_some() {
+            return Err(("time_column", "only used with exactly_once = true".into()));
+        }
+        Ok(())
+    }
+
     /// The writer settings with defaults applied.
     pub fn writer_settings(&self) -> WriterSettings {
         let format = self.format.unwrap_or_default();
@@ -65,13 +106,15 @@ impl FileSinkConfig {
             format,
             compression,
             partition_by: self.partition_by.clone(),
-            max_rows: self.rotate.max_rows,
+            max_rows: self.rotate.max_rows.or(self.exactly_once.then_some(EXACTLY_ONCE_MAX_ROWS)),
             max_bytes: self.rotate.max_bytes.unwrap_or(DEFAULT_MAX_FILE_BYTES).0,
             max_age: self.rotate.max_age.map(|d| d.0).unwrap_or(DEFAULT_MAX_AGE),
             row_group_bytes: self.row_group_bytes.unwrap_or(DEFAULT_ROW_GROUP_BYTES).0,
             buffer_bytes: self.buffer_bytes.unwrap_or(DEFAULT_BUFFER_BYTES).0,
             max_open_files: self.max_open_files.unwrap_or(DEFAULT_MAX_OPEN_FILES).max(1),
             adaptive_dictionary: self.dictionary == DictionaryMode::Auto,
+            exactly_once: self.exactly_once,
+            time_column: self.time_column.clone(),
         }
     }
 }
@@ -106,9 +149,7 @@ impl FileSink {
         if config.path.trim().is_empty() {
             return Err(("path", "must name a directory".into()));
         }
-        if config.rotate.max_rows == Some(0) {
-            return Err(("rotate.max_rows", "must be at least 1".into()));
-        }
+        config.validate_writer()?;
         let factory = Box::new(LocalDir { root: PathBuf::from(&config.path) });
         let writer = RollingWriter::new(component, schema, config.writer_settings(), factory)?;
         Ok(FileSink { writer, metrics })

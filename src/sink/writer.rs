@@ -104,7 +104,18 @@ pub struct WriterSettings {
     pub max_open_files: usize,
     /// Parquet: dictionary-encode only columns that are not mostly distinct.
     pub adaptive_dictionary: bool,
+    /// Deterministic files for exactly-once delivery: each file is named by the source position
+    /// of its first row and rotated only by `max_rows` and, with `time_column`, by record time
+    /// (`max_age` measured from the file's first record); never by bytes or the wall clock, which
+    /// would cut files differently on a replay.
+    pub exactly_once: bool,
+    /// Timestamp column whose values measure a file's age when `exactly_once` is on.
+    pub time_column: Option<String>,
 }
+
+/// The column holding each row's source position when a transform between the source and the
+/// sink has dropped the row-to-record mapping (the Kafka source's `_offset`).
+pub const POSITION_COLUMN: &str = "_offset";
 
 /// Where one output file's bytes go: a temporary local file, a multipart upload.
 pub trait Destination: Send {
@@ -120,6 +131,19 @@ pub trait Destination: Send {
     fn commit(self: Box<Self>) -> Result<()>;
     /// Removes whatever was written.
     fn abort(self: Box<Self>);
+    /// Bytes this destination holds in memory (an object-store part not yet uploaded); counted in
+    /// the writer's `buffer_bytes`.
+    fn buffered(&self) -> u64 {
+        0
+    }
+    /// Gives back the memory counted by [`buffered`](Self::buffered) (uploads a part, or moves
+    /// it to a spill file when it is too small to be a part).
+    ///
+    /// # Errors
+    /// As [`write`](Self::write).
+    fn relieve(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Creates destinations for relative file names such as `dt=2026-01-01/part-gen-0-….parquet`.
@@ -315,6 +339,9 @@ struct OpenFile {
     rows: u64,
     written: u64,
     opened: Instant,
+    /// Record time (µs since the epoch) of the file's first timed row (`exactly_once` with a
+    /// `time_column`).
+    first_time: Option<i64>,
     acks: Vec<Ack>,
 }
 
@@ -348,7 +375,23 @@ pub struct RollingWriter {
     /// Parquet columns written without a dictionary, chosen from the first batch (see
     /// [`high_cardinality_columns`]).
     plain_columns: Option<Vec<String>>,
+    /// Index of `time_column` in the input.
+    time_column: Option<usize>,
     files_written: metrics::Counter,
+}
+
+/// The rows of one batch that go to one output folder.
+struct Group {
+    folder: String,
+    data: RecordBatch,
+    /// Row indexes in the input batch; `None` when the group is the whole batch.
+    rows: Option<Vec<u32>>,
+}
+
+impl Group {
+    fn input_row(&self, i: usize) -> usize {
+        self.rows.as_ref().map_or(i, |r| r[i] as usize)
+    }
 }
 
 impl RollingWriter {
@@ -382,6 +425,21 @@ impl RollingWriter {
             return Err(("partition_by", "every column is a partition column; files would have no columns".into()));
         }
         let file_schema = Arc::new(schema.project(&data_columns).map_err(|e| ("partition_by", e.to_string()))?);
+        let time_column = match &settings.time_column {
+            Some(col) => {
+                let idx = schema
+                    .index_of(col)
+                    .map_err(|_| ("time_column", format!("column `{col}` is not in the sink's input")))?;
+                if !matches!(schema.field(idx).data_type(), arrow::datatypes::DataType::Timestamp(_, _)) {
+                    return Err((
+                        "time_column",
+                        format!("column `{col}` is {}, not a timestamp", schema.field(idx).data_type()),
+                    ));
+                }
+                Some(idx)
+            }
+            None => None,
+        };
         let files_written = metrics::counter!(names::SINK_FILES_WRITTEN_TOTAL, "component" => component.to_string());
         Ok(RollingWriter {
             component: component.to_string(),
@@ -393,6 +451,7 @@ impl RollingWriter {
             open: HashMap::new(),
             names_used: Default::default(),
             plain_columns: None,
+            time_column,
             files_written,
         })
     }
@@ -405,41 +464,115 @@ impl RollingWriter {
     /// Encodes `batch` into the open file of each of its partitions, rotating as needed.
     ///
     /// # Errors
-    /// Encoding and destination failures.
+    /// Encoding and destination failures; with `exactly_once`, a batch whose rows' source
+    /// positions are unknown.
     pub fn write(&mut self, batch: &Batch) -> Result<()> {
-        for (folder, data) in self.split(&batch.data)? {
-            let key = (folder, batch.shard.file_token());
-            if !self.open.contains_key(&key) {
-                // Make room first, so a batch spread over many folders never exceeds the cap.
-                while self.open.len() >= self.settings.max_open_files {
-                    let Some(largest) = self.open.iter().max_by_key(|(_, f)| f.size()).map(|(k, _)| k.clone()) else {
-                        break;
-                    };
-                    self.close(&largest)?;
+        let positions = if self.settings.exactly_once { Some(self.row_positions(batch)?) } else { None };
+        let times = match self.time_column {
+            Some(i) if self.settings.exactly_once => Some(self.row_times(&batch.data, i)?),
+            _ => None,
+        };
+        let max_age = i64::try_from(self.settings.max_age.as_micros()).unwrap_or(i64::MAX);
+        for group in self.split(&batch.data)? {
+            let key = (group.folder.clone(), batch.shard.file_token());
+            let n = group.data.num_rows();
+            let mut at = 0;
+            while at < n {
+                if !self.open.contains_key(&key) {
+                    let first = positions.as_ref().map_or(batch.first, |p| p[group.input_row(at)]);
+                    self.open_for(&key, &group.data, first)?;
                 }
-                if self.plain_columns.is_none()
-                    && self.settings.format == OutputFormat::Parquet
-                    && self.settings.adaptive_dictionary
-                {
-                    self.plain_columns = Some(high_cardinality_columns(&data));
+                let file = self.open.get_mut(&key).expect("opened above");
+                let mut take = n - at;
+                if let Some(m) = self.settings.max_rows {
+                    take = take.min(m.saturating_sub(file.rows).max(1) as usize);
                 }
-                let file = self.open_file(&key.0, &key.1, batch.first)?;
-                self.open.insert(key.clone(), file);
-            }
-            let file = self.open.get_mut(&key).expect("inserted above");
-            file.encoder.write(&data, self.settings.row_group_bytes).map_err(|e| Error::Internal {
-                component: self.component.clone(),
-                message: format!("encoding {}: {e}", file.name),
-            })?;
-            file.drain()?;
-            file.rows += data.num_rows() as u64;
-            file.acks.push(batch.ack.clone());
-            let full = self.settings.max_rows.is_some_and(|m| file.rows >= m) || file.size() >= self.settings.max_bytes;
-            if full {
-                self.close(&key)?;
+                let mut aged = false;
+                if let Some(t) = &times {
+                    if file.first_time.is_none() {
+                        file.first_time = (at..at + take).find_map(|i| t[group.input_row(i)]);
+                    }
+                    if let Some(start) = file.first_time {
+                        let limit = start.saturating_add(max_age);
+                        if let Some(i) = (at..at + take).find(|&i| t[group.input_row(i)].is_some_and(|v| v >= limit)) {
+                            take = i - at;
+                            aged = true;
+                        }
+                    }
+                }
+                if take > 0 {
+                    let data = if take == n { group.data.clone() } else { group.data.slice(at, take) };
+                    file.encoder.write(&data, self.settings.row_group_bytes).map_err(|e| Error::Internal {
+                        component: self.component.clone(),
+                        message: format!("encoding {}: {e}", file.name),
+                    })?;
+                    file.drain()?;
+                    file.rows += take as u64;
+                    file.acks.push(batch.ack.clone());
+                    at += take;
+                }
+                let full = aged
+                    || self.settings.max_rows.is_some_and(|m| file.rows >= m)
+                    || (!self.settings.exactly_once && file.size() >= self.settings.max_bytes);
+                if full {
+                    self.close(&key)?;
+                }
             }
         }
         self.enforce_limits()
+    }
+
+    /// Opens the file for `key`, closing the largest open file first when at `max_open_files`.
+    fn open_for(&mut self, key: &(String, String), data: &RecordBatch, first: u64) -> Result<()> {
+        // Make room first, so a batch spread over many folders never exceeds the cap.
+        while self.open.len() >= self.settings.max_open_files {
+            let Some(largest) = self.open.iter().max_by_key(|(_, f)| f.size()).map(|(k, _)| k.clone()) else {
+                break;
+            };
+            self.close(&largest)?;
+        }
+        if self.plain_columns.is_none()
+            && self.settings.format == OutputFormat::Parquet
+            && self.settings.adaptive_dictionary
+        {
+            self.plain_columns = Some(high_cardinality_columns(data));
+        }
+        let file = self.open_file(&key.0, &key.1, first)?;
+        self.open.insert(key.clone(), file);
+        Ok(())
+    }
+
+    /// The source position of each row: kept by the source, or in the `_offset` column.
+    fn row_positions(&self, batch: &Batch) -> Result<Arc<[u64]>> {
+        if let Some(p) = &batch.row_positions {
+            return Ok(p.clone());
+        }
+        let col = batch.data.column_by_name(POSITION_COLUMN).ok_or_else(|| Error::Internal {
+            component: self.component.clone(),
+            message: format!(
+                "exactly_once names each file by the source position of its first row, but the rows from {} no \
+                 longer carry their positions (a SQL transform dropped them): select the Kafka `{POSITION_COLUMN}` \
+                 metadata column through the transform, or turn exactly_once off",
+                batch.shard.id
+            ),
+        })?;
+        let cast = arrow::compute::cast(col, &arrow::datatypes::DataType::Int64).map_err(|e| Error::arrow(&self.component, e))?;
+        let ints = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&cast);
+        if arrow::array::Array::null_count(ints) > 0 {
+            return Err(Error::Internal {
+                component: self.component.clone(),
+                message: format!("column `{POSITION_COLUMN}` has nulls; exactly_once needs every row's position"),
+            });
+        }
+        Ok(ints.values().iter().map(|&v| v as u64).collect())
+    }
+
+    /// Each row's record time in µs since the epoch (`None` for nulls).
+    fn row_times(&self, data: &RecordBatch, idx: usize) -> Result<Vec<Option<i64>>> {
+        use arrow::datatypes::{DataType, TimeUnit, TimestampMicrosecondType};
+        let cast = arrow::compute::cast(data.column(idx), &DataType::Timestamp(TimeUnit::Microsecond, None))
+            .map_err(|e| Error::arrow(&self.component, e))?;
+        Ok(arrow::array::AsArray::as_primitive::<TimestampMicrosecondType>(&cast).iter().collect())
     }
 
     /// Closes files open longer than `max_age`.
@@ -447,6 +580,10 @@ impl RollingWriter {
     /// # Errors
     /// As [`write`](Self::write).
     pub fn close_expired(&mut self) -> Result<()> {
+        if self.settings.exactly_once {
+            // Age is record time then (see `write`): a wall-clock cut would differ on a replay.
+            return Ok(());
+        }
         let max_age = self.settings.max_age;
         let expired: Vec<_> =
             self.open.iter().filter(|(_, f)| f.opened.elapsed() >= max_age).map(|(k, _)| k.clone()).collect();
@@ -477,9 +614,10 @@ impl RollingWriter {
         }
     }
 
-    /// Bytes buffered in memory across open files.
+    /// Bytes buffered in memory across open files (row groups in progress and destination
+    /// buffers).
     pub fn buffered(&self) -> u64 {
-        self.open.values().map(|f| f.encoder.buffered()).sum()
+        self.open.values().map(|f| f.encoder.buffered() + f.dest.buffered()).sum()
     }
 
     /// Files open now.
@@ -508,7 +646,17 @@ impl RollingWriter {
             Error::Internal { component: self.component.clone(), message: format!("creating {name}: {e}") }
         })?;
         let dest = self.factory.create(&name)?;
-        Ok(OpenFile { name, encoder, buf, dest, rows: 0, written: 0, opened: Instant::now(), acks: Vec::new() })
+        Ok(OpenFile {
+            name,
+            encoder,
+            buf,
+            dest,
+            rows: 0,
+            written: 0,
+            opened: Instant::now(),
+            first_time: None,
+            acks: Vec::new(),
+        })
     }
 
     fn extension(&self) -> String {
@@ -552,19 +700,31 @@ impl RollingWriter {
         Ok(())
     }
 
-    /// Keeps buffered memory under `buffer_bytes` (flushing the largest row group first) and open
-    /// files under `max_open_files` (closing the largest first).
+    /// Keeps buffered memory under `buffer_bytes` (flushing the largest row group, or relieving
+    /// the largest destination buffer, first) and open files under `max_open_files` (closing the
+    /// largest first).
     fn enforce_limits(&mut self) -> Result<()> {
-        while self.buffered() > self.settings.buffer_bytes {
-            let Some(key) = self.open.iter().max_by_key(|(_, f)| f.encoder.buffered()).map(|(k, _)| k.clone()) else {
-                break;
-            };
+        // Each step empties one buffer, so this ends; the bound guards against a destination
+        // that cannot give memory back.
+        let mut steps = 2 * self.open.len() + 1;
+        while self.buffered() > self.settings.buffer_bytes && steps > 0 {
+            steps -= 1;
+            let largest = self
+                .open
+                .iter()
+                .flat_map(|(k, f)| [((k.clone(), false), f.encoder.buffered()), ((k.clone(), true), f.dest.buffered())])
+                .max_by_key(|(_, size)| *size);
+            let Some(((key, dest), _)) = largest else { break };
             let file = self.open.get_mut(&key).expect("key from the map");
-            file.encoder.flush_row_group().map_err(|e| Error::Internal {
-                component: self.component.clone(),
-                message: format!("flushing {}: {e}", file.name),
-            })?;
-            file.drain()?;
+            if dest {
+                file.dest.relieve()?;
+            } else {
+                file.encoder.flush_row_group().map_err(|e| Error::Internal {
+                    component: self.component.clone(),
+                    message: format!("flushing {}: {e}", file.name),
+                })?;
+                file.drain()?;
+            }
         }
         while self.open.len() > self.settings.max_open_files {
             let Some(key) = self.open.iter().max_by_key(|(_, f)| f.size()).map(|(k, _)| k.clone()) else { break };
@@ -575,10 +735,10 @@ impl RollingWriter {
 
     /// Splits `data` by the partition columns into (`col=value/…/` folder, rows without the
     /// partition columns).
-    fn split(&self, data: &RecordBatch) -> Result<Vec<(String, RecordBatch)>> {
+    fn split(&self, data: &RecordBatch) -> Result<Vec<Group>> {
         let projected = data.project(&self.data_columns).map_err(|e| Error::arrow(&self.component, e))?;
         if self.partition_columns.is_empty() {
-            return Ok(vec![(String::new(), projected)]);
+            return Ok(vec![Group { folder: String::new(), data: projected, rows: None }]);
         }
         let options = FormatOptions::default().with_null(NULL_PARTITION);
         let columns: Vec<(&str, ArrayRef)> = self
@@ -614,14 +774,14 @@ impl RollingWriter {
         }
         if groups.len() == 1 {
             let (folder, _) = groups.into_iter().next().expect("one group");
-            return Ok(vec![(folder, projected)]);
+            return Ok(vec![Group { folder, data: projected, rows: None }]);
         }
         groups
             .into_iter()
             .map(|(folder, rows)| {
-                let idx = UInt32Array::from(rows);
+                let idx = UInt32Array::from(rows.clone());
                 arrow::compute::take_record_batch(&projected, &idx)
-                    .map(|b| (folder, b))
+                    .map(|data| Group { folder, data, rows: Some(rows) })
                     .map_err(|e| Error::arrow(&self.component, e))
             })
             .collect()
@@ -693,6 +853,8 @@ mod tests {
             buffer_bytes: DEFAULT_BUFFER_BYTES.0,
             max_open_files: DEFAULT_MAX_OPEN_FILES,
             adaptive_dictionary: false,
+            exactly_once: false,
+            time_column: None,
         }
     }
 

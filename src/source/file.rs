@@ -178,13 +178,17 @@ fn expand(pattern: &str) -> Result<Vec<PathBuf>, String> {
 }
 
 fn open_text(path: &Path) -> std::io::Result<Box<dyn BufRead + Send>> {
-    let f = File::open(path)?;
+    Ok(text_input(File::open(path)?, path))
+}
+
+/// Buffered (and, for `.gz` names, decompressed) text of a file.
+pub(crate) fn text_input(f: impl Read + Send + 'static, path: &Path) -> Box<dyn BufRead + Send> {
     let inner: Box<dyn Read + Send> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::MultiGzDecoder::new(f))
     } else {
         Box::new(f)
     };
-    Ok(Box::new(BufReader::with_capacity(1 << 20, inner)))
+    Box::new(BufReader::with_capacity(1 << 20, inner))
 }
 
 fn parquet_schema(path: &Path) -> Result<SchemaRef, String> {
@@ -213,6 +217,11 @@ fn check_parquet_columns(path: &Path, declared: &SchemaRef) -> Result<(), String
 
 fn infer(path: &Path, format: &FileFormat) -> Result<SchemaRef, String> {
     let reader = open_text(path).map_err(|e| format!("cannot open `{}` to infer its schema: {e}", path.display()))?;
+    infer_from(reader, path, format)
+}
+
+/// Infers a schema from the first records of `reader` (the text of `path`).
+pub(crate) fn infer_from(reader: impl BufRead, path: &Path, format: &FileFormat) -> Result<SchemaRef, String> {
     let schema = match format {
         FileFormat::Json(_) => {
             arrow::json::reader::infer_json_schema(reader, Some(INFER_SAMPLE_RECORDS)).map(|(s, _)| s)
@@ -249,35 +258,57 @@ impl Source for FileSource {
             return Err(Error::Internal { component: self.id.clone(), message: "not a file shard".into() });
         };
         let path = PathBuf::from(path);
-        match &self.format {
-            FileFormat::Parquet(_) => {
-                let mut reader = ParquetShard::open(&self.id, &path, ctx.batch_size, self.cast_to.clone())?;
-                ctx.run_blocking(move || reader.next()).await
-            }
-            format => {
-                let decoder: Arc<dyn ChunkDecoder> = match format {
-                    FileFormat::Json(_) => Arc::new(JsonDecoder::new(self.schema.clone())),
-                    FileFormat::Csv(o) => Arc::new(CsvDecoder::new(self.schema.clone(), o)),
-                    FileFormat::Parquet(_) => unreachable!(),
-                };
-                let header = matches!(format, FileFormat::Csv(o) if o.header);
-                let input = open_text(&path).map_err(|e| Error::io("cannot open", &path, e))?;
-                let mut reader = TextShard {
-                    component: self.id.clone(),
-                    path,
-                    input,
-                    decoder,
-                    line: 0,
-                    skip_header: header,
-                    splitter: match format {
-                        FileFormat::Csv(o) => Some(RecordSplitter::new(o.delimiter as u8)),
-                        _ => None,
-                    },
-                    batch_size: ctx.batch_size,
-                    done: false,
-                };
-                ctx.run_blocking(move || reader.next()).await
-            }
+        let file = File::open(&path).map_err(|e| Error::io("cannot open", &path, e))?;
+        let mut reader =
+            open_reader(&self.id, file, &path, &self.format, &self.schema, self.cast_to.clone(), ctx.batch_size)?;
+        ctx.run_blocking(move || reader()).await
+    }
+}
+
+/// Reads the records of one open file (a local file, or an object downloaded to a temporary
+/// file) batch by batch; `path` names it in messages and a `.gz` ending means gzip.
+pub(crate) type RecordReader = Box<dyn FnMut() -> Result<Option<Produced>> + Send>;
+
+/// See [`RecordReader`].
+///
+/// # Errors
+/// When the file cannot be read as `format`.
+pub(crate) fn open_reader(
+    component: &str,
+    file: File,
+    path: &Path,
+    format: &FileFormat,
+    schema: &SchemaRef,
+    cast_to: Option<SchemaRef>,
+    batch_size: usize,
+) -> Result<RecordReader> {
+    match format {
+        FileFormat::Parquet(_) => {
+            let mut reader = ParquetShard::open(component, file, batch_size, cast_to)?;
+            Ok(Box::new(move || reader.next()))
+        }
+        format => {
+            let decoder: Arc<dyn ChunkDecoder> = match format {
+                FileFormat::Json(_) => Arc::new(JsonDecoder::new(schema.clone())),
+                FileFormat::Csv(o) => Arc::new(CsvDecoder::new(schema.clone(), o)),
+                FileFormat::Parquet(_) => unreachable!(),
+            };
+            let header = matches!(format, FileFormat::Csv(o) if o.header);
+            let mut reader = TextShard {
+                component: component.to_string(),
+                path: path.to_path_buf(),
+                input: text_input(file, path),
+                decoder,
+                line: 0,
+                skip_header: header,
+                splitter: match format {
+                    FileFormat::Csv(o) => Some(RecordSplitter::new(o.delimiter as u8)),
+                    _ => None,
+                },
+                batch_size,
+                done: false,
+            };
+            Ok(Box::new(move || reader.next()))
         }
     }
 }
@@ -422,8 +453,7 @@ struct ParquetShard {
 }
 
 impl ParquetShard {
-    fn open(component: &str, path: &Path, batch_size: usize, cast_to: Option<SchemaRef>) -> Result<Self> {
-        let f = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+    fn open(component: &str, f: File, batch_size: usize, cast_to: Option<SchemaRef>) -> Result<Self> {
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
             .and_then(|b| b.with_batch_size(batch_size).build())
             .map_err(|e| Error::parquet(component, e))?;

@@ -3,6 +3,7 @@
 pub mod file;
 pub mod generator;
 pub mod kafka;
+pub mod s3;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -51,6 +52,12 @@ pub trait Source: Send + Sync {
     /// at once, whatever `shard_parallelism` says.
     fn reads_all_shards_at_once(&self) -> bool {
         false
+    }
+
+    /// For sources that gain shards over time (new objects under a prefix): how often to list
+    /// them again. Runs without `--bounded` then keep going, reading each new shard once.
+    fn poll_interval(&self) -> Option<std::time::Duration> {
+        None
     }
 }
 

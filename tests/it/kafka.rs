@@ -12,7 +12,7 @@ use arrow::datatypes::{Decimal128Type, Int64Type};
 use crate::common::{files, read_ndjson, read_parquet, rows, sluice};
 
 /// The broker the test script started.
-fn brokers() -> String {
+pub(crate) fn brokers() -> String {
     std::env::var("SLUICE_TEST_KAFKA").expect(
         "SLUICE_TEST_KAFKA is not set: run the tests with scripts/test.sh, which starts a Kafka-protocol broker",
     )
@@ -33,22 +33,22 @@ fn tool(args: &[&str]) -> String {
 }
 
 /// A topic name no other test (or earlier run against the same broker) uses.
-fn topic(prefix: &str) -> String {
+pub(crate) fn topic(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
-fn create(topic: &str, partitions: usize) {
+pub(crate) fn create(topic: &str, partitions: usize) {
     tool(&["create", "--brokers", &brokers(), "--topic", topic, "--partitions", &partitions.to_string()]);
 }
 
-struct Manifest {
+pub(crate) struct Manifest {
     /// order id → amount in cents, for every good record.
-    good: HashMap<i64, i64>,
-    bad: Vec<i64>,
+    pub good: HashMap<i64, i64>,
+    pub bad: Vec<i64>,
 }
 
-fn produce(topic: &str, partitions: usize, count: usize, start: usize, bad_every: usize, dir: &Path) -> Manifest {
+pub(crate) fn produce(topic: &str, partitions: usize, count: usize, start: usize, bad_every: usize, dir: &Path) -> Manifest {
     let manifest = dir.join(format!("manifest-{start}.json"));
     tool(&[
         "produce",
@@ -75,7 +75,7 @@ fn produce(topic: &str, partitions: usize, count: usize, start: usize, bad_every
 }
 
 /// partition → (committed offset, end offset) of `group` on `topic`.
-fn offsets(topic: &str, group: &str) -> BTreeMap<i32, (i64, i64)> {
+pub(crate) fn offsets(topic: &str, group: &str) -> BTreeMap<i32, (i64, i64)> {
     let out = tool(&["offsets", "--brokers", &brokers(), "--topic", topic, "--group", group]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     v.as_object()
@@ -85,7 +85,7 @@ fn offsets(topic: &str, group: &str) -> BTreeMap<i32, (i64, i64)> {
         .collect()
 }
 
-fn run_bounded(pipeline: &Path) -> std::process::Output {
+pub(crate) fn run_bounded(pipeline: &Path) -> std::process::Output {
     let out = sluice().args(["run", "--bounded", "--no-progress"]).arg(pipeline).output().unwrap();
     assert!(
         out.status.success(),

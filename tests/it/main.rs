@@ -3,9 +3,11 @@
 
 mod cli;
 mod common;
+mod fault_proxy;
 mod file_sink;
 mod kafka;
 mod memory;
 mod messy;
 mod pipelines;
+mod s3;
 mod transform_errors;

@@ -1,0 +1,471 @@
+//! The S3 sink and source against a real S3-compatible server (Garage, started by scripts/test.sh),
+//! with what sluice wrote read back by an independent client (boto3 + pyarrow, tests/s3_tool.py),
+//! through a fault-injecting proxy where the test says so.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::common::{read_ndjson, read_parquet, rows, sluice};
+use crate::fault_proxy::{FaultProxy, Faults};
+use crate::kafka::{create, produce, run_bounded, topic};
+
+/// The S3 endpoint the test script started.
+fn endpoint() -> String {
+    std::env::var("SLUICE_TEST_S3_ENDPOINT").expect(
+        "SLUICE_TEST_S3_ENDPOINT is not set: run the tests with scripts/test.sh, which starts an S3 server (Garage)",
+    )
+}
+
+fn endpoint_addr() -> SocketAddr {
+    endpoint().trim_start_matches("http://").parse().unwrap()
+}
+
+/// Runs tests/s3_tool.py; returns its JSON output.
+fn tool(args: &[&str]) -> serde_json::Value {
+    let python = std::env::var("SLUICE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3_tool.py");
+    let out = std::process::Command::new(python).arg(script).args(args).output().expect("python runs");
+    assert!(
+        out.status.success(),
+        "s3_tool.py {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A new bucket with a name no other test uses.
+fn bucket(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let name = format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000);
+    tool(&["mkbucket", &name]);
+    name
+}
+
+/// `[sinks.ID]` or `[sources.ID]` connection lines for the test server (or a proxy in front of it).
+fn connection(bucket: &str, endpoint: &str) -> String {
+    format!(
+        r#"bucket = "{bucket}"
+endpoint = "{endpoint}"
+region = "garage"
+access_key_id = "${{SLUICE_TEST_S3_KEY_ID}}"
+secret_access_key = "${{SLUICE_TEST_S3_SECRET}}""#
+    )
+}
+
+fn write_pipeline(dir: &Path, text: &str) -> std::path::PathBuf {
+    let p = dir.join(format!("p-{}.toml", text.len()));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn generator_to_s3(count: u64, bucket: &str, endpoint: &str, sink_extra: &str, query: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "s3-it"
+
+[sources.orders]
+type = "generator"
+shape = "orders"
+count = {count}
+
+[transforms.t]
+type = "sql"
+inputs = ["orders"]
+query = "{query}"
+
+[sinks.lake]
+type = "s3"
+inputs = ["t"]
+prefix = "lake"
+{conn}
+{sink_extra}
+"#,
+        conn = connection(bucket, endpoint)
+    )
+}
+
+fn read_back(bucket: &str, prefix: &str) -> serde_json::Value {
+    tool(&["read", bucket, prefix, "--id-column", "order_id"])
+}
+
+/// Peak RSS from the run summary, in MiB.
+fn peak_mib(stderr: &str) -> f64 {
+    let peak = stderr.split("peak memory (RSS) ").nth(1).unwrap_or_else(|| panic!("no peak in: {stderr}"));
+    let mut parts = peak.split_whitespace();
+    let value: f64 = parts.next().unwrap().parse().unwrap();
+    match parts.next().unwrap() {
+        "KiB" => value / 1024.0,
+        "MiB" => value,
+        "GiB" => value * 1024.0,
+        other => panic!("unit {other}"),
+    }
+}
+
+fn run_ok(pipeline: &Path) -> String {
+    let out = sluice().args(["run", "--no-progress"]).arg(pipeline).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "sluice run failed ({:?}):\n{stderr}", out.status);
+    stderr
+}
+
+#[test]
+fn parquet_objects_in_multipart_uploads_hold_every_record_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = bucket("sink");
+    let p = write_pipeline(
+        dir.path(),
+        &generator_to_s3(
+            600_000,
+            &b,
+            &endpoint(),
+            "part_size = \"5MiB\"\nrotate = { max_rows = 400000 }\ncompression = \"none\"",
+            "SELECT * FROM orders",
+        ),
+    );
+    run_ok(&p);
+    let got = read_back(&b, "lake/");
+    assert_eq!(got["rows"], 600_000);
+    assert_eq!(got["unique_ids"], 600_000, "no record twice");
+    let files = got["files"].as_object().unwrap();
+    assert_eq!(files.len(), 2, "rotated at 400k rows exactly: {files:?}");
+    assert_eq!(files["lake/part-gen-0-00000000000000000000.parquet"], 400_000);
+    assert_eq!(got["pending_uploads"], 0, "every multipart upload completed");
+    let keys = tool(&["keys", &b, "lake/"]);
+    assert_eq!(keys.as_array().unwrap().len(), 2, "nothing but the two objects: {keys}");
+}
+
+#[test]
+fn many_open_partitions_under_a_small_budget_spill_instead_of_growing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut peaks = Vec::new();
+    for count in [100_000u64, 1_000_000] {
+        let b = bucket("budget");
+        let p = write_pipeline(
+            dir.path(),
+            &generator_to_s3(
+                count,
+                &b,
+                &endpoint(),
+                "partition_by = [\"shard\"]\nbuffer_bytes = \"8MiB\"\nrow_group_bytes = \"1MiB\"\nmax_open_files = 256\npart_size = \"5MiB\"",
+                "SELECT order_id, customer_id, amount, status, ts, order_id % 200 AS shard FROM orders",
+            )
+            .replace("[pipeline]\nname = \"s3-it\"", "[pipeline]\nname = \"s3-it\"\nmemory_budget = \"32MiB\""),
+        );
+        let stderr = run_ok(&p);
+        peaks.push(peak_mib(&stderr));
+        let got = read_back(&b, "lake/");
+        assert_eq!(got["rows"], count);
+        assert_eq!(got["unique_ids"], count);
+        assert_eq!(got["files"].as_object().unwrap().len(), 200, "one object per partition");
+        assert_eq!(got["pending_uploads"], 0);
+    }
+    eprintln!("peak RSS with 200 open objects: 100k records {:.1} MiB, 1M records {:.1} MiB", peaks[0], peaks[1]);
+    assert!(peaks[1] < peaks[0] * 1.5 + 24.0, "peak RSS grew with input: {peaks:?}");
+    assert!(peaks[1] < 250.0, "peak RSS {} MiB is far above the configured budgets", peaks[1]);
+}
+
+#[test]
+fn retries_through_cut_connections_and_throttling_lose_and_duplicate_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = bucket("faults");
+    let proxy = FaultProxy::start(
+        endpoint_addr(),
+        Faults { cut_every: 3, cut_after: 40, slowdown_every: 4, delay: Duration::ZERO },
+    );
+    let p = write_pipeline(
+        dir.path(),
+        &generator_to_s3(
+            300_000,
+            &b,
+            &proxy.url(),
+            "part_size = \"5MiB\"\nrotate = { max_rows = 100000 }\ncompression = \"none\"\nmax_attempts = 20",
+            "SELECT * FROM orders",
+        ),
+    );
+    let started = Instant::now();
+    run_ok(&p);
+    let cut = proxy.stats.cut.load(std::sync::atomic::Ordering::SeqCst);
+    let slow = proxy.stats.slowdowns.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("through the fault proxy in {:?}: {cut} responses cut, {slow} SlowDown answers", started.elapsed());
+    assert!(cut > 0 && slow > 0, "faults were injected: cut {cut}, slowdown {slow}");
+    let got = read_back(&b, "lake/");
+    assert_eq!(got["rows"], 300_000);
+    assert_eq!(got["unique_ids"], 300_000);
+    assert_eq!(got["files"].as_object().unwrap().len(), 3);
+    assert_eq!(got["pending_uploads"], 0);
+}
+
+#[test]
+fn an_unreachable_endpoint_or_a_missing_bucket_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_pipeline(
+        dir.path(),
+        &generator_to_s3(1000, "no-such-bucket-sluice", &endpoint(), "", "SELECT * FROM orders"),
+    );
+    let out = sluice().args(["run", "--no-progress"]).arg(&p).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("no-such-bucket-sluice") && stderr.contains("does not exist"), "{stderr}");
+
+    // Nothing listens on port 9 (discard) here.
+    let p = write_pipeline(
+        dir.path(),
+        &generator_to_s3(1000, "some-bucket", "http://127.0.0.1:9", "max_attempts = 2", "SELECT * FROM orders"),
+    );
+    let out = sluice().args(["run", "--no-progress"]).arg(&p).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("cannot reach s3://some-bucket at http://127.0.0.1:9"), "{stderr}");
+    assert!(!stderr.contains(&std::env::var("SLUICE_TEST_S3_SECRET").unwrap()), "the secret never shows");
+}
+
+#[test]
+fn validate_explains_s3_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, key) in [
+        ("part_size = \"1MiB\"", "part_size"),
+        ("exactly_once = true\nrotate = { max_bytes = \"10MiB\" }", "max_bytes"),
+        ("exactly_once = true\nrotate = { max_age = \"1m\" }", "time_column"),
+        ("upload_concurrency = 0", "upload_concurrency"),
+    ] {
+        let p = write_pipeline(dir.path(), &generator_to_s3(10, "valid-name", &endpoint(), extra, "SELECT * FROM orders"));
+        let out = sluice().arg("validate").arg(&p).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra}: {stderr}");
+        assert!(stderr.contains(key), "{extra}: the error names `{key}`: {stderr}");
+    }
+}
+
+#[test]
+fn kafka_to_s3_exactly_once_survives_kill_9_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = topic("eo");
+    create(&t, 3);
+    let m = produce(&t, 3, 60_000, 1, 0, dir.path());
+    let b = bucket("eo");
+    let pipeline = write_pipeline(
+        dir.path(),
+        &format!(
+            r#"[pipeline]
+name = "eo-it"
+batch_size = 3000
+
+[sources.orders]
+type = "kafka"
+brokers = "{brokers}"
+topics = ["{t}"]
+group_id = "{t}-g"
+format = {{ type = "json" }}
+metadata = ["partition", "offset"]
+
+[sources.orders.schema]
+order_id = "bigint not null"
+customer = "varchar"
+amount = "decimal(10,2) not null"
+status = "varchar not null"
+
+[sinks.lake]
+type = "s3"
+inputs = ["orders"]
+prefix = "eo"
+exactly_once = true
+rotate = {{ max_rows = 1500 }}
+{conn}
+"#,
+            brokers = crate::kafka::brokers(),
+            conn = connection(&b, &endpoint())
+        ),
+    );
+    let mut child = sluice().args(["run", "--no-progress"]).arg(&pipeline).spawn().unwrap();
+    let started = Instant::now();
+    loop {
+        let n = tool(&["keys", &b, "eo/"]).as_array().unwrap().len();
+        if n >= 6 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no objects after 120 s");
+        assert!(child.try_wait().unwrap().is_none(), "sluice exited early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap(); // SIGKILL, mid-stream
+    child.wait().unwrap();
+    let before = read_back(&b, "eo/");
+    assert!(before["rows"].as_u64().unwrap() < 60_000, "killed before the end");
+
+    run_bounded(&pipeline);
+    let got = read_back(&b, "eo/");
+    let ids: Vec<i64> = got["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let mut counts: HashMap<i64, usize> = HashMap::new();
+    for id in &ids {
+        *counts.entry(*id).or_default() += 1;
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).take(5).collect();
+    assert!(twice.is_empty(), "records written twice after the replay, e.g. {twice:?}");
+    assert_eq!(counts.len(), m.good.len(), "every record once");
+    assert_eq!(ids.len(), 60_000);
+    for (key, n) in got["files"].as_object().unwrap() {
+        assert!(n.as_u64().unwrap() <= 1500, "{key} holds {n} rows");
+    }
+}
+
+/// Writes `lines` as an object (gzip-compressed when the key ends in `.gz`).
+fn put_lines(dir: &Path, bucket: &str, key: &str, lines: &[String]) {
+    let local = dir.join(key.replace('/', "_"));
+    let text = lines.join("\n") + "\n";
+    if key.ends_with(".gz") {
+        let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(&local).unwrap(), flate2::Compression::fast());
+        gz.write_all(text.as_bytes()).unwrap();
+        gz.finish().unwrap();
+    } else {
+        std::fs::write(&local, text).unwrap();
+    }
+    tool(&["put", bucket, key, local.to_str().unwrap()]);
+}
+
+fn source_pipeline(bucket: &str, out: &Path, extra: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "s3-source-it"
+
+[sources.events]
+type = "s3"
+prefix = "in/"
+format = {{ type = "json" }}
+{conn}
+{extra}
+
+[sources.events.schema]
+id = "bigint not null"
+name = "varchar"
+
+[sinks.out]
+type = "file"
+inputs = ["events"]
+path = "{out}/out"
+format = "json"
+
+[dead_letter]
+type = "file"
+path = "{out}/dead"
+"#,
+        conn = connection(bucket, &endpoint()),
+        out = out.display()
+    )
+}
+
+fn ids_in(dir: &Path) -> Vec<i64> {
+    let mut ids: Vec<i64> = read_ndjson(dir).iter().map(|v| v["id"].as_i64().unwrap()).collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn s3_source_reads_each_object_once_across_runs_and_dead_letters_bad_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = bucket("src");
+    let lines = |from: i64, to: i64| (from..to).map(|i| format!(r#"{{"id": {i}, "name": "n{i}"}}"#)).collect::<Vec<_>>();
+    put_lines(dir.path(), &b, "in/a.ndjson", &lines(0, 5000));
+    let mut with_bad = lines(5000, 6000);
+    with_bad[2] = "{not json".into();
+    put_lines(dir.path(), &b, "in/b.ndjson.gz", &with_bad);
+    put_lines(dir.path(), &b, "other/c.ndjson", &lines(9000, 9100));
+
+    let run = |name: &str| {
+        let out = dir.path().join(name);
+        std::fs::create_dir_all(&out).unwrap();
+        let p = write_pipeline(&out, &source_pipeline(&b, &out, ""));
+        run_bounded(&p);
+        out
+    };
+    let first = run("run1");
+    let ids = ids_in(&first.join("out"));
+    let expected: Vec<i64> = (0..6000).filter(|i| *i != 5002).collect();
+    assert_eq!(ids, expected, "both objects under the prefix, nothing from other/");
+    let dead = read_ndjson(&first.join("dead"));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["position"]["file"], format!("s3://{b}/in/b.ndjson.gz"), "{}", dead[0]);
+    assert_eq!(dead[0]["position"]["line"], 3, "{}", dead[0]);
+
+    // The state object marks both objects done: a second run reads nothing.
+    let second = run("run2");
+    assert!(ids_in(&second.join("out")).is_empty(), "nothing is read twice");
+    let keys = tool(&["keys", &b, "_sluice/"]);
+    assert_eq!(keys, serde_json::json!(["_sluice/s3-source-it/events.json"]));
+
+    // A new object is read by the next run, alone.
+    put_lines(dir.path(), &b, "in/d.ndjson", &lines(7000, 7100));
+    let third = run("run3");
+    assert_eq!(ids_in(&third.join("out")), (7000..7100).collect::<Vec<_>>());
+}
+
+#[test]
+fn s3_source_polls_for_new_objects_until_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = bucket("poll");
+    let lines = |from: i64, to: i64| (from..to).map(|i| format!(r#"{{"id": {i}, "name": "n"}}"#)).collect::<Vec<_>>();
+    put_lines(dir.path(), &b, "in/a.ndjson", &lines(0, 100));
+    let p = write_pipeline(
+        dir.path(),
+        &source_pipeline(&b, dir.path(), "poll_interval = \"300ms\"")
+            .replace("format = \"json\"", "format = \"json\"\nrotate = { max_age = \"1s\" }"),
+    );
+    let mut child = sluice().args(["run", "--no-progress"]).arg(&p).spawn().unwrap();
+    let wait_for = |n: usize| {
+        let started = Instant::now();
+        while ids_in(&dir.path().join("out")).len() < n {
+            assert!(started.elapsed() < Duration::from_secs(60), "fewer than {n} records after 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(100);
+    put_lines(dir.path(), &b, "in/b.ndjson", &lines(100, 150));
+    wait_for(150);
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "graceful stop exits 0: {exit:?}");
+    assert_eq!(ids_in(&dir.path().join("out")), (0..150).collect::<Vec<_>>());
+}
+
+#[test]
+fn parquet_objects_written_by_the_sink_read_back_through_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = bucket("pq");
+    let p = write_pipeline(
+        dir.path(),
+        &generator_to_s3(50_000, &b, &endpoint(), "rotate = { max_rows = 20000 }", "SELECT * FROM orders")
+            .replace("prefix = \"lake\"", "prefix = \"in\""),
+    );
+    run_ok(&p);
+    let out = dir.path().join("back");
+    let p = write_pipeline(
+        dir.path(),
+        &format!(
+            r#"[pipeline]
+name = "pq-back"
+
+[sources.lake]
+type = "s3"
+prefix = "in/"
+format = {{ type = "parquet" }}
+{conn}
+
+[sinks.out]
+type = "file"
+inputs = ["lake"]
+path = "{out}"
+"#,
+            conn = connection(&b, &endpoint()),
+            out = out.display()
+        ),
+    );
+    run_bounded(&p);
+    let batches = read_parquet(&out);
+    assert_eq!(rows(&batches), 50_000);
+    let schema = batches[0].1.schema();
+    assert!(schema.field_with_name("amount").is_ok() && schema.field_with_name("ts").is_ok(), "{schema:?}");
+}
