@@ -129,6 +129,20 @@ fn limit_malloc_arenas() {
         unsafe {
             mallopt(M_ARENA_MAX, 2);
         }
+        // Freed memory inside the heaps is handed back once a second: with many open Parquet
+        // files (each allocating and freeing compression buffers) RSS otherwise crept up with the
+        // records written (213 -> 360 MiB from 100k to 1M records over 200 open S3 objects in
+        // tests/it/s3.rs; 191 -> 236 MiB with this), at no measurable CPU cost.
+        let _ = std::thread::Builder::new().name("malloc-trim".into()).spawn(|| loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            extern "C" {
+                fn malloc_trim(pad: usize) -> i32;
+            }
+            // SAFETY: malloc_trim only returns free pages to the system; any thread may call it.
+            unsafe {
+                malloc_trim(0);
+            }
+        });
     }
 }
 

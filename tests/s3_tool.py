@@ -37,7 +37,7 @@ def keys(s3, bucket, prefix):
 
 
 def read(s3, bucket, prefix, id_column):
-    files = [k for k in keys(s3, bucket, prefix) if not k.startswith("_sluice/")]
+    files = [k for k in keys(s3, bucket, prefix) if "_sluice" not in k.split("/")]
     rows = 0
     ids = []
     per_file = {}

@@ -355,49 +355,51 @@ impl SourceRun {
         // gain shards), each read once, until the run stops.
         let mut seen: std::collections::HashSet<String> = shards.iter().map(|s| s.id.clone()).collect();
         let poll = self.source.poll_interval().filter(|_| !self.bounded);
-        let later = futures::stream::unfold((self.source.clone(), cancel.clone()), move |(source, cancel)| async move {
-            let every = poll?;
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = cancel.cancelled() => return None,
-            }
-            let found = match source.shards().await {
-                Ok(found) => found,
-                Err(e) => {
-                    tracing::warn!(error = %e, "listing new shards failed; trying again later");
-                    Vec::new()
+        let later =
+            futures::stream::unfold((self.source.clone(), cancel.clone()), move |(source, cancel)| async move {
+                let every = poll?;
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = cancel.cancelled() => return None,
                 }
-            };
-            Some((futures::stream::iter(found), (source, cancel)))
-        })
-        .flatten()
-        .filter(move |s| futures::future::ready(seen.insert(s.id.clone())))
-        .boxed();
+                let found = match source.shards().await {
+                    Ok(found) => found,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "listing new shards failed; trying again later");
+                        Vec::new()
+                    }
+                };
+                Some((futures::stream::iter(found), (source, cancel)))
+            })
+            .flatten()
+            .filter(move |s| futures::future::ready(seen.insert(s.id.clone())))
+            .boxed();
         let all = futures::stream::iter(shards).chain(later);
-        let mut reads = all.map(|shard| {
-            let progress = ShardProgress::new(shard.clone(), committer.clone(), self.halted.clone());
-            if let Ok(mut r) = self.registry.lock() {
-                r.push(progress.clone());
-            }
-            let ctx = ShardContext {
-                shard: shard.clone(),
-                progress,
-                output: self.output.clone(),
-                budget: self.budget.clone(),
-                dead_letter: self.dead_letter.clone(),
-                metrics: self.metrics.clone(),
-                cancel: cancel.clone(),
-                batch_size: self.batch_size,
-                bounded: self.bounded,
-            };
-            let source = self.source.clone();
-            async move {
-                let r = source.read_shard(ctx).await;
-                tracing::debug!(shard = %shard.id, ok = r.is_ok(), "shard finished");
-                r
-            }
-        })
-        .buffer_unordered(parallelism);
+        let mut reads = all
+            .map(|shard| {
+                let progress = ShardProgress::new(shard.clone(), committer.clone(), self.halted.clone());
+                if let Ok(mut r) = self.registry.lock() {
+                    r.push(progress.clone());
+                }
+                let ctx = ShardContext {
+                    shard: shard.clone(),
+                    progress,
+                    output: self.output.clone(),
+                    budget: self.budget.clone(),
+                    dead_letter: self.dead_letter.clone(),
+                    metrics: self.metrics.clone(),
+                    cancel: cancel.clone(),
+                    batch_size: self.batch_size,
+                    bounded: self.bounded,
+                };
+                let source = self.source.clone();
+                async move {
+                    let r = source.read_shard(ctx).await;
+                    tracing::debug!(shard = %shard.id, ok = r.is_ok(), "shard finished");
+                    r
+                }
+            })
+            .buffer_unordered(parallelism);
         // Every shard future runs to its end (they all honour `cancel`): dropping one mid-send
         // would drop a batch whose ack then counts as delivered.
         let mut first_error = None;

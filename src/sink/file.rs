@@ -51,17 +51,15 @@ pub struct FileSinkConfig {
     /// Cap on files open at once (one per output folder and source shard); the largest is closed
     /// first (default 64).
     pub max_open_files: Option<usize>,
-    /// Deterministic files (named by the source position of their first row, cut only by
-    /// `rotate.max_rows` and record time), so a replay after a crash rewrites the same files.
+    /// Files named by the source position of their first row, with a manifest of what is
+    /// durable per source shard, so a replay after a crash rewrites the same files instead of
+    /// adding new ones.
     #[serde(default)]
     pub exactly_once: bool,
-    /// With `exactly_once`: the timestamp column `rotate.max_age` is measured on (e.g. the Kafka
-    /// source's `_timestamp`).
+    /// A timestamp column `rotate.max_age` is measured on (record time from the file's first
+    /// record, e.g. the Kafka source's `_timestamp`) instead of the wall clock.
     pub time_column: Option<String>,
 }
-
-/// Default `rotate.max_rows` with `exactly_once` (files cannot be cut by bytes then).
-pub const EXACTLY_ONCE_MAX_ROWS: u64 = 1_000_000;
 
 impl FileSinkConfig {
     /// Checks the writer settings.
@@ -71,26 +69,6 @@ impl FileSinkConfig {
     pub fn validate_writer(&self) -> Result<(), (&'static str, String)> {
         if self.rotate.max_rows == Some(0) {
             return Err(("rotate.max_rows", "must be at least 1".into()));
-        }
-        if self.exactly_once {
-            if self.rotate.max_bytes.is_some() {
-                return Err((
-                    "rotate.max_bytes",
-                    "exactly_once cuts files by rotate.max_rows and record time only (a cut by bytes could \
-                     fall elsewhere on a replay); remove max_bytes"
-                        .into(),
-                ));
-            }
-            if self.rotate.max_age.is_some() && self.time_column.is_none() {
-                return Err((
-                    "time_column",
-                    "with exactly_once, rotate.max_age is measured on record time: name a timestamp column \
-                     (the Kafka source's `_timestamp`, say)"
-                        .into(),
-                ));
-            }
-        } else if self.time_column.is_some() {
-            return Err(("time_column", "only used with exactly_once = true".into()));
         }
         Ok(())
     }
@@ -106,7 +84,7 @@ impl FileSinkConfig {
             format,
             compression,
             partition_by: self.partition_by.clone(),
-            max_rows: self.rotate.max_rows.or(self.exactly_once.then_some(EXACTLY_ONCE_MAX_ROWS)),
+            max_rows: self.rotate.max_rows,
             max_bytes: self.rotate.max_bytes.unwrap_or(DEFAULT_MAX_FILE_BYTES).0,
             max_age: self.rotate.max_age.map(|d| d.0).unwrap_or(DEFAULT_MAX_AGE),
             row_group_bytes: self.row_group_bytes.unwrap_or(DEFAULT_ROW_GROUP_BYTES).0,
@@ -187,6 +165,15 @@ struct LocalDir {
 }
 
 impl DestinationFactory for LocalDir {
+    fn read(&mut self, relative: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.root.join(relative);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("cannot read", &path, e)),
+        }
+    }
+
     fn create(&mut self, relative: &str) -> Result<Box<dyn Destination>> {
         let target = self.root.join(relative);
         let dir = target.parent().map(PathBuf::from).unwrap_or_else(|| self.root.clone());

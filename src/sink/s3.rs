@@ -82,7 +82,8 @@ pub struct S3SinkConfig {
     #[serde(default)]
     pub dictionary: DictionaryMode,
     pub max_open_files: Option<usize>,
-    /// Deterministic object keys and cuts, so a replay rewrites the same objects (see the README).
+    /// Object keys from the source position of their first row and a manifest of what is durable,
+    /// so a replay rewrites the same objects (see the README).
     #[serde(default)]
     pub exactly_once: bool,
     pub time_column: Option<String>,
@@ -200,7 +201,6 @@ impl S3Sink {
         let writer = RollingWriter::new(component, schema, file.writer_settings(), factory)?;
         Ok(S3Sink { shared, writer, metrics })
     }
-
 }
 
 /// Builds the client and checks the bucket, once (before the first write).
@@ -250,6 +250,20 @@ struct S3Factory {
 }
 
 impl DestinationFactory for S3Factory {
+    fn read(&mut self, relative: &str) -> Result<Option<Vec<u8>>> {
+        let key = join_key(&self.shared.prefix, relative);
+        let (client, handle) = self.shared.client();
+        let got = handle.block_on(client.get_object().bucket(&self.shared.connection.bucket).key(&key).send());
+        match got {
+            Ok(o) => handle
+                .block_on(o.body.collect())
+                .map(|b| Some(b.to_vec()))
+                .map_err(|e| self.shared.error(&key, "cannot read", e.to_string())),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(self.shared.error(&key, "cannot read", describe_error(&e))),
+        }
+    }
+
     fn create(&mut self, relative: &str) -> Result<Box<dyn Destination>> {
         Ok(Box::new(S3Object {
             shared: self.shared.clone(),
@@ -486,7 +500,8 @@ impl Destination for S3Object {
         }
         let dir = self.shared.spill_dir.clone();
         if self.spill.is_none() {
-            self.spill = Some(tempfile::tempfile_in(&dir).map_err(|e| Error::io("cannot create a spill file in", &dir, e))?);
+            self.spill =
+                Some(tempfile::tempfile_in(&dir).map_err(|e| Error::io("cannot create a spill file in", &dir, e))?);
         }
         let f = self.spill.as_mut().expect("created above");
         f.write_all(&self.buf).map_err(|e| Error::io("cannot spill a part to", &dir, e))?;

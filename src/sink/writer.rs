@@ -40,6 +40,9 @@ pub const DEFAULT_BUFFER_BYTES: ByteSize = ByteSize(32 << 20);
 const MAX_ROW_GROUP_ROWS: usize = 128 * 1024;
 /// Default cap on files open at once.
 pub const DEFAULT_MAX_OPEN_FILES: usize = 64;
+/// Folder (under the sink's root) of the exactly-once manifests, one per source shard. Readers of
+/// Hive-style datasets skip `_`-prefixed folders.
+pub const MANIFEST_DIR: &str = "_sluice/manifests";
 /// How many recent file names are remembered to avoid reusing one.
 const RECENT_NAMES: usize = 4096;
 /// Folder name for a null partition value (as Hive and Spark write it).
@@ -104,12 +107,12 @@ pub struct WriterSettings {
     pub max_open_files: usize,
     /// Parquet: dictionary-encode only columns that are not mostly distinct.
     pub adaptive_dictionary: bool,
-    /// Deterministic files for exactly-once delivery: each file is named by the source position
-    /// of its first row and rotated only by `max_rows` and, with `time_column`, by record time
-    /// (`max_age` measured from the file's first record); never by bytes or the wall clock, which
-    /// would cut files differently on a replay.
+    /// Exactly-once files: each is named by the source position of its first row, and a
+    /// manifest per source shard records the last position committed in each output folder, so
+    /// that a replay skips what is already durable and rewrites the rest under the same names.
     pub exactly_once: bool,
-    /// Timestamp column whose values measure a file's age when `exactly_once` is on.
+    /// Timestamp column `max_age` is measured on (record time, from the file's first record)
+    /// instead of the wall clock.
     pub time_column: Option<String>,
 }
 
@@ -146,11 +149,23 @@ pub trait Destination: Send {
     }
 }
 
+/// The last source position committed in each output folder, for one source shard.
+#[derive(Debug, Default, serde::Serialize, Deserialize)]
+struct Manifest {
+    version: u32,
+    folders: std::collections::BTreeMap<String, u64>,
+}
+
 /// Creates destinations for relative file names such as `dt=2026-01-01/part-gen-0-….parquet`.
 pub trait DestinationFactory: Send {
     /// # Errors
     /// When the destination cannot be created.
     fn create(&mut self, relative: &str) -> Result<Box<dyn Destination>>;
+    /// Reads a small file written through [`create`](Self::create), `None` when it does not exist.
+    ///
+    /// # Errors
+    /// When it exists but cannot be read.
+    fn read(&mut self, relative: &str) -> Result<Option<Vec<u8>>>;
 }
 
 /// Growable buffer the encoders write into; drained into the destination after each write.
@@ -342,6 +357,8 @@ struct OpenFile {
     /// Record time (µs since the epoch) of the file's first timed row (`exactly_once` with a
     /// `time_column`).
     first_time: Option<i64>,
+    /// Source position of the last row written (`exactly_once`).
+    last_position: Option<u64>,
     acks: Vec<Ack>,
 }
 
@@ -377,6 +394,8 @@ pub struct RollingWriter {
     plain_columns: Option<Vec<String>>,
     /// Index of `time_column` in the input.
     time_column: Option<usize>,
+    /// `exactly_once`: each source shard's manifest, read when its first batch arrives.
+    manifests: HashMap<String, Manifest>,
     files_written: metrics::Counter,
 }
 
@@ -452,6 +471,7 @@ impl RollingWriter {
             names_used: Default::default(),
             plain_columns: None,
             time_column,
+            manifests: HashMap::new(),
             files_written,
         })
     }
@@ -469,12 +489,25 @@ impl RollingWriter {
     pub fn write(&mut self, batch: &Batch) -> Result<()> {
         let positions = if self.settings.exactly_once { Some(self.row_positions(batch)?) } else { None };
         let times = match self.time_column {
-            Some(i) if self.settings.exactly_once => Some(self.row_times(&batch.data, i)?),
-            _ => None,
+            Some(i) => Some(self.row_times(&batch.data, i)?),
+            None => None,
         };
         let max_age = i64::try_from(self.settings.max_age.as_micros()).unwrap_or(i64::MAX);
+        let shard = batch.shard.file_token();
+        if self.settings.exactly_once && !self.manifests.contains_key(&shard) {
+            let manifest = self.read_manifest(&shard)?;
+            self.manifests.insert(shard.clone(), manifest);
+        }
         for group in self.split(&batch.data)? {
-            let key = (group.folder.clone(), batch.shard.file_token());
+            // Rows a committed file already holds (a replay after a crash) are skipped.
+            let group = match (&positions, self.manifests.get(&shard).and_then(|m| m.folders.get(&group.folder))) {
+                (Some(p), Some(&done)) => match self.skip_durable(group, p, done)? {
+                    Some(g) => g,
+                    None => continue,
+                },
+                _ => group,
+            };
+            let key = (group.folder.clone(), shard.clone());
             let n = group.data.num_rows();
             let mut at = 0;
             while at < n {
@@ -509,11 +542,14 @@ impl RollingWriter {
                     file.drain()?;
                     file.rows += take as u64;
                     file.acks.push(batch.ack.clone());
+                    if let Some(p) = &positions {
+                        file.last_position = Some(p[group.input_row(at + take - 1)]);
+                    }
                     at += take;
                 }
                 let full = aged
                     || self.settings.max_rows.is_some_and(|m| file.rows >= m)
-                    || (!self.settings.exactly_once && file.size() >= self.settings.max_bytes);
+                    || file.size() >= self.settings.max_bytes;
                 if full {
                     self.close(&key)?;
                 }
@@ -542,6 +578,58 @@ impl RollingWriter {
         Ok(())
     }
 
+    fn manifest_name(shard: &str) -> String {
+        format!("{MANIFEST_DIR}/{shard}.json")
+    }
+
+    fn read_manifest(&mut self, shard: &str) -> Result<Manifest> {
+        let name = Self::manifest_name(shard);
+        match self.factory.read(&name)? {
+            None => Ok(Manifest::default()),
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Internal {
+                component: self.component.clone(),
+                message: format!(
+                    "the exactly-once manifest {name} is damaged ({e}); it must be restored or the output rewritten"
+                ),
+            }),
+        }
+    }
+
+    /// `group` without the rows at or before `done` (already in a committed file); `None` when
+    /// nothing is left.
+    fn skip_durable(&self, group: Group, positions: &[u64], done: u64) -> Result<Option<Group>> {
+        let n = group.data.num_rows();
+        let keep: Vec<u32> = (0..n).filter(|&i| positions[group.input_row(i)] > done).map(|i| i as u32).collect();
+        if keep.len() == n {
+            return Ok(Some(group));
+        }
+        if keep.is_empty() {
+            return Ok(None);
+        }
+        let rows = keep.iter().map(|&i| group.input_row(i as usize) as u32).collect();
+        let data = arrow::compute::take_record_batch(&group.data, &UInt32Array::from(keep))
+            .map_err(|e| Error::arrow(&self.component, e))?;
+        Ok(Some(Group { folder: group.folder, data, rows: Some(rows) }))
+    }
+
+    /// Records that `folder` of `shard` is durable up to `position`, before any later file of
+    /// that folder can be committed.
+    fn write_manifest(&mut self, shard: &str, folder: &str, position: u64) -> Result<()> {
+        let manifest = self.manifests.entry(shard.to_string()).or_default();
+        manifest.version = 1;
+        manifest.folders.insert(folder.to_string(), position);
+        let bytes = serde_json::to_vec(manifest).map_err(|e| Error::Internal {
+            component: self.component.clone(),
+            message: format!("encoding the manifest: {e}"),
+        })?;
+        let mut dest = self.factory.create(&Self::manifest_name(shard))?;
+        if let Err(e) = dest.write(&bytes) {
+            dest.abort();
+            return Err(e);
+        }
+        dest.commit()
+    }
+
     /// The source position of each row: kept by the source, or in the `_offset` column.
     fn row_positions(&self, batch: &Batch) -> Result<Arc<[u64]>> {
         if let Some(p) = &batch.row_positions {
@@ -556,7 +644,8 @@ impl RollingWriter {
                 batch.shard.id
             ),
         })?;
-        let cast = arrow::compute::cast(col, &arrow::datatypes::DataType::Int64).map_err(|e| Error::arrow(&self.component, e))?;
+        let cast = arrow::compute::cast(col, &arrow::datatypes::DataType::Int64)
+            .map_err(|e| Error::arrow(&self.component, e))?;
         let ints = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&cast);
         if arrow::array::Array::null_count(ints) > 0 {
             return Err(Error::Internal {
@@ -580,8 +669,8 @@ impl RollingWriter {
     /// # Errors
     /// As [`write`](Self::write).
     pub fn close_expired(&mut self) -> Result<()> {
-        if self.settings.exactly_once {
-            // Age is record time then (see `write`): a wall-clock cut would differ on a replay.
+        if self.time_column.is_some() {
+            // Age is record time then (see `write`).
             return Ok(());
         }
         let max_age = self.settings.max_age;
@@ -655,6 +744,7 @@ impl RollingWriter {
             written: 0,
             opened: Instant::now(),
             first_time: None,
+            last_position: None,
             acks: Vec::new(),
         })
     }
@@ -688,6 +778,12 @@ impl RollingWriter {
                 Err(e)
             }
         };
+        // Exactly-once: the manifest says the folder is durable up to the file's last row
+        // before anything else of it is written (a crash in between rewrites this same file).
+        let committed = match (committed, self.settings.exactly_once, file.last_position) {
+            (Ok(()), true, Some(last)) => self.write_manifest(&key.1, &key.0, last),
+            (r, _, _) => r,
+        };
         if let Err(e) = committed {
             // Not durable: its records must not count as delivered.
             file.acks.into_iter().for_each(Ack::abandon);
@@ -714,7 +810,14 @@ impl RollingWriter {
                 .iter()
                 .flat_map(|(k, f)| [((k.clone(), false), f.encoder.buffered()), ((k.clone(), true), f.dest.buffered())])
                 .max_by_key(|(_, size)| *size);
-            let Some(((key, dest), _)) = largest else { break };
+            let Some(((key, dest), size)) = largest else { break };
+            // A row group much smaller than the budget's share costs more in the footer
+            // metadata every open file keeps until it closes than it frees: with too many open
+            // files for the budget, close the largest instead.
+            if !dest && size < self.min_row_group() && self.open.len() > 1 {
+                self.close(&key)?;
+                continue;
+            }
             let file = self.open.get_mut(&key).expect("key from the map");
             if dest {
                 file.dest.relieve()?;
@@ -731,6 +834,12 @@ impl RollingWriter {
             self.close(&key)?;
         }
         Ok(())
+    }
+
+    /// Smallest row group flushed to relieve memory: a sixteenth of `buffer_bytes`, at least
+    /// 64 KiB (and never more than `row_group_bytes`).
+    fn min_row_group(&self) -> u64 {
+        (self.settings.buffer_bytes / 16).max(64 << 10).min(self.settings.row_group_bytes)
     }
 
     /// Splits `data` by the partition columns into (`col=value/…/` folder, rows without the
@@ -839,6 +948,9 @@ mod tests {
                 bytes: vec![],
             }))
         }
+        fn read(&mut self, _relative: &str) -> Result<Option<Vec<u8>>> {
+            Ok(None)
+        }
     }
 
     fn settings() -> WriterSettings {
@@ -923,6 +1035,88 @@ mod tests {
         w.write(&b).unwrap();
         let names: Vec<String> = committed.lock().unwrap().iter().map(|f| f.0.clone()).collect();
         assert_eq!(names, ["part-gen-0-00000000000000000000.parquet", "part-gen-0-00000000000000000000-1.parquet"]);
+    }
+
+    /// Keeps committed files by name, and reads them back.
+    #[derive(Clone, Default)]
+    struct Store(Arc<Mutex<HashMap<String, Vec<u8>>>>);
+    struct StoreDest(Store, String, Vec<u8>);
+    impl Destination for StoreDest {
+        fn write(&mut self, bytes: &[u8]) -> Result<()> {
+            self.2.extend_from_slice(bytes);
+            Ok(())
+        }
+        fn commit(self: Box<Self>) -> Result<()> {
+            self.0 .0.lock().unwrap().insert(self.1.clone(), self.2.clone());
+            Ok(())
+        }
+        fn abort(self: Box<Self>) {}
+    }
+    impl DestinationFactory for Store {
+        fn create(&mut self, relative: &str) -> Result<Box<dyn Destination>> {
+            Ok(Box::new(StoreDest(self.clone(), relative.into(), vec![])))
+        }
+        fn read(&mut self, relative: &str) -> Result<Option<Vec<u8>>> {
+            Ok(self.0.lock().unwrap().get(relative).cloned())
+        }
+    }
+
+    #[test]
+    fn exactly_once_replay_skips_rows_in_committed_files_and_reuses_names() {
+        let store = Store::default();
+        let schema = shape_schema(Shape::Orders);
+        let s = WriterSettings { max_rows: Some(50), exactly_once: true, ..settings() };
+        let with_positions = |b: Batch| {
+            let p: Arc<[u64]> = (b.first..=b.last).collect();
+            Batch { row_positions: Some(p), ..b }
+        };
+        let mut w = RollingWriter::new("t", &schema, s.clone(), Box::new(store.clone())).unwrap();
+        let p = progress();
+        w.write(&with_positions(batch(&p, 0, 120))).unwrap();
+        // A crash: the file holding 100..119 never completes.
+        let mut names: Vec<String> = store.0.lock().unwrap().keys().cloned().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "_sluice/manifests/gen-0.json",
+                "part-gen-0-00000000000000000000.parquet",
+                "part-gen-0-00000000000000000050.parquet"
+            ]
+        );
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&store.0.lock().unwrap()["_sluice/manifests/gen-0.json"]).unwrap();
+        assert_eq!(manifest["folders"][""], 99);
+
+        // The replay starts from an earlier committed position (60): rows up to 99 are skipped.
+        let mut w = RollingWriter::new("t", &schema, s, Box::new(store.clone())).unwrap();
+        let p = progress();
+        w.write(&with_positions(batch(&p, 60, 180))).unwrap();
+        w.finish().unwrap();
+        let files = store.0.lock().unwrap().clone();
+        let mut names: Vec<&String> = files.keys().filter(|k| k.ends_with(".parquet")).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "part-gen-0-00000000000000000000.parquet",
+                "part-gen-0-00000000000000000050.parquet",
+                "part-gen-0-00000000000000000100.parquet",
+                "part-gen-0-00000000000000000150.parquet"
+            ]
+        );
+        let rows = |name: &str| {
+            let bytes = bytes::Bytes::from(files[name].clone());
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+                .unwrap()
+                .build()
+                .unwrap()
+                .map(|b| b.unwrap().num_rows())
+                .sum::<usize>()
+        };
+        assert_eq!(rows("part-gen-0-00000000000000000100.parquet"), 50);
+        assert_eq!(rows("part-gen-0-00000000000000000150.parquet"), 30);
+        assert_eq!(p.committed(), Some(179));
     }
 
     #[test]

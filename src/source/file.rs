@@ -259,9 +259,9 @@ impl Source for FileSource {
         };
         let path = PathBuf::from(path);
         let file = File::open(&path).map_err(|e| Error::io("cannot open", &path, e))?;
-        let mut reader =
+        let reader =
             open_reader(&self.id, file, &path, &self.format, &self.schema, self.cast_to.clone(), ctx.batch_size)?;
-        ctx.run_blocking(move || reader()).await
+        ctx.run_blocking(reader).await
     }
 }
 

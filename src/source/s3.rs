@@ -190,7 +190,8 @@ impl S3Source {
             .await
             .map_err(|e| self.error(key, "cannot read", describe_error(&e)))?;
         let dir = self.download_dir.clone();
-        let mut file = tempfile::tempfile_in(&dir).map_err(|e| Error::io("cannot create a download file in", &dir, e))?;
+        let mut file =
+            tempfile::tempfile_in(&dir).map_err(|e| Error::io("cannot create a download file in", &dir, e))?;
         let mut body = out.body;
         loop {
             match body.try_next().await {
@@ -228,7 +229,8 @@ async fn list(
         })?;
         for o in page.contents() {
             let Some(key) = o.key() else { continue };
-            if key == state_key || key.ends_with('/') || key.starts_with("_sluice/") {
+            // Positions and exactly-once manifests, here or under a sink's prefix.
+            if key == state_key || key.ends_with('/') || key.split('/').any(|seg| seg == "_sluice") {
                 continue;
             }
             if pattern.is_some_and(|p| !p.matches_with(key, options)) {

@@ -13,8 +13,9 @@ use tokio::net::{TcpListener, TcpStream};
 /// What to do to the connections (numbered from 1 in accept order).
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
-    /// Every `cut_every`-th connection has its response cut after `cut_after` bytes (the request
-    /// reached the service: a retry must be idempotent).
+    /// Every `cut_every`-th response (counted over all connections) is cut after `cut_after`
+    /// bytes and its connection dropped (the request reached the service: a retry must be
+    /// idempotent).
     pub cut_every: usize,
     pub cut_after: u64,
     /// Every `slowdown_every`-th connection answers its first request with `503 SlowDown` (as S3
@@ -27,6 +28,7 @@ pub struct Faults {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub connections: AtomicUsize,
+    pub responses: AtomicUsize,
     pub cut: AtomicUsize,
     pub slowdowns: AtomicUsize,
     pub bytes: AtomicU64,
@@ -76,7 +78,13 @@ fn every(k: usize, n: usize) -> bool {
     k > 0 && n % k == 0
 }
 
-async fn serve(mut client: TcpStream, upstream: SocketAddr, n: usize, faults: &Faults, stats: &Stats) -> std::io::Result<()> {
+async fn serve(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    n: usize,
+    faults: &Faults,
+    stats: &Stats,
+) -> std::io::Result<()> {
     if every(faults.slowdown_every, n) {
         // Read the request head, answer 503 and close.
         let mut buf = vec![0u8; 64 << 10];
@@ -114,10 +122,11 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, n: usize, faults: &F
             sw.write_all(&buf[..r]).await?;
         }
     };
-    let cut = every(faults.cut_every, n).then_some(faults.cut_after);
+    let (cut_every, cut_after) = (faults.cut_every, faults.cut_after as usize);
     let down = async move {
         let mut buf = vec![0u8; 64 << 10];
-        let mut sent = 0u64;
+        // Bytes still to forward of a response being cut.
+        let mut cutting: Option<usize> = None;
         loop {
             let r = sr.read(&mut buf).await?;
             if r == 0 {
@@ -126,17 +135,28 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, n: usize, faults: &F
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            let mut take = r;
-            if let Some(limit) = cut {
-                take = take.min(limit.saturating_sub(sent) as usize);
+            let chunk = &buf[..r];
+            if cutting.is_none() {
+                // Responses start with the status line (S3 answers to writes are small, so a
+                // body that happens to hold these bytes is not a concern here).
+                for at in memchr::memmem::find_iter(chunk, b"HTTP/1.1 ") {
+                    let k = stats.responses.fetch_add(1, Ordering::SeqCst) + 1;
+                    if every(cut_every, k) {
+                        cutting = Some(at + cut_after);
+                        break;
+                    }
+                }
             }
-            cw.write_all(&buf[..take]).await?;
-            sent += take as u64;
+            let take = cutting.map_or(r, |left| left.min(r));
+            cw.write_all(&chunk[..take]).await?;
             stats.bytes.fetch_add(take as u64, Ordering::Relaxed);
-            if take < r {
-                stats.cut.fetch_add(1, Ordering::SeqCst);
-                // Drop both halves: the client sees the connection die mid-response.
-                return Ok(());
+            if let Some(left) = cutting.as_mut() {
+                *left -= take;
+                if *left == 0 {
+                    stats.cut.fetch_add(1, Ordering::SeqCst);
+                    // Drop both halves: the client sees the connection die mid-response.
+                    return Ok(());
+                }
             }
         }
     };

@@ -48,7 +48,14 @@ pub(crate) struct Manifest {
     pub bad: Vec<i64>,
 }
 
-pub(crate) fn produce(topic: &str, partitions: usize, count: usize, start: usize, bad_every: usize, dir: &Path) -> Manifest {
+pub(crate) fn produce(
+    topic: &str,
+    partitions: usize,
+    count: usize,
+    start: usize,
+    bad_every: usize,
+    dir: &Path,
+) -> Manifest {
     let manifest = dir.join(format!("manifest-{start}.json"));
     tool(&[
         "produce",
