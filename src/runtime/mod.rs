@@ -480,6 +480,12 @@ async fn run_sink(
                         metrics.received(rows, bytes);
                         metrics.batch_duration(started.elapsed());
                     }
+                    // Upstream ended. After a failure elsewhere (commits halted), what the sink
+                    // holds is discarded rather than made visible: it is read again next time.
+                    None if halted.load(Ordering::SeqCst) => {
+                        sink.abort().await;
+                        return Ok(());
+                    }
                     None => return sink.finish().await,
                 },
                 _ = tick.tick() => sink.tick().await?,

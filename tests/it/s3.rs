@@ -178,7 +178,7 @@ fn retries_through_cut_connections_and_throttling_lose_and_duplicate_nothing() {
     let b = bucket("faults");
     let proxy = FaultProxy::start(
         endpoint_addr(),
-        Faults { cut_every: 3, cut_after: 40, slowdown_every: 2, delay: Duration::ZERO },
+        Faults { cut_every: 3, cut_after: 40, slowdown_every: 2, delay: Duration::from_millis(1) },
     );
     let p = write_pipeline(
         dir.path(),
@@ -201,6 +201,33 @@ fn retries_through_cut_connections_and_throttling_lose_and_duplicate_nothing() {
     assert_eq!(got["unique_ids"], 600_000);
     assert_eq!(got["files"].as_object().unwrap().len(), 6);
     assert_eq!(got["pending_uploads"], 0);
+}
+
+#[test]
+fn a_failing_pipeline_aborts_its_multipart_upload_and_leaves_no_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = bucket("abort");
+    // Row 500,001 cannot be converted and there is no dead-letter sink: the pipeline stops after
+    // the open object has uploaded parts.
+    let p = write_pipeline(
+        dir.path(),
+        &generator_to_s3(
+            600_000,
+            &b,
+            &endpoint(),
+            "part_size = \"5MiB\"\ncompression = \"none\"",
+            "SELECT *, CAST(CASE WHEN order_id > 500000 THEN 'x' ELSE '1' END AS INT) AS boom FROM orders",
+        )
+        .replace("[pipeline]\nname = \"s3-it\"", "[pipeline]\nname = \"s3-it\"\nbatch_size = 4096"),
+    );
+    let out = sluice().args(["run", "--no-progress"]).arg(&p).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("bad record"), "{stderr}");
+    let got = read_back(&b, "lake/");
+    assert_eq!(got["rows"], 0, "nothing is visible: {}", got["files"]);
+    assert_eq!(tool(&["keys", &b, "lake/"]), serde_json::json!([]));
+    assert_eq!(got["pending_uploads"], 0, "the multipart upload was aborted");
 }
 
 #[test]
