@@ -836,10 +836,11 @@ impl RollingWriter {
         Ok(())
     }
 
-    /// Smallest row group flushed to relieve memory: a sixteenth of `buffer_bytes`, at least
-    /// 64 KiB (and never more than `row_group_bytes`).
+    /// Smallest row group flushed to relieve memory: a 64th of `buffer_bytes` (the share of each
+    /// of the default 64 open files), at least 64 KiB, at most `row_group_bytes`. Smaller row
+    /// groups cost more in footer metadata, kept until the file closes, than they free.
     fn min_row_group(&self) -> u64 {
-        (self.settings.buffer_bytes / 16).max(64 << 10).min(self.settings.row_group_bytes)
+        (self.settings.buffer_bytes / 64).max(64 << 10).min(self.settings.row_group_bytes)
     }
 
     /// Splits `data` by the partition columns into (`col=value/…/` folder, rows without the
