@@ -267,6 +267,10 @@ pub async fn build(loaded: &LoadedPipeline) -> Result<Pipeline, ConfigError> {
                     "format",
                     "dead letters are written as NDJSON: use format = \"json\" or leave it out".to_string(),
                 )),
+                SinkConfig::S3(c) if c.format.is_some_and(|f| f != OutputFormat::Json) => Some((
+                    "format",
+                    "dead letters are written as NDJSON: use format = \"json\" or leave it out".to_string(),
+                )),
                 SinkConfig::Blackhole(_) => {
                     Some(("type", "a blackhole would lose bad records; use a file or stdout sink".to_string()))
                 }
@@ -277,8 +281,10 @@ pub async fn build(loaded: &LoadedPipeline) -> Result<Pipeline, ConfigError> {
             diags.push(loaded.diagnostic(&["dead_letter", key], msg, None));
         } else {
             let mut cfg = cfg.clone();
-            if let SinkConfig::File(c) = &mut cfg {
-                c.format = Some(OutputFormat::Json);
+            match &mut cfg {
+                SinkConfig::File(c) => c.format = Some(OutputFormat::Json),
+                SinkConfig::S3(c) => c.format = Some(OutputFormat::Json),
+                _ => {}
             }
             let metrics = ComponentMetrics::new(id);
             match build_sink(id, &cfg, &crate::dead_letter::schema(), metrics.clone()) {

@@ -436,6 +436,27 @@ fn s3_source_reads_each_object_once_across_runs_and_dead_letters_bad_lines() {
 }
 
 #[test]
+fn dead_letters_can_go_to_a_bucket_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = bucket("dlq");
+    let mut lines: Vec<String> = (0..1000).map(|i| format!(r#"{{"id": {i}, "name": "n"}}"#)).collect();
+    lines[10] = "{broken".into();
+    lines[20] = r#"{"id": "not a number"}"#.into();
+    put_lines(dir.path(), &b, "in/a.ndjson", &lines);
+    let text = source_pipeline(&b, dir.path(), "").replace(
+        &format!("[dead_letter]\ntype = \"file\"\npath = \"{}/dead\"", dir.path().display()),
+        &format!("[dead_letter]\ntype = \"s3\"\nprefix = \"dead\"\n{}", connection(&b, &endpoint())),
+    );
+    assert!(text.contains("prefix = \"dead\""), "{text}");
+    run_bounded(&write_pipeline(dir.path(), &text));
+    assert_eq!(ids_in(&dir.path().join("out")).len(), 998);
+    let dead = tool(&["read", &b, "dead/"]);
+    assert_eq!(dead["rows"], 2, "both bad records in the bucket: {}", dead["files"]);
+    let keys = tool(&["keys", &b, "dead/"]);
+    assert!(keys.as_array().unwrap().iter().all(|k| k.as_str().unwrap().ends_with(".ndjson")), "{keys}");
+}
+
+#[test]
 fn s3_source_polls_for_new_objects_until_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let b = bucket("poll");
