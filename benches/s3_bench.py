@@ -34,15 +34,11 @@ ROWS_PER_FILE = 1_000_000
 
 
 def s3_client():
-    import boto3
+    """The tests' boto3 client (tests/s3_tool.py), from the SLUICE_TEST_S3_* variables."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import s3_tool
 
-    return boto3.client(
-        "s3",
-        endpoint_url=os.environ["SLUICE_TEST_S3_ENDPOINT"],
-        aws_access_key_id=os.environ["SLUICE_TEST_S3_KEY_ID"],
-        aws_secret_access_key=os.environ["SLUICE_TEST_S3_SECRET"],
-        region_name="garage",
-    )
+    return s3_tool.client()
 
 
 class MultipartFile(io.RawIOBase):

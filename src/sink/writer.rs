@@ -403,13 +403,14 @@ pub struct RollingWriter {
 struct Group {
     folder: String,
     data: RecordBatch,
-    /// Row indexes in the input batch; `None` when the group is the whole batch.
-    rows: Option<Vec<u32>>,
+    /// Row indexes in the input batch (the `take` indexes that built `data`); `None` when the
+    /// group is the whole batch.
+    rows: Option<UInt32Array>,
 }
 
 impl Group {
     fn input_row(&self, i: usize) -> usize {
-        self.rows.as_ref().map_or(i, |r| r[i] as usize)
+        self.rows.as_ref().map_or(i, |r| r.value(i) as usize)
     }
 }
 
@@ -606,7 +607,7 @@ impl RollingWriter {
         if keep.is_empty() {
             return Ok(None);
         }
-        let rows = keep.iter().map(|&i| group.input_row(i as usize) as u32).collect();
+        let rows: UInt32Array = keep.iter().map(|&i| group.input_row(i as usize) as u32).collect();
         let data = arrow::compute::take_record_batch(&group.data, &UInt32Array::from(keep))
             .map_err(|e| Error::arrow(&self.component, e))?;
         Ok(Some(Group { folder: group.folder, data, rows: Some(rows) }))
@@ -889,9 +890,9 @@ impl RollingWriter {
         groups
             .into_iter()
             .map(|(folder, rows)| {
-                let idx = UInt32Array::from(rows.clone());
+                let idx = UInt32Array::from(rows);
                 arrow::compute::take_record_batch(&projected, &idx)
-                    .map(|data| Group { folder, data, rows: Some(rows) })
+                    .map(|data| Group { folder, data, rows: Some(idx) })
                     .map_err(|e| Error::arrow(&self.component, e))
             })
             .collect()

@@ -132,7 +132,7 @@ impl S3Source {
             }
         };
         let (schema, cast_to) = if needs_sample {
-            let keys = list(&client, &connection, &prefix, pattern.as_ref(), &state_key)
+            let keys = list(id, &client, &connection, &prefix, pattern.as_ref(), &state_key)
                 .await
                 .map_err(|e| ("bucket", e.to_string()))?;
             let Some((first, _)) = keys.first() else {
@@ -214,6 +214,7 @@ impl S3Source {
 
 /// Keys (with ETags) under `prefix` that match `pattern`, in key order, without the state object.
 async fn list(
+    component: &str,
     client: &Client,
     connection: &Connection,
     prefix: &str,
@@ -225,7 +226,7 @@ async fn list(
     let options = glob::MatchOptions { require_literal_separator: true, ..Default::default() };
     while let Some(page) = pages.next().await {
         let page = page.map_err(|e| {
-            service("s3", format!("cannot list `{prefix}` in {}: {}", connection.describe(), describe_error(&e)))
+            service(component, format!("cannot list `{prefix}` in {}: {}", connection.describe(), describe_error(&e)))
         })?;
         for o in page.contents() {
             let Some(key) = o.key() else { continue };
@@ -327,12 +328,8 @@ impl Source for S3Source {
 
     async fn shards(&self) -> Result<Vec<Arc<ShardInfo>>> {
         self.state.load(&self.client).await?;
-        let keys = list(&self.client, &self.connection, &self.prefix, self.pattern.as_ref(), &self.state.key)
-            .await
-            .map_err(|e| match e {
-                Error::Service { message, .. } => service(&self.id, message),
-                e => e,
-            })?;
+        let keys = list(&self.id, &self.client, &self.connection, &self.prefix, self.pattern.as_ref(), &self.state.key)
+            .await?;
         let bucket = &self.connection.bucket;
         Ok(keys
             .into_iter()

@@ -76,3 +76,30 @@ pub fn sluice() -> std::process::Command {
     c.env("RUST_LOG", "warn");
     c
 }
+
+/// Runs a Python helper under tests/ with the test virtualenv's Python; returns its stdout.
+pub fn python_tool(script: &str, args: &[&str]) -> String {
+    let python = std::env::var("SLUICE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script);
+    let out = std::process::Command::new(python).arg(path).args(args).output().expect("python runs");
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The `peak memory (RSS)` figure of sluice's run summary, in MiB.
+pub fn peak_rss_mib(stderr: &str) -> f64 {
+    let peak = stderr.split("peak memory (RSS) ").nth(1).unwrap_or_else(|| panic!("no peak in: {stderr}"));
+    let mut parts = peak.split_whitespace();
+    let value: f64 = parts.next().unwrap().parse().unwrap();
+    match parts.next().unwrap() {
+        "KiB" => value / 1024.0,
+        "MiB" => value,
+        "GiB" => value * 1024.0,
+        other => panic!("unit {other}"),
+    }
+}

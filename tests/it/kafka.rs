@@ -20,16 +20,7 @@ pub(crate) fn brokers() -> String {
 
 /// Runs tests/kafka_tool.py with the test virtualenv's Python; returns its stdout.
 fn tool(args: &[&str]) -> String {
-    let python = std::env::var("SLUICE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kafka_tool.py");
-    let out = std::process::Command::new(python).arg(script).args(args).output().expect("python runs");
-    assert!(
-        out.status.success(),
-        "kafka_tool.py {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    crate::common::python_tool("kafka_tool.py", args)
 }
 
 /// A topic name no other test (or earlier run against the same broker) uses.

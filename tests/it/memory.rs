@@ -40,17 +40,7 @@ buffer_bytes = "8MiB"
     let out = sluice().args(["run", "--no-progress"]).arg(&path).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let peak = stderr.split("peak memory (RSS) ").nth(1).unwrap_or_else(|| panic!("no peak in: {stderr}"));
-    let mut parts = peak.split_whitespace();
-    let value: f64 = parts.next().unwrap().parse().unwrap();
-    let unit = parts.next().unwrap();
-    value
-        * match unit {
-            "KiB" => 1024.0,
-            "MiB" => 1024.0 * 1024.0,
-            "GiB" => 1024.0 * 1024.0 * 1024.0,
-            other => panic!("unit {other}"),
-        }
+    crate::common::peak_rss_mib(&stderr) * 1048576.0
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::{read_ndjson, read_parquet, rows, sluice};
+use crate::common::{peak_rss_mib, python_tool, read_ndjson, read_parquet, rows, sluice};
 use crate::fault_proxy::{FaultProxy, Faults};
 use crate::kafka::{create, produce, run_bounded, topic};
 
@@ -25,16 +25,7 @@ fn endpoint_addr() -> SocketAddr {
 
 /// Runs tests/s3_tool.py; returns its JSON output.
 fn tool(args: &[&str]) -> serde_json::Value {
-    let python = std::env::var("SLUICE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3_tool.py");
-    let out = std::process::Command::new(python).arg(script).args(args).output().expect("python runs");
-    assert!(
-        out.status.success(),
-        "s3_tool.py {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&python_tool("s3_tool.py", args)).unwrap()
 }
 
 /// A new bucket with a name no other test uses.
@@ -92,19 +83,6 @@ fn read_back(bucket: &str, prefix: &str) -> serde_json::Value {
     tool(&["read", bucket, prefix, "--id-column", "order_id"])
 }
 
-/// Peak RSS from the run summary, in MiB.
-fn peak_mib(stderr: &str) -> f64 {
-    let peak = stderr.split("peak memory (RSS) ").nth(1).unwrap_or_else(|| panic!("no peak in: {stderr}"));
-    let mut parts = peak.split_whitespace();
-    let value: f64 = parts.next().unwrap().parse().unwrap();
-    match parts.next().unwrap() {
-        "KiB" => value / 1024.0,
-        "MiB" => value,
-        "GiB" => value * 1024.0,
-        other => panic!("unit {other}"),
-    }
-}
-
 fn run_ok(pipeline: &Path) -> String {
     let out = sluice().args(["run", "--no-progress"]).arg(pipeline).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
@@ -156,7 +134,7 @@ fn many_open_partitions_under_a_small_budget_spill_instead_of_growing() {
             .replace("[pipeline]\nname = \"s3-it\"", "[pipeline]\nname = \"s3-it\"\nmemory_budget = \"32MiB\""),
         );
         let stderr = run_ok(&p);
-        peaks.push(peak_mib(&stderr));
+        peaks.push(peak_rss_mib(&stderr));
         let got = read_back(&b, "lake/");
         assert_eq!(got["rows"], count);
         assert_eq!(got["unique_ids"], count);
