@@ -181,3 +181,30 @@ stop_garage() {
   local dir="$SLUICE_CACHE/run/garage-$1"
   if [ -f "$dir/pid" ]; then kill "$(cat "$dir/pid")" 2>/dev/null || true; rm -f "$dir/pid"; fi
 }
+
+# start_postgres: a PostgreSQL server on 127.0.0.1:5432 with trust auth for local TCP (the
+# machine's own, started if it is down; installed from Debian's packages if missing), and a
+# database `sluice_test` for the tests (each test makes its own schema in it).
+start_postgres() {
+  if ! command -v pg_ctlcluster >/dev/null 2>&1 || [ -z "$(ls /etc/postgresql 2>/dev/null)" ]; then
+    ensure_debian_packages postgresql postgresql-client
+  fi
+  local version
+  version="$(ls /etc/postgresql | sort -V | tail -n 1)"
+  if ! port_open 5432; then
+    step "starting PostgreSQL $version"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    wait_port 5432 30 "/var/log/postgresql/postgresql-$version-main.log"
+  fi
+  local psql=(psql -h 127.0.0.1 -U postgres -d postgres -v ON_ERROR_STOP=1 -qAt)
+  if ! "${psql[@]}" -c 'select 1' >/dev/null 2>&1; then
+    # Trust local TCP connections (a test machine only).
+    local hba="/etc/postgresql/$version/main/pg_hba.conf"
+    sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+    sleep 1
+  fi
+  if [ "$("${psql[@]}" -c "select 1 from pg_database where datname = 'sluice_test'")" != 1 ]; then
+    "${psql[@]}" -c 'create database sluice_test' >/dev/null
+  fi
+}

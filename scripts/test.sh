@@ -2,8 +2,8 @@
 # The whole test suite, from a fresh clone: installs what is missing (idempotently), then runs
 # fmt, clippy, every test, and the README's quickstart check. Starts the services the tests talk to
 # (a Kafka-protocol broker, tansu, on 127.0.0.1:$SLUICE_KAFKA_PORT, default 19092, and an
-# S3-compatible server, Garage, on 127.0.0.1:$SLUICE_S3_PORT, default 13900) and leaves them
-# running for the next run.
+# S3-compatible server, Garage, on 127.0.0.1:$SLUICE_S3_PORT, default 13900; PostgreSQL on
+# 127.0.0.1:5432) and leaves them running for the next run.
 #
 #   scripts/test.sh              # everything
 #   SLUICE_SKIP_LINT=1 scripts/test.sh   # tests only
@@ -41,6 +41,9 @@ start_garage "$SLUICE_S3_PORT"
 # shellcheck disable=SC1090
 source "$SLUICE_CACHE/run/garage-$SLUICE_S3_PORT/env"
 export SLUICE_TEST_PYTHON="$SLUICE_VENV/bin/python"
+# PostgreSQL: the machine's server on 127.0.0.1:5432 (started or installed when missing).
+start_postgres
+export SLUICE_TEST_PG_URL="${SLUICE_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/sluice_test}"
 
 step "cargo test"
 cargo test --locked --all-targets 2>&1 | tee "$SLUICE_CACHE/last-test.log"

@@ -8,6 +8,7 @@ pub mod error;
 pub mod format;
 pub mod kafka;
 pub mod observe;
+pub mod postgres;
 pub mod runtime;
 pub mod s3;
 pub mod sink;

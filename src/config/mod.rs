@@ -90,6 +90,8 @@ pub enum SourceConfig {
     Kafka(Box<crate::source::kafka::KafkaSourceConfig>),
     /// Objects in an S3-compatible bucket.
     S3(Box<crate::source::s3::S3SourceConfig>),
+    /// A PostgreSQL table or query (binary COPY; sharded or incremental).
+    Postgres(Box<crate::source::postgres::PostgresSourceConfig>),
 }
 
 /// A `[transforms.ID]` table, chosen by its `type`.
@@ -123,6 +125,8 @@ pub enum SinkConfig {
     Kafka(Box<crate::sink::kafka::KafkaSinkConfig>),
     /// Objects in an S3-compatible bucket.
     S3(Box<crate::sink::s3::S3SinkConfig>),
+    /// Rows of a PostgreSQL table (binary COPY; insert or upsert).
+    Postgres(Box<crate::sink::postgres::PostgresSinkConfig>),
 }
 
 impl SinkConfig {
@@ -134,6 +138,7 @@ impl SinkConfig {
             SinkConfig::Blackhole(c) => &c.inputs,
             SinkConfig::Kafka(c) => &c.inputs,
             SinkConfig::S3(c) => &c.inputs,
+            SinkConfig::Postgres(c) => &c.inputs,
         }
     }
 
@@ -145,6 +150,7 @@ impl SinkConfig {
             SinkConfig::Blackhole(_) => "blackhole",
             SinkConfig::Kafka(_) => "kafka",
             SinkConfig::S3(_) => "s3",
+            SinkConfig::Postgres(_) => "postgres",
         }
     }
 }

@@ -153,6 +153,9 @@ pub async fn build(loaded: &LoadedPipeline) -> Result<Pipeline, ConfigError> {
             SourceConfig::S3(c) => {
                 crate::source::s3::S3Source::new(id, &f.pipeline.name, c).await.map(|s| Arc::new(s) as Arc<dyn Source>)
             }
+            SourceConfig::Postgres(c) => crate::source::postgres::PostgresSource::new(id, &f.pipeline.name, c)
+                .await
+                .map(|s| Arc::new(s) as Arc<dyn Source>),
         };
         match built {
             Ok(source) => {
@@ -223,7 +226,7 @@ pub async fn build(loaded: &LoadedPipeline) -> Result<Pipeline, ConfigError> {
             continue;
         }
         let metrics = ComponentMetrics::new(id);
-        match build_sink(id, cfg, &schema, metrics.clone()) {
+        match build_sink(id, &f.pipeline.name, cfg, &schema, metrics.clone()) {
             Ok(sink) => sinks.push(BuiltSink { id: id.clone(), sink, metrics, inputs: inputs.to_vec() }),
             Err((key, msg)) => diags.push(loaded.diagnostic(&["sinks", id, key], msg, None)),
         }
@@ -287,7 +290,7 @@ pub async fn build(loaded: &LoadedPipeline) -> Result<Pipeline, ConfigError> {
                 _ => {}
             }
             let metrics = ComponentMetrics::new(id);
-            match build_sink(id, &cfg, &crate::dead_letter::schema(), metrics.clone()) {
+            match build_sink(id, &f.pipeline.name, &cfg, &crate::dead_letter::schema(), metrics.clone()) {
                 Ok(sink) => dead_letter = Some(BuiltSink { id: id.to_string(), sink, metrics, inputs: vec![] }),
                 Err((key, msg)) => diags.push(loaded.diagnostic(&["dead_letter", key], msg, None)),
             }
@@ -314,6 +317,7 @@ pub async fn build(loaded: &LoadedPipeline) -> Result<Pipeline, ConfigError> {
 
 fn build_sink(
     id: &str,
+    pipeline: &str,
     cfg: &SinkConfig,
     schema: &SchemaRef,
     metrics: ComponentMetrics,
@@ -324,6 +328,7 @@ fn build_sink(
         SinkConfig::Blackhole(_) => Box::new(BlackholeSink),
         SinkConfig::Kafka(c) => Box::new(crate::sink::kafka::KafkaSink::new(id, c, schema, metrics)?),
         SinkConfig::S3(c) => Box::new(crate::sink::s3::S3Sink::new(id, c, schema, metrics)?),
+        SinkConfig::Postgres(c) => Box::new(crate::sink::postgres::PostgresSink::new(id, pipeline, c, schema, metrics)?),
     })
 }
 

@@ -3,6 +3,7 @@
 pub mod blackhole;
 pub mod file;
 pub mod kafka;
+pub mod postgres;
 pub mod s3;
 pub mod stdout;
 pub mod writer;

@@ -633,28 +633,7 @@ impl RollingWriter {
 
     /// The source position of each row: kept by the source, or in the `_offset` column.
     fn row_positions(&self, batch: &Batch) -> Result<Arc<[u64]>> {
-        if let Some(p) = &batch.row_positions {
-            return Ok(p.clone());
-        }
-        let col = batch.data.column_by_name(POSITION_COLUMN).ok_or_else(|| Error::Internal {
-            component: self.component.clone(),
-            message: format!(
-                "exactly_once names each file by the source position of its first row, but the rows from {} no \
-                 longer carry their positions (a SQL transform dropped them): select the Kafka `{POSITION_COLUMN}` \
-                 metadata column through the transform, or turn exactly_once off",
-                batch.shard.id
-            ),
-        })?;
-        let cast = arrow::compute::cast(col, &arrow::datatypes::DataType::Int64)
-            .map_err(|e| Error::arrow(&self.component, e))?;
-        let ints = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&cast);
-        if arrow::array::Array::null_count(ints) > 0 {
-            return Err(Error::Internal {
-                component: self.component.clone(),
-                message: format!("column `{POSITION_COLUMN}` has nulls; exactly_once needs every row's position"),
-            });
-        }
-        Ok(ints.values().iter().map(|&v| v as u64).collect())
+        row_positions(&self.component, batch)
     }
 
     /// Each row's record time in µs since the epoch (`None` for nulls).
@@ -910,6 +889,32 @@ fn escape_segment(value: &str, out: &mut String) {
             out.push_str(&format!("%{b:02X}"));
         }
     }
+}
+
+/// The source position of each row: kept by the source, or in the `_offset` column.
+pub(crate) fn row_positions(component: &str, batch: &Batch) -> Result<Arc<[u64]>> {
+    if let Some(p) = &batch.row_positions {
+        return Ok(p.clone());
+    }
+    let col = batch.data.column_by_name(POSITION_COLUMN).ok_or_else(|| Error::Internal {
+        component: component.to_string(),
+        message: format!(
+            "exactly_once needs the source position of every row, but the rows from {} no \
+             longer carry their positions (a SQL transform dropped them): select the Kafka `{POSITION_COLUMN}` \
+             metadata column through the transform, or turn exactly_once off",
+            batch.shard.id
+        ),
+    })?;
+    let cast = arrow::compute::cast(col, &arrow::datatypes::DataType::Int64)
+        .map_err(|e| Error::arrow(component, e))?;
+    let ints = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&cast);
+    if arrow::array::Array::null_count(ints) > 0 {
+        return Err(Error::Internal {
+            component: component.to_string(),
+            message: format!("column `{POSITION_COLUMN}` has nulls; exactly_once needs every row's position"),
+        });
+    }
+    Ok(ints.values().iter().map(|&v| v as u64).collect())
 }
 
 #[cfg(test)]

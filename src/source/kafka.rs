@@ -966,6 +966,9 @@ pub struct KafkaCommitter {
     /// Next offset to read (committed position + 1) per partition, not yet sent to Kafka.
     pending: Mutex<IndexMap<(String, i32), i64>>,
     /// Sent, but perhaps not yet acknowledged: sent again by `flush` so that it is synchronous.
+    /// Held for the whole of a commit, so two commits never interleave: the poll thread's
+    /// asynchronous commit of an older offset could otherwise reach the broker after `flush`'s
+    /// synchronous one and move the group's position back (records read again on the next run).
     sent: Mutex<IndexMap<(String, i32), i64>>,
 }
 
@@ -986,8 +989,9 @@ impl KafkaCommitter {
     /// Commits what is pending; returns the error of a synchronous commit.
     fn commit_pending(&self, mode: CommitMode) -> rdkafka::error::KafkaResult<()> {
         let Some(consumer) = self.consumer.get() else { return Ok(()) };
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        // `sent` first: taking `pending` before it would let another commit overtake this one.
         let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         let batch = match mode {
             CommitMode::Sync => {
                 let mut all = std::mem::take(&mut *sent);

@@ -3,6 +3,7 @@
 pub mod file;
 pub mod generator;
 pub mod kafka;
+pub mod postgres;
 pub mod s3;
 
 use std::sync::Arc;

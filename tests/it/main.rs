@@ -9,5 +9,6 @@ mod kafka;
 mod memory;
 mod messy;
 mod pipelines;
+mod postgres;
 mod s3;
 mod transform_errors;

@@ -1,0 +1,633 @@
+//! The PostgreSQL source and sink against the real server scripts/test.sh starts (127.0.0.1:5432),
+//! each test in a schema of its own; results are checked with `psql`, an independent client.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{Decimal128Type, Int64Type};
+
+use crate::common::{read_ndjson, read_parquet, rows, sluice};
+use crate::kafka::{create, produce, run_bounded, topic};
+
+/// The test database's URL (no password: the test server trusts local connections).
+fn url() -> String {
+    std::env::var("SLUICE_TEST_PG_URL").expect(
+        "SLUICE_TEST_PG_URL is not set: run the tests with scripts/test.sh, which starts PostgreSQL",
+    )
+}
+
+/// Runs SQL with psql; returns its unaligned, tuples-only output.
+fn psql(sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .arg(url())
+        .args(["-v", "ON_ERROR_STOP=1", "-qAtX", "-c", sql])
+        .output()
+        .expect("psql runs");
+    assert!(out.status.success(), "psql failed on {sql}:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A fresh schema for one test.
+fn schema(prefix: &str) -> String {
+    let name = topic(prefix).replace('-', "_");
+    psql(&format!("CREATE SCHEMA {name}"));
+    name
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn run(pipeline: &Path) -> std::process::Output {
+    sluice().args(["run", "--no-progress"]).arg(pipeline).output().unwrap()
+}
+
+fn run_ok(pipeline: &Path) -> String {
+    let out = run(pipeline);
+    assert!(out.status.success(), "sluice run failed ({:?}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Every mapped type, with nulls, NaN, extreme timestamps, unicode and large numerics.
+const ALL_TYPES: &str = "id bigint PRIMARY KEY, b boolean, i2 smallint, i4 integer, f4 real, f8 double precision, \
+     n numeric(38,10), n0 numeric(20,0), t text, v varchar(40), d date, ts timestamp, tz timestamptz, tm time, \
+     by bytea, j jsonb, js json, u uuid, ai integer[], at text[], an numeric(12,2)[]";
+
+const ALL_VALUES: &str = "INSERT INTO {s}.src VALUES \
+     (1, true, 32767, 2147483647, 1.5, 'NaN', 1234567890123456789012345678.0123456789, 99999999999999999999, \
+      'héllo wörld ✓ 日本', 'x', '0001-01-01', '0001-01-01 00:00:00', '9999-12-31 23:59:59.999999+00', '23:59:59.999999', \
+      '\\x00ff10', '{\"a\": [1, 2, {\"b\": null}]}', '{\"k\": \"v\"}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', \
+      '{1,NULL,3}', '{\"q\",\"\"}', '{1.25,-0.01}'), \
+     (2, false, -32768, -2147483648, '-Infinity', 1e308, -0.0000000001, 0, '', '', '2000-01-01', '1970-01-01 00:00:00.000001', \
+      '1999-12-31 23:59:59+05', '00:00:00', '\\x', '[]', 'null', '00000000-0000-0000-0000-000000000000', '{}', '{}', '{}'), \
+     (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)";
+
+#[test]
+fn every_type_round_trips_from_a_table_through_arrow_into_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("types");
+    psql(&format!("CREATE TABLE {s}.src ({ALL_TYPES}); CREATE TABLE {s}.dst ({ALL_TYPES})"));
+    psql(&ALL_VALUES.replace("{s}", &s));
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            r#"
+[pipeline]
+name = "pg-types"
+
+[sources.src]
+type = "postgres"
+url = "{url}"
+table = "{s}.src"
+
+[sinks.dst]
+type = "postgres"
+inputs = ["src"]
+url = "{url}"
+table = "{s}.dst"
+
+[sinks.lake]
+type = "file"
+inputs = ["src"]
+path = "{out}/lake"
+format = "parquet"
+"#,
+            url = url(),
+            out = dir.path().display()
+        ),
+    );
+    run_ok(&p);
+    // Row for row, column for column, as PostgreSQL prints them.
+    let cols = "id, b, i2, i4, f4, f8, n, n0, t, v, d, ts, tz, tm, by, j, js, u, ai, at, an";
+    let src = psql(&format!("SELECT {cols} FROM {s}.src ORDER BY id"));
+    let dst = psql(&format!("SELECT {cols} FROM {s}.dst ORDER BY id"));
+    assert_eq!(src.lines().count(), 3);
+    assert_eq!(src, dst, "the copy differs from the original");
+    // The Arrow side: exact decimals and timestamps, nulls.
+    let batches = read_parquet(&dir.path().join("lake"));
+    assert_eq!(rows(&batches), 3);
+    let b = &batches[0].1;
+    let ids = b.column_by_name("id").unwrap().as_primitive::<Int64Type>();
+    let first = (0..3).find(|i| ids.value(*i) == 1).unwrap();
+    let n = b.column_by_name("n").unwrap().as_primitive::<Decimal128Type>();
+    assert_eq!(n.value(first), 12345678901234567890123456780123456789);
+    let ts = b.column_by_name("ts").unwrap().as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+    assert_eq!(ts.value(first), -62_135_596_800_000_000, "0001-01-01 in µs since 1970");
+    let t = b.column_by_name("t").unwrap().as_string::<i32>();
+    assert_eq!(t.value(first), "héllo wörld ✓ 日本");
+    let third = (0..3).find(|i| ids.value(*i) == 3).unwrap();
+    assert!(t.is_null(third) && n.is_null(third));
+}
+
+fn orders_ndjson(dir: &Path, lines: &[&str]) -> std::path::PathBuf {
+    write(dir, "orders.ndjson", &(lines.join("\n") + "\n"))
+}
+
+#[test]
+fn upsert_keeps_the_last_row_of_each_key_and_dead_letters_only_the_refused_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("upsert");
+    psql(&format!(
+        "CREATE TABLE {s}.orders (order_id bigint PRIMARY KEY, amount numeric(10,2) NOT NULL CHECK (amount >= 0), \
+         status text); INSERT INTO {s}.orders VALUES (1, 5.00, 'old'), (9, 9.00, 'untouched')"
+    ));
+    let input = orders_ndjson(
+        dir.path(),
+        &[
+            r#"{"order_id": 1, "amount": "10.50", "status": "new"}"#,
+            r#"{"order_id": 2, "amount": "2.00", "status": "a"}"#,
+            r#"{"order_id": 2, "amount": "3.00", "status": "b"}"#,
+            r#"{"order_id": 3, "amount": "-1.00", "status": "refused"}"#,
+            r#"{"order_id": 4, "amount": "4.00", "status": null}"#,
+        ],
+    );
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            r#"
+[pipeline]
+name = "pg-upsert"
+
+[sources.orders]
+type = "file"
+path = "{input}"
+format = {{ type = "json" }}
+
+[sources.orders.schema]
+order_id = "bigint not null"
+amount = "decimal(10,2)"
+status = "varchar"
+
+[sinks.pg]
+type = "postgres"
+inputs = ["orders"]
+url = "{url}"
+table = "{s}.orders"
+mode = "upsert"
+key = ["order_id"]
+
+[dead_letter]
+type = "file"
+path = "{out}/dead"
+"#,
+            input = input.display(),
+            url = url(),
+            out = dir.path().display()
+        ),
+    );
+    run_ok(&p);
+    assert_eq!(
+        psql(&format!("SELECT order_id, amount, coalesce(status, '-') FROM {s}.orders ORDER BY order_id")),
+        "1|10.50|new\n2|3.00|b\n4|4.00|-\n9|9.00|untouched"
+    );
+    let dead = read_ndjson(&dir.path().join("dead"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["stage"], "write");
+    assert_eq!(dead[0]["component"], "pg");
+    assert_eq!(dead[0]["position"]["line"], 4);
+    assert!(dead[0]["error"].as_str().unwrap().contains("check constraint"), "{}", dead[0]["error"]);
+    assert!(dead[0]["raw"].as_str().unwrap().contains("\"order_id\":3"), "{}", dead[0]["raw"]);
+}
+
+#[test]
+fn insert_mode_creates_the_table_and_dead_letters_duplicate_keys_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("insert");
+    let mut lines: Vec<String> = (0..2000).map(|i| format!(r#"{{"order_id": {i}, "amount": "1.25", "status": "ok"}}"#)).collect();
+    lines[700] = r#"{"order_id": 5, "amount": "1.25", "status": "duplicate"}"#.into();
+    lines[1500] = r#"{"order_id": 1499, "amount": "1.25", "status": "duplicate"}"#.into();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let input = orders_ndjson(dir.path(), &refs);
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            r#"
+[pipeline]
+name = "pg-insert"
+
+[sources.orders]
+type = "file"
+path = "{input}"
+format = {{ type = "json" }}
+
+[sources.orders.schema]
+order_id = "bigint not null"
+amount = "decimal(10,2)"
+status = "varchar"
+
+[sinks.pg]
+type = "postgres"
+inputs = ["orders"]
+url = "{url}"
+table = "{s}.created"
+create_table = true
+key = ["order_id"]
+
+[dead_letter]
+type = "file"
+path = "{out}/dead"
+"#,
+            input = input.display(),
+            url = url(),
+            out = dir.path().display()
+        ),
+    );
+    run_ok(&p);
+    assert_eq!(
+        psql(&format!(
+            "SELECT count(*), sum(amount), count(*) FILTER (WHERE status = 'duplicate') FROM {s}.created"
+        )),
+        "1998|2497.50|0"
+    );
+    assert_eq!(
+        psql(&format!(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = '{s}.created'::regclass \
+             AND attnum > 0 ORDER BY attnum"
+        )),
+        "bigint\nnumeric(10,2)\ntext"
+    );
+    let mut dead: Vec<u64> =
+        read_ndjson(&dir.path().join("dead")).iter().map(|d| d["position"]["line"].as_u64().unwrap()).collect();
+    dead.sort();
+    assert_eq!(dead, vec![701, 1501]);
+}
+
+#[test]
+fn a_column_that_does_not_fit_the_table_is_an_error_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("mismatch");
+    psql(&format!("CREATE TABLE {s}.t (order_id bigint, amount integer)"));
+    let input = orders_ndjson(dir.path(), &[r#"{"order_id": 1, "amount": "x"}"#]);
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            r#"
+[pipeline]
+name = "pg-mismatch"
+
+[sources.orders]
+type = "file"
+path = "{input}"
+format = {{ type = "json" }}
+
+[sources.orders.schema]
+order_id = "bigint not null"
+amount = "varchar"
+
+[sinks.pg]
+type = "postgres"
+inputs = ["orders"]
+url = "{url}"
+table = "{s}.t"
+"#,
+            input = input.display(),
+            url = url()
+        ),
+    );
+    let out = run(&p);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("`amount` (varchar)") && err.contains("type integer"), "{err}");
+    assert_eq!(psql(&format!("SELECT count(*) FROM {s}.t")), "0");
+}
+
+#[test]
+fn an_unreachable_server_is_a_clear_error_without_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = orders_ndjson(dir.path(), &[r#"{"order_id": 1}"#]);
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            r#"
+[pipeline]
+name = "pg-down"
+
+[sources.orders]
+type = "file"
+path = "{input}"
+format = {{ type = "json" }}
+
+[sources.orders.schema]
+order_id = "bigint not null"
+
+[sinks.pg]
+type = "postgres"
+inputs = ["orders"]
+url = "postgres://sluice:hunter2secret@127.0.0.1:1/db?connect_timeout=2"
+table = "t"
+"#,
+            input = input.display()
+        ),
+    );
+    let started = Instant::now();
+    let out = run(&p);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(err.contains("127.0.0.1:1/db"), "{err}");
+    assert!(!err.contains("hunter2secret"), "the password leaked: {err}");
+}
+
+#[test]
+fn kafka_to_postgres_is_exactly_once_across_a_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("eos");
+    let t = topic("pg-eos");
+    create(&t, 3);
+    let m = produce(&t, 3, 60_000, 1, 0, dir.path());
+    let group = format!("{t}-g");
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            r#"
+[pipeline]
+name = "pg-eos"
+batch_size = 2000
+
+[sources.orders]
+type = "kafka"
+brokers = "{brokers}"
+topics = ["{t}"]
+group_id = "{group}"
+format = {{ type = "json" }}
+metadata = ["partition", "offset"]
+
+[sources.orders.schema]
+order_id = "bigint not null"
+customer = "varchar"
+amount = "decimal(10,2) not null"
+status = "varchar not null"
+
+[sinks.appended]
+type = "postgres"
+inputs = ["orders"]
+url = "{url}"
+table = "{s}.appended"
+create_table = true
+exactly_once = true
+batch_rows = 3000
+
+[sinks.merged]
+type = "postgres"
+inputs = ["orders"]
+url = "{url}"
+table = "{s}.merged"
+create_table = true
+mode = "upsert"
+key = ["order_id"]
+exactly_once = true
+batch_rows = 3000
+"#,
+            brokers = crate::kafka::brokers(),
+            url = url()
+        ),
+    );
+    let mut child = sluice().args(["run", "--no-progress"]).arg(&p).spawn().unwrap();
+    let started = Instant::now();
+    let count = || psql(&format!("SELECT count(*) FROM {s}.appended")).parse::<i64>().unwrap_or(0);
+    loop {
+        let exists = psql(&format!("SELECT to_regclass('{s}.appended') IS NOT NULL")) == "t";
+        if exists && count() >= 9000 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no rows after 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = count();
+    assert!(at_kill < 60_000, "the kill came after everything was written");
+    run_bounded(&p);
+    let expected = m.good.len() as i64;
+    assert_eq!(
+        psql(&format!("SELECT count(*), count(DISTINCT order_id) FROM {s}.appended")),
+        format!("{expected}|{expected}"),
+        "every record exactly once (at the kill: {at_kill})"
+    );
+    assert_eq!(psql(&format!("SELECT count(*) FROM {s}.merged")), expected.to_string());
+    let cents: i64 = m.good.values().sum();
+    assert_eq!(psql(&format!("SELECT (sum(amount) * 100)::bigint FROM {s}.appended")), cents.to_string());
+    // Positions are stored per partition shard.
+    assert_eq!(
+        psql(&format!(
+            "SELECT count(*) FROM sluice_offsets WHERE pipeline = 'pg-eos' AND sink = 'appended' AND shard LIKE 'orders/{t}/%'"
+        )),
+        "3"
+    );
+}
+
+#[test]
+fn transactions_cut_by_terminated_connections_are_retried_and_land_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("retry");
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            r#"
+[pipeline]
+name = "pg-retry-{s}"
+
+[sources.gen]
+type = "generator"
+shape = "orders"
+count = 200000
+rate = 100000
+seed = 7
+
+[sinks.pg]
+type = "postgres"
+inputs = ["gen"]
+url = "{url}&application_name=sluice-{s}"
+table = "{s}.orders"
+create_table = true
+exactly_once = true
+batch_rows = 10000
+"#,
+            url = if url().contains('?') { url() } else { format!("{}?sslmode=disable", url()) }
+        ),
+    );
+    let child = sluice().args(["run", "--no-progress"]).arg(&p).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut killed = 0;
+    let started = Instant::now();
+    while killed < 4 && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(400));
+        let n: i64 = psql(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'sluice-{s}'"
+        ))
+        .parse()
+        .unwrap();
+        killed += (n > 0) as i32;
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(killed >= 2, "connections were terminated {killed} times");
+    assert!(err.contains("retrying"), "no retry was logged: {err}");
+    assert_eq!(psql(&format!("SELECT count(*), count(DISTINCT order_id) FROM {s}.orders")), "200000|200000");
+}
+
+#[test]
+fn a_million_rows_read_in_four_shards_equal_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("shards");
+    psql(&format!(
+        "CREATE TABLE {s}.big (id bigint PRIMARY KEY, amount numeric(12,2), name text, ts timestamptz); \
+         INSERT INTO {s}.big SELECT g, (g % 10000) / 100.0, 'name-' || g, \
+           timestamptz '2024-01-01' + g * interval '1 second' FROM generate_series(1, 1000000) g; \
+         CREATE TABLE {s}.heap AS SELECT id, name FROM {s}.big WHERE id <= 50000"
+    ));
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            r#"
+[pipeline]
+name = "pg-shards"
+shard_parallelism = 4
+
+[sources.big]
+type = "postgres"
+url = "{url}"
+table = "{s}.big"
+shards = 4
+
+[sources.heap]
+type = "postgres"
+url = "{url}"
+table = "{s}.heap"
+shards = 3
+
+[sinks.lake]
+type = "file"
+inputs = ["big"]
+path = "{out}/lake"
+format = "parquet"
+
+[sinks.heap_lake]
+type = "file"
+inputs = ["heap"]
+path = "{out}/heap"
+format = "parquet"
+"#,
+            url = url(),
+            out = dir.path().display()
+        ),
+    );
+    run_ok(&p);
+    let batches = read_parquet(&dir.path().join("lake"));
+    let (mut count, mut ids, mut cents, mut names, mut secs) = (0i64, 0i128, 0i128, 0i128, 0i128);
+    for (_, b) in &batches {
+        let id = b.column_by_name("id").unwrap().as_primitive::<Int64Type>();
+        let amount = b.column_by_name("amount").unwrap().as_primitive::<Decimal128Type>();
+        let name = b.column_by_name("name").unwrap().as_string::<i32>();
+        let ts = b.column_by_name("ts").unwrap().as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+        for i in 0..b.num_rows() {
+            count += 1;
+            ids += id.value(i) as i128;
+            cents += amount.value(i);
+            names += name.value(i).len() as i128;
+            secs += (ts.value(i) / 1_000_000) as i128;
+        }
+    }
+    let want = psql(&format!(
+        "SELECT count(*), sum(id), (sum(amount) * 100)::bigint, sum(length(name)), sum(extract(epoch FROM ts))::bigint FROM {s}.big"
+    ));
+    assert_eq!(format!("{count}|{ids}|{cents}|{names}|{secs}"), want);
+    // Four shard files: the ranges were read separately.
+    assert_eq!(crate::common::files(&dir.path().join("lake"), ".parquet").len(), 4);
+    // A table without a primary key is split by pages.
+    let heap = read_parquet(&dir.path().join("heap"));
+    let mut heap_ids: Vec<i64> = heap
+        .iter()
+        .flat_map(|(_, b)| b.column_by_name("id").unwrap().as_primitive::<Int64Type>().values().to_vec())
+        .collect();
+    heap_ids.sort();
+    assert_eq!(heap_ids, (1..=50000).collect::<Vec<i64>>());
+}
+
+#[test]
+fn incremental_reads_take_tied_and_late_committed_rows_and_resume_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("incr");
+    psql(&format!(
+        "CREATE TABLE {s}.events (id bigint PRIMARY KEY, updated_at timestamptz NOT NULL, v text); \
+         INSERT INTO {s}.events SELECT g, timestamptz '2024-01-01 00:00:00' + (g / 10) * interval '1 second', 'old' \
+           FROM generate_series(1, 95) g"
+    ));
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            r#"
+[pipeline]
+name = "pg-incr-{s}"
+batch_size = 7
+
+[sources.events]
+type = "postgres"
+url = "{url}"
+table = "{s}.events"
+cursor_column = "updated_at"
+poll_interval = "200ms"
+safety_margin = "3s"
+
+[sinks.out]
+type = "file"
+inputs = ["events"]
+path = "{out}/out"
+format = "json"
+rotate = {{ max_rows = 10 }}
+"#,
+            url = url(),
+            out = dir.path().display()
+        ),
+    );
+    let mut child = sluice().args(["run", "--no-progress"]).arg(&p).spawn().unwrap();
+    // A transaction that takes its cursor value now and commits 2 s later, while later rows commit
+    // at once.
+    let late = std::process::Command::new("psql")
+        .arg(url())
+        .args([
+            "-qAtX",
+            "-c",
+            &format!(
+                "BEGIN; INSERT INTO {s}.events VALUES (1000, now(), 'late'); SELECT pg_sleep(2); COMMIT;"
+            ),
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    psql(&format!(
+        "INSERT INTO {s}.events SELECT 1000 + g, now() + interval '10 ms', 'tied' FROM generate_series(1, 20) g"
+    ));
+    let late = late.wait_with_output().unwrap();
+    assert!(late.status.success());
+    let ids = |dir: &Path| -> Vec<i64> {
+        let mut v: Vec<i64> = read_ndjson(dir).iter().map(|r| r["id"].as_i64().unwrap()).collect();
+        v.sort();
+        v
+    };
+    let want: Vec<i64> = (1..=95).chain(1000..=1020).collect();
+    let started = Instant::now();
+    while ids(&dir.path().join("out")).len() < want.len() && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(ids(&dir.path().join("out")), want, "every row once, the late and the tied ones too");
+    // A restart reads only what is new.
+    psql(&format!("INSERT INTO {s}.events VALUES (2000, now(), 'new')"));
+    std::fs::remove_dir_all(dir.path().join("out")).unwrap();
+    run_bounded(&p);
+    assert_eq!(ids(&dir.path().join("out")), vec![2000]);
+}
