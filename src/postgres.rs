@@ -88,8 +88,7 @@ pub fn pool(config: tokio_postgres::Config, tls: &TlsSettings, size: usize) -> R
         .with_root_certificates(roots)
         .with_no_client_auth();
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client);
-    let manager =
-        Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(size.max(1))
         .runtime(deadpool_postgres::Runtime::Tokio1)

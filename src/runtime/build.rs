@@ -328,7 +328,9 @@ fn build_sink(
         SinkConfig::Blackhole(_) => Box::new(BlackholeSink),
         SinkConfig::Kafka(c) => Box::new(crate::sink::kafka::KafkaSink::new(id, c, schema, metrics)?),
         SinkConfig::S3(c) => Box::new(crate::sink::s3::S3Sink::new(id, c, schema, metrics)?),
-        SinkConfig::Postgres(c) => Box::new(crate::sink::postgres::PostgresSink::new(id, pipeline, c, schema, metrics)?),
+        SinkConfig::Postgres(c) => {
+            Box::new(crate::sink::postgres::PostgresSink::new(id, pipeline, c, schema, metrics)?)
+        }
     })
 }
 

@@ -118,6 +118,8 @@ struct Plan {
 struct Pending {
     /// Binary COPY tuples, one after another (no header or trailer).
     data: Vec<u8>,
+    /// `data`, frozen when the flush starts (sliced for COPY without copying).
+    frozen: Bytes,
     /// End offset in `data` of each row.
     row_ends: Vec<usize>,
     /// (index into `batches`, row in that batch) of each row.
@@ -243,12 +245,14 @@ impl PostgresSink {
             return Ok(p.clone());
         }
         let client = self.pool.get().await.map_err(|e| self.error(pg::pool_error(&e, &self.describe)))?;
-        let mut table = pg::table_columns(&client, &self.target).await.map_err(|e| self.db_error("reading the columns", &e))?;
+        let mut table =
+            pg::table_columns(&client, &self.target).await.map_err(|e| self.db_error("reading the columns", &e))?;
         if table.is_none() && self.config.create_table {
             let ddl = self.create_table_sql();
             client.batch_execute(&ddl).await.map_err(|e| self.db_error("creating the table", &e))?;
             tracing::info!(component = %self.component, table = %self.target, "created the table");
-            table = pg::table_columns(&client, &self.target).await.map_err(|e| self.db_error("reading the columns", &e))?;
+            table =
+                pg::table_columns(&client, &self.target).await.map_err(|e| self.db_error("reading the columns", &e))?;
         }
         let Some(table) = table else {
             return Err(self.error(format!(
@@ -256,7 +260,8 @@ impl PostgresSink {
                 self.target, self.describe
             )));
         };
-        let columns = plan_columns(&self.schema, &table).map_err(|e| self.error(format!("table {}: {e}", self.target)))?;
+        let columns =
+            plan_columns(&self.schema, &table).map_err(|e| self.error(format!("table {}: {e}", self.target)))?;
         let names: Vec<String> = columns.iter().map(|(i, _)| pg::quote_ident(self.schema.field(*i).name())).collect();
         let list = names.join(", ");
         let (copy, stage_ddl, merge) = match self.config.mode {
@@ -277,8 +282,11 @@ impl PostgresSink {
                     .filter(|n| !self.config.key.contains(n))
                     .map(|n| format!("{0} = EXCLUDED.{0}", pg::quote_ident(n)))
                     .collect();
-                let action =
-                    if updates.is_empty() { "DO NOTHING".to_string() } else { format!("DO UPDATE SET {}", updates.join(", ")) };
+                let action = if updates.is_empty() {
+                    "DO NOTHING".to_string()
+                } else {
+                    format!("DO UPDATE SET {}", updates.join(", "))
+                };
                 let merge = format!(
                     "INSERT INTO {} ({list}) SELECT DISTINCT ON ({keys}) {list} FROM {stage} \
                      WHERE {seq} BETWEEN $1 AND $2 ORDER BY {keys}, {seq} DESC ON CONFLICT ({keys}) {action}",
@@ -319,10 +327,10 @@ impl PostgresSink {
                 .await
                 .map_err(|e| self.db_error("creating the offsets table", &e))?;
             let rows = client
-                .query(&format!("SELECT shard, position FROM {t} WHERE pipeline = $1 AND sink = $2"), &[
-                    &self.pipeline,
-                    &self.component,
-                ])
+                .query(
+                    &format!("SELECT shard, position FROM {t} WHERE pipeline = $1 AND sink = $2"),
+                    &[&self.pipeline, &self.component],
+                )
                 .await
                 .map_err(|e| self.db_error("reading the stored positions", &e))?;
             for r in rows {
@@ -375,7 +383,8 @@ impl PostgresSink {
             return Ok(());
         }
         let plan = self.prepare().await?;
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.frozen = Bytes::from(std::mem::take(&mut pending.data));
         let (pool, dl, metrics) = (self.pool.clone(), self.dead_letter.clone(), self.metrics.clone());
         self.in_flight = Some(tokio::spawn(async move { write_pending(plan, pool, pending, dl, metrics).await }));
         Ok(())
@@ -478,7 +487,12 @@ enum Col {
     Time(arrow::array::Time64MicrosecondArray),
     /// Pre-rendered JSON text of each row (structs, maps, lists into json/jsonb).
     Json(Vec<Option<Vec<u8>>>, bool),
-    List { offsets: Vec<usize>, nulls: Option<arrow::buffer::NullBuffer>, values: Box<Col>, elem_oid: u32 },
+    List {
+        offsets: Vec<usize>,
+        nulls: Option<arrow::buffer::NullBuffer>,
+        values: Box<Col>,
+        elem_oid: u32,
+    },
 }
 
 fn cast(a: &ArrayRef, to: &DataType) -> Result<ArrayRef, String> {
@@ -501,7 +515,8 @@ impl Col {
             PgKind::Json | PgKind::Jsonb if !matches!(dt, D::Utf8 | D::LargeUtf8 | D::Utf8View) => {
                 let field = Arc::new(Field::new("v", dt, true));
                 let options = arrow::json::writer::EncoderOptions::default();
-                let mut enc = arrow::json::writer::make_encoder(&field, a.as_ref(), &options).map_err(|e| e.to_string())?;
+                let mut enc =
+                    arrow::json::writer::make_encoder(&field, a.as_ref(), &options).map_err(|e| e.to_string())?;
                 let rows = (0..a.len())
                     .map(|i| {
                         a.is_valid(i).then(|| {
@@ -523,7 +538,9 @@ impl Col {
                     _ => Col::Int(cast(&a, &D::Int64)?.as_primitive().clone(), kind.clone()),
                 }
             }
-            PgKind::Text | PgKind::Json | PgKind::Jsonb => Col::Text(cast(&a, &D::Utf8)?.as_string().clone(), kind.clone()),
+            PgKind::Text | PgKind::Json | PgKind::Jsonb => {
+                Col::Text(cast(&a, &D::Utf8)?.as_string().clone(), kind.clone())
+            }
             PgKind::Uuid => match dt {
                 D::FixedSizeBinary(_) => Col::Bytes(cast(&a, &D::Binary)?.as_binary().clone(), PgKind::Uuid),
                 _ => Col::Text(cast(&a, &D::Utf8)?.as_string().clone(), PgKind::Uuid),
@@ -758,15 +775,21 @@ fn copy_stream(p: &Pending, rows: std::ops::Range<usize>) -> Vec<Bytes> {
     header.extend_from_slice(&0i32.to_be_bytes());
     header.extend_from_slice(&0i32.to_be_bytes());
     let mut chunks = vec![Bytes::from(header)];
-    let data = &p.data[start..end];
-    for c in data.chunks(COPY_CHUNK) {
-        chunks.push(Bytes::copy_from_slice(c));
+    let mut at = start;
+    while at < end {
+        let next = (at + COPY_CHUNK).min(end);
+        chunks.push(p.frozen.slice(at..next));
+        at = next;
     }
     chunks.push(Bytes::from_static(b"\xff\xff"));
     chunks
 }
 
-async fn copy(client: &tokio_postgres::Client, statement: &str, chunks: Vec<Bytes>) -> Result<u64, tokio_postgres::Error> {
+async fn copy(
+    client: &tokio_postgres::Client,
+    statement: &str,
+    chunks: Vec<Bytes>,
+) -> Result<u64, tokio_postgres::Error> {
     let sink = client.copy_in::<_, Bytes>(statement).await?;
     futures::pin_mut!(sink);
     for c in chunks {
@@ -832,7 +855,8 @@ async fn write_pending(
             Attempt::Done(stored) => {
                 metrics::counter!(names::POSTGRES_ROWS_WRITTEN_TOTAL, "component" => plan.component.clone())
                     .increment(p.rows.len() as u64);
-                metrics::counter!(names::POSTGRES_TRANSACTIONS_TOTAL, "component" => plan.component.clone()).increment(1);
+                metrics::counter!(names::POSTGRES_TRANSACTIONS_TOTAL, "component" => plan.component.clone())
+                    .increment(1);
                 drop(p);
                 return Ok(stored);
             }
@@ -857,10 +881,10 @@ async fn stored_covers(
 ) -> Result<bool, tokio_postgres::Error> {
     let Some(t) = &plan.offsets_table else { return Ok(false) };
     let rows = client
-        .query(&format!("SELECT shard, position FROM {t} WHERE pipeline = $1 AND sink = $2"), &[
-            &plan.pipeline,
-            &plan.component,
-        ])
+        .query(
+            &format!("SELECT shard, position FROM {t} WHERE pipeline = $1 AND sink = $2"),
+            &[&plan.pipeline, &plan.component],
+        )
         .await?;
     let stored: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     Ok(positions.iter().all(|(s, p)| stored.get(s).is_some_and(|v| *v as u64 >= *p)))
@@ -936,7 +960,8 @@ where
     F: FnMut(std::ops::Range<usize>) -> Fut,
     Fut: std::future::Future<Output = Result<(), tokio_postgres::Error>> + 'a,
 {
-    let mut stack = vec![0..n];
+    let mut stack: Vec<std::ops::Range<usize>> = Vec::with_capacity(64);
+    stack.push(0..n);
     while let Some(range) = stack.pop() {
         client.batch_execute("SAVEPOINT sluice_rows").await?;
         match f(range.clone()).await {

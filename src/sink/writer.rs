@@ -905,8 +905,7 @@ pub(crate) fn row_positions(component: &str, batch: &Batch) -> Result<Arc<[u64]>
             batch.shard.id
         ),
     })?;
-    let cast = arrow::compute::cast(col, &arrow::datatypes::DataType::Int64)
-        .map_err(|e| Error::arrow(component, e))?;
+    let cast = arrow::compute::cast(col, &arrow::datatypes::DataType::Int64).map_err(|e| Error::arrow(component, e))?;
     let ints = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&cast);
     if arrow::array::Array::null_count(ints) > 0 {
         return Err(Error::Internal {

@@ -179,8 +179,9 @@ impl PostgresSource {
                 if shards > 1 {
                     return Err(("shards", "an incremental source (cursor_column) reads one shard".into()));
                 }
-                let (_, _, positions) = pg::quote_table(config.positions_table.as_deref().unwrap_or(DEFAULT_POSITIONS_TABLE))
-                    .map_err(|e| ("positions_table", e))?;
+                let (_, _, positions) =
+                    pg::quote_table(config.positions_table.as_deref().unwrap_or(DEFAULT_POSITIONS_TABLE))
+                        .map_err(|e| ("positions_table", e))?;
                 Some(Cursor {
                     column: c.clone(),
                     type_name: col.type_name.clone(),
@@ -268,7 +269,9 @@ impl PostgresSource {
                 None => true,
             };
             loop {
-                let row = decoder.next_row(&mut buf, position + 1).map_err(|e| self.error(format!("reading {}: {e}", self.from)))?;
+                let row = decoder
+                    .next_row(&mut buf, position + 1)
+                    .map_err(|e| self.error(format!("reading {}: {e}", self.from)))?;
                 match row {
                     Row::Incomplete | Row::End => break,
                     Row::Decoded => position += 1,
@@ -393,7 +396,10 @@ fn literal(s: &str) -> String {
 }
 
 /// The table's primary key when it is one integer column.
-async fn integer_primary_key(client: &tokio_postgres::Client, table: &str) -> Result<Option<String>, tokio_postgres::Error> {
+async fn integer_primary_key(
+    client: &tokio_postgres::Client,
+    table: &str,
+) -> Result<Option<String>, tokio_postgres::Error> {
     let rows = client
         .query(
             "SELECT a.attname::text, t.typname::text FROM pg_index i \
@@ -536,11 +542,10 @@ impl CursorStore {
         let client = self.pool.get().await.map_err(|e| pg::pool_error(&e, "the source database"))?;
         self.ensure_table(&client).await?;
         let rows = client
-            .query(&format!("SELECT cursor FROM {} WHERE pipeline = $1 AND source = $2 AND shard = $3", self.table), &[
-                &self.pipeline,
-                &self.source,
-                &shard,
-            ])
+            .query(
+                &format!("SELECT cursor FROM {} WHERE pipeline = $1 AND source = $2 AND shard = $3", self.table),
+                &[&self.pipeline, &self.source, &shard],
+            )
             .await
             .map_err(|e| format!("reading the position from {}: {}", self.table, pg::message(&e)))?;
         Ok(rows.first().map(|r| r.get(0)))
@@ -984,7 +989,13 @@ impl Decoder {
             }
         }
         if let Some(error) = failed {
-            self.bad.push(BadRecord { position: Some(position), stage: Stage::Convert, error, raw: row.to_vec(), key: None });
+            self.bad.push(BadRecord {
+                position: Some(position),
+                stage: Stage::Convert,
+                error,
+                raw: row.to_vec(),
+                key: None,
+            });
             return Ok(Row::Decoded);
         }
         if !self.schema.fields().iter().zip(&vals).all(|(f, v)| f.is_nullable() || !matches!(v, Val::Null)) {

@@ -12,9 +12,8 @@ use crate::kafka::{create, produce, run_bounded, topic};
 
 /// The test database's URL (no password: the test server trusts local connections).
 fn url() -> String {
-    std::env::var("SLUICE_TEST_PG_URL").expect(
-        "SLUICE_TEST_PG_URL is not set: run the tests with scripts/test.sh, which starts PostgreSQL",
-    )
+    std::env::var("SLUICE_TEST_PG_URL")
+        .expect("SLUICE_TEST_PG_URL is not set: run the tests with scripts/test.sh, which starts PostgreSQL")
 }
 
 /// Runs SQL with psql; returns its unaligned, tuples-only output.
@@ -198,7 +197,8 @@ path = "{out}/dead"
 fn insert_mode_creates_the_table_and_dead_letters_duplicate_keys_only() {
     let dir = tempfile::tempdir().unwrap();
     let s = schema("insert");
-    let mut lines: Vec<String> = (0..2000).map(|i| format!(r#"{{"order_id": {i}, "amount": "1.25", "status": "ok"}}"#)).collect();
+    let mut lines: Vec<String> =
+        (0..2000).map(|i| format!(r#"{{"order_id": {i}, "amount": "1.25", "status": "ok"}}"#)).collect();
     lines[700] = r#"{"order_id": 5, "amount": "1.25", "status": "duplicate"}"#.into();
     lines[1500] = r#"{"order_id": 1499, "amount": "1.25", "status": "duplicate"}"#.into();
     let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
@@ -240,9 +240,7 @@ path = "{out}/dead"
     );
     run_ok(&p);
     assert_eq!(
-        psql(&format!(
-            "SELECT count(*), sum(amount), count(*) FILTER (WHERE status = 'duplicate') FROM {s}.created"
-        )),
+        psql(&format!("SELECT count(*), sum(amount), count(*) FILTER (WHERE status = 'duplicate') FROM {s}.created")),
         "1998|2497.50|0"
     );
     assert_eq!(
@@ -586,7 +584,7 @@ type = "file"
 inputs = ["events"]
 path = "{out}/out"
 format = "json"
-rotate = {{ max_rows = 10 }}
+rotate = {{ max_rows = 10, max_age = "500ms" }}
 "#,
             url = url(),
             out = dir.path().display()
@@ -600,9 +598,7 @@ rotate = {{ max_rows = 10 }}
         .args([
             "-qAtX",
             "-c",
-            &format!(
-                "BEGIN; INSERT INTO {s}.events VALUES (1000, now(), 'late'); SELECT pg_sleep(2); COMMIT;"
-            ),
+            &format!("BEGIN; INSERT INTO {s}.events VALUES (1000, now(), 'late'); SELECT pg_sleep(2); COMMIT;"),
         ])
         .spawn()
         .unwrap();
