@@ -627,3 +627,48 @@ rotate = {{ max_rows = 10, max_age = "500ms" }}
     run_bounded(&p);
     assert_eq!(ids(&dir.path().join("out")), vec![2000]);
 }
+
+#[test]
+fn tls_is_used_when_the_url_asks_and_the_certificate_is_verified() {
+    // Debian's server has TLS on with its snakeoil certificate, issued for `localhost` and
+    // trusted through /etc/ssl/certs.
+    assert_eq!(psql("SHOW ssl"), "on", "the test server has TLS off");
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("tls");
+    let input = orders_ndjson(dir.path(), &[r#"{"order_id": 1}"#, r#"{"order_id": 2}"#]);
+    let tls_url = |host: &str| {
+        url().replacen("127.0.0.1", host, 1) + if url().contains('?') { "&" } else { "?" } + "sslmode=require"
+    };
+    let pipeline = |url: &str, table: &str| {
+        format!(
+            r#"
+[pipeline]
+name = "pg-tls"
+
+[sources.orders]
+type = "file"
+path = "{input}"
+format = {{ type = "json" }}
+schema = {{ order_id = "bigint not null" }}
+
+[sinks.pg]
+type = "postgres"
+inputs = ["orders"]
+url = "{url}"
+table = "{s}.{table}"
+create_table = true
+tls = {{ ca_file = "/etc/ssl/certs/ssl-cert-snakeoil.pem" }}
+"#,
+            input = input.display()
+        )
+    };
+    let ok = write(dir.path(), "ok.toml", &pipeline(&tls_url("localhost"), "t"));
+    run_ok(&ok);
+    assert_eq!(psql(&format!("SELECT count(*) FROM {s}.t")), "2");
+    // The certificate does not name 127.0.0.1: the connection is refused, not made in clear.
+    let bad = write(dir.path(), "bad.toml", &pipeline(&tls_url("127.0.0.1"), "u"));
+    let out = run(&bad);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("certificate not valid for name"), "{err}");
+}
