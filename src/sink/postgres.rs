@@ -1147,6 +1147,35 @@ mod tests {
     }
 
     #[test]
+    fn structs_become_jsonb_and_lists_become_arrays() {
+        use arrow::array::{Int32Array, ListArray, StringArray, StructArray};
+        let st: ArrayRef = Arc::new(StructArray::from(vec![
+            (Arc::new(Field::new("a", DataType::Int32, true)), Arc::new(Int32Array::from(vec![1])) as ArrayRef),
+            (Arc::new(Field::new("b", DataType::Utf8, true)), Arc::new(StringArray::from(vec!["x"])) as ArrayRef),
+        ]));
+        let mut out = Vec::new();
+        Col::new(&st, &PgKind::Jsonb).unwrap().encode(0, &mut out).unwrap();
+        let json = br#"{"a":1,"b":"x"}"#;
+        assert_eq!(&out[..4], &((json.len() + 1) as i32).to_be_bytes());
+        assert_eq!(out[4], 1, "jsonb version byte");
+        assert_eq!(&out[5..], json);
+        // [7, null] as int4[]: one dimension, a null flag, element oid 23, size 2, lower bound 1.
+        let list: ArrayRef =
+            Arc::new(ListArray::from_iter_primitive::<arrow::datatypes::Int32Type, _, _>(vec![Some(vec![
+                Some(7),
+                None,
+            ])]));
+        let mut out = Vec::new();
+        Col::new(&list, &PgKind::Array(Box::new(PgKind::Int4), 23)).unwrap().encode(0, &mut out).unwrap();
+        let mut want: Vec<u8> = Vec::new();
+        for v in [1i32, 1, 23, 2, 1, 4, 7, -1] {
+            want.extend_from_slice(&v.to_be_bytes());
+        }
+        assert_eq!(&out[4..], &want[..]);
+        assert_eq!(i32::from_be_bytes(out[..4].try_into().unwrap()) as usize, want.len());
+    }
+
+    #[test]
     fn out_of_range_integers_are_row_errors() {
         let mut out = Vec::new();
         assert!(int(&mut out, 70_000, &PgKind::Int2).is_err());

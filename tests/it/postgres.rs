@@ -83,6 +83,17 @@ type = "postgres"
 url = "{url}"
 table = "{s}.src"
 
+[sources.some]
+type = "postgres"
+url = "{url}"
+query = "SELECT id, n, t, ai FROM {s}.src WHERE id <> 2;"
+
+[sinks.some_out]
+type = "file"
+inputs = ["some"]
+path = "{out}/some"
+format = "json"
+
 [sinks.dst]
 type = "postgres"
 inputs = ["src"]
@@ -120,6 +131,17 @@ format = "parquet"
     assert_eq!(t.value(first), "héllo wörld ✓ 日本");
     let third = (0..3).find(|i| ids.value(*i) == 3).unwrap();
     assert!(t.is_null(third) && n.is_null(third));
+    // A query's columns and types come from the server too.
+    let mut some = read_ndjson(&dir.path().join("some"));
+    some.sort_by_key(|r| r["id"].as_i64());
+    assert_eq!(some.len(), 2);
+    let raw: String = crate::common::files(&dir.path().join("some"), ".ndjson")
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(raw.contains("1234567890123456789012345678.0123456789"), "decimals stay exact: {raw}");
+    assert_eq!(some[0]["ai"], serde_json::json!([1, null, 3]));
+    assert_eq!(some[1]["id"], 3);
 }
 
 fn orders_ndjson(dir: &Path, lines: &[&str]) -> std::path::PathBuf {
