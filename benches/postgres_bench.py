@@ -8,6 +8,8 @@ Scenarios (`compare --only` takes a comma-separated list of these names):
   sluice-insert         sluice: NDJSON file -> postgres sink, mode = "insert"
   sluice-upsert         sluice: NDJSON file -> postgres sink, mode = "upsert" on the primary key
   sluice-pg-to-parquet  sluice: postgres source (shards = 1) -> Parquet files
+  sluice-pg-to-parquet-auto  the same with the file sink's dictionary = "auto" (mostly-distinct
+                        columns written plain instead of dictionary-encoded)
   python-pg-to-parquet  Python: psycopg 3 COPY TO STDOUT -> pyarrow -> Parquet files
 
 Every sink run writes a fresh ordinary (logged) table with the same columns, counted and dropped
@@ -30,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -45,7 +48,7 @@ ARROW = pa.schema([(c, {"bigint": pa.int64(), "text": pa.string(), "numeric(12,2
                         "integer": pa.int32(), "timestamp": pa.timestamp("us")}[PG_TYPES[c]]) for c, _ in SCHEMA])
 NAMES = [c for c, _ in SCHEMA]
 SINKS = ["psql-copy", "sluice-insert", "sluice-upsert"]
-SOURCES = ["sluice-pg-to-parquet", "python-pg-to-parquet"]
+SOURCES = ["sluice-pg-to-parquet", "sluice-pg-to-parquet-auto", "python-pg-to-parquet"]
 SOURCE_TABLE = "bench.src"
 
 
@@ -178,7 +181,7 @@ mode = "{mode}"{key}
 """
 
 
-def sluice_source_toml(a, out_dir):
+def sluice_source_toml(a, out_dir, dictionary="always"):
     return f"""[pipeline]
 name = "bench-pg-to-parquet"
 batch_size = 8192
@@ -195,6 +198,7 @@ inputs = ["src"]
 path = {harness.toml_str(out_dir)}
 format = "parquet"
 rotate = {{ max_rows = {ROWS_PER_FILE} }}
+dictionary = "{dictionary}"
 """
 
 
@@ -292,9 +296,9 @@ def cmd_compare(a):
                 p = work / f"{tag}.toml"
                 p.write_text(sluice_sink_toml(a, table, name.split("-")[1]))
                 cmd = [a.sluice, "run", "--bounded", "--no-progress", str(p)]
-            elif name == "sluice-pg-to-parquet":
+            elif name.startswith("sluice-pg-to-parquet"):
                 p = work / f"{tag}.toml"
-                p.write_text(sluice_source_toml(a, out_dir))
+                p.write_text(sluice_source_toml(a, out_dir, "auto" if name.endswith("-auto") else "always"))
                 cmd = [a.sluice, "run", "--bounded", "--no-progress", str(p)]
             else:
                 cmd = [sys.executable, __file__, "python-pg-to-parquet", "--url", a.url, "--table", SOURCE_TABLE,
@@ -303,6 +307,9 @@ def cmd_compare(a):
             conn.execute("CHECKPOINT")
             cpu0 = server_cpu()
             r = harness.measure(cmd, str(work / tag), env=env)
+            # The run's backends exit after the client does; the postmaster counts their CPU
+            # once it has reaped them.
+            time.sleep(0.5)
             cpu1 = server_cpu()
             harness.check_rc(r, name)
             r["server_cpu"] = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
@@ -374,10 +381,12 @@ def render(a, results, outputs, expect, same, server, csv_bytes):
     for k, target in [("sluice-insert", " (target ≥ 70%)"), ("sluice-upsert", "")]:
         if base and k in stats:
             ratios.append(f"- {k} wall rate / psql \\copy: **{stats[k][0] / base[0]:.0%}**{target}")
-    s, p = stats.get("sluice-pg-to-parquet"), stats.get("python-pg-to-parquet")
-    if s and p:
-        ratios.append(f"- pg → Parquet, sluice / Python: records/s **{s[0] / p[0]:.2f}×**, per CPU-second "
-                      f"**{s[1] / p[1]:.2f}×** (target ≥ 2×), peak RSS {s[2]:.0f} vs {p[2]:.0f} MiB")
+    p = stats.get("python-pg-to-parquet")
+    for k, how in [("sluice-pg-to-parquet", "default dictionary"), ("sluice-pg-to-parquet-auto", 'dictionary = "auto"')]:
+        s = stats.get(k)
+        if s and p:
+            ratios.append(f"- pg → Parquet, sluice ({how}) / Python: records/s **{s[0] / p[0]:.2f}×**, per CPU-second "
+                          f"**{s[1] / p[1]:.2f}×** (target ≥ 2×), peak RSS {s[2]:.0f} vs {p[2]:.0f} MiB")
     if ratios:
         L += ["", "Ratios:", "", *ratios]
     L += ["", f"(rows, sum(order_id)) per run, which must equal the input's {expect}: {outputs} — "

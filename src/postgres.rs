@@ -157,7 +157,12 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
 /// Errors tied to the data of some rows (a constraint, a value out of range): the rows at fault
 /// are found and dead-lettered, the rest is written.
 pub fn is_row_error(e: &tokio_postgres::Error) -> bool {
-    e.code().is_some_and(|c| c.code().starts_with("23") || c.code().starts_with("22"))
+    // Not 22P03/22P04 (a malformed binary value or COPY stream): that is sluice's fault, for
+    // every row alike, and fails the pipeline instead of dead-lettering each row.
+    e.code().is_some_and(|c| {
+        let c = c.code();
+        (c.starts_with("23") || c.starts_with("22")) && c != "22P03" && c != "22P04"
+    })
 }
 
 /// Backoff before retry `attempt` (1-based): 100 ms doubling to 10 s, with full jitter.

@@ -268,10 +268,12 @@ impl PostgresSource {
                 Some(Err(e)) => return Err(read_error(e)),
                 None => true,
             };
+            let mut at = 0;
             loop {
-                let row = decoder
-                    .next_row(&mut buf, position + 1)
+                let (row, used) = decoder
+                    .next_row(&buf[at..], position + 1)
                     .map_err(|e| self.error(format!("reading {}: {e}", self.from)))?;
+                at += used;
                 match row {
                     Row::Incomplete | Row::End => break,
                     Row::Decoded => position += 1,
@@ -285,6 +287,7 @@ impl PostgresSource {
                     }
                 }
             }
+            buf.advance(at);
             if done {
                 break;
             }
@@ -629,6 +632,12 @@ struct Decoder {
     cursors: Vec<String>,
     positions: Vec<u64>,
     bad: Vec<BadRecord>,
+    /// Whether each column may hold nulls.
+    nullable: Vec<bool>,
+    /// (start, length or -1) of each field of the row being decoded.
+    spans: Vec<(usize, i32)>,
+    /// Builder rows (indexes into `positions`) of rows that failed part way.
+    dropped: Vec<usize>,
     header_done: bool,
     first: Option<u64>,
     raw_bytes: usize,
@@ -730,6 +739,27 @@ impl Builder {
         }
     }
 
+    /// Decodes one binary field straight into the builder.
+    fn append_raw(&mut self, kind: &PgKind, raw: &[u8]) -> Result<(), String> {
+        match self {
+            Builder::I64(b) => b.append_value(be_i64(raw)?),
+            Builder::I32(b) => b.append_value(be_i32(raw)?),
+            Builder::I16(b) => b.append_value(be_i16(raw)?),
+            Builder::F64(b) => b.append_value(f64::from_bits(be_i64(raw)? as u64)),
+            Builder::F32(b) => b.append_value(f32::from_bits(be_i32(raw)? as u32)),
+            Builder::Bool(b) => b.append_value(raw.first().copied().unwrap_or(0) != 0),
+            Builder::Str(b) if matches!(kind, PgKind::Text | PgKind::Json) => {
+                b.append_value(std::str::from_utf8(raw).map_err(|e| e.to_string())?)
+            }
+            Builder::Bytes(b) => b.append_value(raw),
+            _ => {
+                let v = decode(kind, raw)?;
+                self.append(&v);
+            }
+        }
+        Ok(())
+    }
+
     fn append_null(&mut self) {
         match self {
             Builder::Bool(b) => b.append_null(),
@@ -818,6 +848,15 @@ fn append_dyn(b: &mut Box<dyn ArrayBuilder>, v: &Val) {
         TimestampMicrosecondBuilder,
         Time64MicrosecondBuilder
     );
+}
+
+/// Removes the items at `dropped` indexes.
+fn drop_rows<T>(v: &mut Vec<T>, dropped: &std::collections::HashSet<usize>) {
+    let mut i = 0;
+    v.retain(|_| {
+        i += 1;
+        !dropped.contains(&(i - 1))
+    });
 }
 
 fn be_i16(b: &[u8]) -> Result<i16, String> {
@@ -909,6 +948,9 @@ impl Decoder {
             cursors: Vec::new(),
             positions: Vec::with_capacity(cap),
             bad: Vec::new(),
+            nullable: schema.fields().iter().map(|f| f.is_nullable()).collect(),
+            spans: Vec::new(),
+            dropped: Vec::new(),
             header_done: false,
             first: None,
             raw_bytes: 0,
@@ -923,72 +965,60 @@ impl Decoder {
         !self.bad.is_empty()
     }
 
-    /// Decodes the next row from the front of `buf` (consuming it) as position `position`.
-    fn next_row(&mut self, buf: &mut BytesMut, position: u64) -> Result<Row, String> {
+    /// Decodes the row at the front of `buf` as position `position`; returns what it found and
+    /// how many bytes it took (none when the row is incomplete).
+    fn next_row(&mut self, buf: &[u8], position: u64) -> Result<(Row, usize), String> {
+        let mut skip = 0;
         if !self.header_done {
             if buf.len() < 19 {
-                return Ok(Row::Incomplete);
+                return Ok((Row::Incomplete, 0));
             }
             if &buf[..11] != b"PGCOPY\n\xff\r\n\0" {
                 return Err("the server's COPY output is not binary COPY".into());
             }
             let ext = be_i32(&buf[15..19])? as usize;
             if buf.len() < 19 + ext {
-                return Ok(Row::Incomplete);
+                return Ok((Row::Incomplete, 0));
             }
-            buf.advance(19 + ext);
             self.header_done = true;
+            skip = 19 + ext;
         }
+        let buf = &buf[skip..];
         if buf.len() < 2 {
-            return Ok(Row::Incomplete);
+            return Ok((Row::Incomplete, skip));
         }
         let nfields = be_i16(&buf[..2])?;
         if nfields == -1 {
-            buf.advance(2);
-            return Ok(Row::End);
+            return Ok((Row::End, skip + 2));
         }
         let want = self.kinds.len() + usize::from(self.with_cursor);
         if nfields as usize != want {
             return Err(format!("a row of {nfields} fields where {want} were expected"));
         }
-        // Find the row's end first; decode only complete rows.
+        // First the row's fields (is all of it here?), then decode.
         let mut at = 2;
-        let mut spans = Vec::with_capacity(want);
+        self.spans.clear();
         for _ in 0..want {
             if buf.len() < at + 4 {
-                return Ok(Row::Incomplete);
+                return Ok((Row::Incomplete, skip));
             }
-            let len = be_i32(&buf[at..at + 4])?;
+            let len = i32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
             at += 4;
             if len < 0 {
-                spans.push(None);
+                self.spans.push((at, -1));
                 continue;
             }
-            let len = len as usize;
-            if buf.len() < at + len {
-                return Ok(Row::Incomplete);
+            if buf.len() < at + len as usize {
+                return Ok((Row::Incomplete, skip));
             }
-            spans.push(Some(at..at + len));
-            at += len;
+            self.spans.push((at, len));
+            at += len as usize;
         }
-        let row = buf.split_to(at);
+        let row = &buf[..at];
         self.raw_bytes += at;
         self.first.get_or_insert(position);
-        let mut vals = Vec::with_capacity(self.kinds.len());
-        let mut failed = None;
-        for (i, kind) in self.kinds.iter().enumerate() {
-            match &spans[i] {
-                None => vals.push(Val::Null),
-                Some(r) => match decode(kind, &row[r.clone()]) {
-                    Ok(v) => vals.push(v),
-                    Err(e) => {
-                        failed = Some(format!("column `{}`: {e}", self.schema.field(i).name()));
-                        break;
-                    }
-                },
-            }
-        }
-        if let Some(error) = failed {
+        if let Some(i) = (0..self.kinds.len()).find(|i| self.spans[*i].1 < 0 && !self.nullable[*i]) {
+            let error = format!("column `{}`: a null in a not-null column", self.schema.field(i).name());
             self.bad.push(BadRecord {
                 position: Some(position),
                 stage: Stage::Convert,
@@ -996,44 +1026,70 @@ impl Decoder {
                 raw: row.to_vec(),
                 key: None,
             });
-            return Ok(Row::Decoded);
+            return Ok((Row::Decoded, skip + at));
         }
-        if !self.schema.fields().iter().zip(&vals).all(|(f, v)| f.is_nullable() || !matches!(v, Val::Null)) {
+        let mut failed = None;
+        for (i, (b, kind)) in self.builders.iter_mut().zip(&self.kinds).enumerate() {
+            let (start, len) = self.spans[i];
+            if failed.is_some() || len < 0 {
+                b.append_null();
+                continue;
+            }
+            if let Err(e) = b.append_raw(kind, &row[start..start + len as usize]) {
+                failed = Some(format!("column `{}`: {e}", self.schema.field(i).name()));
+                b.append_null();
+            }
+        }
+        if let Some(error) = failed {
+            // The row's slots in the builders are taken out when the batch is finished.
+            self.dropped.push(self.positions.len());
             self.bad.push(BadRecord {
                 position: Some(position),
                 stage: Stage::Convert,
-                error: "a null in a not-null column".into(),
+                error,
                 raw: row.to_vec(),
                 key: None,
             });
-            return Ok(Row::Decoded);
-        }
-        for (b, v) in self.builders.iter_mut().zip(&vals) {
-            b.append(v);
         }
         if self.with_cursor {
-            let cursor = spans[self.kinds.len()]
-                .as_ref()
-                .map(|r| String::from_utf8_lossy(&row[r.clone()]).into_owned())
-                .unwrap_or_default();
+            let (start, len) = self.spans[self.kinds.len()];
+            let cursor = if len < 0 {
+                String::new()
+            } else {
+                String::from_utf8_lossy(&row[start..start + len as usize]).into_owned()
+            };
             self.cursors.push(cursor);
         }
         self.positions.push(position);
-        Ok(Row::Decoded)
+        Ok((Row::Decoded, skip + at))
     }
 
     /// The rows decoded so far, up to `last`, as one batch; the decoder starts over.
     fn finish(&mut self, last: u64) -> Result<(Produced, Vec<String>), String> {
-        let columns: Vec<ArrayRef> = self.builders.iter_mut().map(Builder::finish).collect();
+        let mut columns: Vec<ArrayRef> = self.builders.iter_mut().map(Builder::finish).collect();
+        let mut positions = std::mem::take(&mut self.positions);
+        let mut cursors = std::mem::take(&mut self.cursors);
+        if !self.dropped.is_empty() {
+            // Rows that failed part way: their slots are taken out of every column.
+            let dropped: std::collections::HashSet<usize> = std::mem::take(&mut self.dropped).into_iter().collect();
+            let keep: arrow::array::BooleanArray = (0..positions.len()).map(|i| Some(!dropped.contains(&i))).collect();
+            columns = columns
+                .iter()
+                .map(|c| arrow::compute::filter(c.as_ref(), &keep))
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?;
+            drop_rows(&mut positions, &dropped);
+            drop_rows(&mut cursors, &dropped);
+        }
         let data = RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| e.to_string())?;
         let p = Produced {
             data,
-            positions: std::mem::take(&mut self.positions),
+            positions,
             bad: std::mem::take(&mut self.bad),
             first: self.first.take().unwrap_or(last),
             last,
             raw_bytes: std::mem::take(&mut self.raw_bytes),
         };
-        Ok((p, std::mem::take(&mut self.cursors)))
+        Ok((p, cursors))
     }
 }

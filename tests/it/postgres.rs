@@ -694,3 +694,58 @@ tls = {{ ca_file = "/etc/ssl/certs/ssl-cert-snakeoil.pem" }}
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("certificate not valid for name"), "{err}");
 }
+
+#[test]
+fn values_that_do_not_fit_arrow_are_dead_lettered_and_the_rest_of_the_batch_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("badread");
+    // Unconstrained numeric reads as decimal(38,9): NaN and a tenth fractional digit do not fit.
+    psql(&format!(
+        "CREATE TABLE {s}.t (id bigint PRIMARY KEY, n numeric(10,2), x numeric, tag text); \
+         INSERT INTO {s}.t VALUES (1, 1.50, 'NaN', 'a'), (2, 2.50, 1.123, 'b'), (3, NULL, 1.0000000001, 'c'), \
+         (4, 4.00, -7, 'd')"
+    ));
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            r#"
+[pipeline]
+name = "pg-badread"
+
+[sources.t]
+type = "postgres"
+url = "{url}"
+query = "SELECT * FROM {s}.t ORDER BY id"
+
+[sinks.out]
+type = "file"
+inputs = ["t"]
+path = "{out}/out"
+format = "json"
+
+[dead_letter]
+type = "file"
+path = "{out}/dead"
+"#,
+            url = url(),
+            out = dir.path().display()
+        ),
+    );
+    run_ok(&p);
+    let good: Vec<(i64, String)> = read_ndjson(&dir.path().join("out"))
+        .iter()
+        .map(|r| (r["id"].as_i64().unwrap(), r["tag"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(good, vec![(2, "b".to_string()), (4, "d".to_string())], "good rows keep their values");
+    let mut dead: Vec<(u64, String)> = read_ndjson(&dir.path().join("dead"))
+        .iter()
+        .map(|d| (d["position"]["index"].as_u64().unwrap(), d["error"].as_str().unwrap().to_string()))
+        .collect();
+    dead.sort();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead[0].0, 1);
+    assert!(dead[0].1.contains("column `x`") && dead[0].1.contains("NaN"), "{}", dead[0].1);
+    assert_eq!(dead[1].0, 3);
+    assert!(dead[1].1.contains("fractional digits"), "{}", dead[1].1);
+}
