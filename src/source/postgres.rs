@@ -37,6 +37,8 @@ use crate::{Error, Result};
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a cursor value must have been the largest seen before rows up to it are read.
 pub const DEFAULT_SAFETY_MARGIN: Duration = Duration::from_secs(5);
+/// COPY messages (rows) taken from the connection at once.
+const COPY_MESSAGES_AT_ONCE: usize = 1024;
 /// Table of incremental positions, in the source database.
 pub const DEFAULT_POSITIONS_TABLE: &str = "sluice_source_positions";
 
@@ -248,7 +250,9 @@ impl PostgresSource {
         let read_error = |e: tokio_postgres::Error| {
             self.error(format!("reading {} on {}: {}", self.from, self.describe, pg::message(&e)))
         };
-        let stream = client.copy_out(statement.as_str()).await.map_err(read_error)?;
+        // The server sends a message per row: take whatever has arrived at once, so the
+        // cancellation check and the decode loop run per chunk, not per row.
+        let stream = client.copy_out(statement.as_str()).await.map_err(read_error)?.ready_chunks(COPY_MESSAGES_AT_ONCE);
         futures::pin_mut!(stream);
         let mut decoder = Decoder::new(&self.schema, &self.columns, self.cursor.is_some(), ctx.batch_size);
         let mut buf = BytesMut::new();
@@ -261,11 +265,12 @@ impl PostgresSource {
                 _ = ctx.cancel.cancelled() => return Ok(position - start),
             };
             let done = match chunk {
-                Some(Ok(bytes)) => {
-                    buf.extend_from_slice(&bytes);
+                Some(messages) => {
+                    for m in messages {
+                        buf.extend_from_slice(&m.map_err(read_error)?);
+                    }
                     false
                 }
-                Some(Err(e)) => return Err(read_error(e)),
                 None => true,
             };
             let mut at = 0;
