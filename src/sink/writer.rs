@@ -215,6 +215,12 @@ impl TextOut {
     }
 }
 
+/// Dictionary page size at which a column chunk falls back to plain encoding. parquet-rs's default
+/// (1 MiB) holds 128Ki distinct 8-byte values, a whole row group: a near-unique column was hashed
+/// value by value and then written as a dictionary as large as the data. At 256 KiB it falls back
+/// after 32Ki values; columns with fewer distinct values than that keep their dictionary.
+const DICTIONARY_PAGE_BYTES: usize = 256 << 10;
+
 /// Top-level columns whose first values are mostly distinct (order ids, timestamps, amounts).
 /// The Parquet writer dictionary-encodes every column by default: for such a column it hashes each
 /// value until the dictionary page overflows and then falls back to plain encoding, in every row
@@ -282,7 +288,8 @@ impl Encoder {
                 };
                 let mut props = WriterProperties::builder()
                     .set_compression(compression)
-                    .set_max_row_group_row_count(Some(MAX_ROW_GROUP_ROWS));
+                    .set_max_row_group_row_count(Some(MAX_ROW_GROUP_ROWS))
+                    .set_dictionary_page_size_limit(DICTIONARY_PAGE_BYTES);
                 for col in plain {
                     props = props.set_column_dictionary_enabled(ColumnPath::from(col.as_str()), false);
                 }
