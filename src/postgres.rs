@@ -262,7 +262,11 @@ impl PgKind {
             "float8" => PgKind::Float8,
             "numeric" if typmod >= 4 => {
                 let m = typmod - 4;
-                PgKind::Numeric(Some((((m >> 16) & 0xffff) as u8, (m & 0xffff) as i16 as i8)))
+                // PostgreSQL allows precision up to 1000 and scales of -1000..=1000; Arrow's
+                // decimal128 holds 38 digits (larger values are bad records when read).
+                let precision = ((m >> 16) & 0xffff).min(38) as u8;
+                let scale = ((m & 0xffff) as i16).clamp(-38, 38) as i8;
+                PgKind::Numeric(Some((precision, scale)))
             }
             "numeric" => PgKind::Numeric(None),
             "text" | "varchar" | "bpchar" | "name" | "citext" => PgKind::Text,
@@ -324,7 +328,8 @@ impl PgKind {
             PgKind::Int8 => D::Int64,
             PgKind::Float4 => D::Float32,
             PgKind::Float8 => D::Float64,
-            PgKind::Numeric(Some((p, s))) => D::Decimal128((*p).clamp(1, 38), *s),
+            // A scale above the precision (numeric(2,5)) widens the precision: Arrow needs s <= p.
+            PgKind::Numeric(Some((p, s))) => D::Decimal128((*p).max((*s).max(0) as u8).clamp(1, 38), *s),
             // Unconstrained numeric: 38 digits, 9 of them after the point.
             PgKind::Numeric(None) => D::Decimal128(38, 9),
             PgKind::Text | PgKind::Json | PgKind::Jsonb | PgKind::Uuid => D::Utf8,
@@ -531,6 +536,17 @@ mod tests {
         encode_numeric(1005, 3, &mut buf);
         assert!(decode_numeric(&buf[4..], 2).is_err());
         assert_eq!(decode_numeric(&buf[4..], 4).unwrap(), 10050);
+    }
+
+    #[test]
+    fn every_numeric_typmod_maps_to_a_valid_decimal() {
+        for (p, s) in [(1, 0), (12, 2), (38, 10), (1000, 0), (2, 5), (10, -3), (5, 1000)] {
+            let typmod = ((p << 16) | (s as i32 & 0xffff)) + 4;
+            let kind = PgKind::from_typname("numeric", typmod, None).unwrap();
+            let arrow::datatypes::DataType::Decimal128(ap, as_) = kind.arrow_type() else { panic!() };
+            assert!(ap >= 1 && ap <= 38 && i16::from(as_) <= i16::from(ap), "numeric({p},{s}) -> ({ap},{as_})");
+            arrow::array::Decimal128Array::from(vec![1i128]).with_precision_and_scale(ap, as_).unwrap();
+        }
     }
 
     #[test]
