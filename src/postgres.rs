@@ -541,10 +541,10 @@ mod tests {
     #[test]
     fn every_numeric_typmod_maps_to_a_valid_decimal() {
         for (p, s) in [(1, 0), (12, 2), (38, 10), (1000, 0), (2, 5), (10, -3), (5, 1000)] {
-            let typmod = ((p << 16) | (s as i32 & 0xffff)) + 4;
+            let typmod = ((p << 16) | (s & 0xffff)) + 4;
             let kind = PgKind::from_typname("numeric", typmod, None).unwrap();
             let arrow::datatypes::DataType::Decimal128(ap, as_) = kind.arrow_type() else { panic!() };
-            assert!(ap >= 1 && ap <= 38 && i16::from(as_) <= i16::from(ap), "numeric({p},{s}) -> ({ap},{as_})");
+            assert!((1..=38).contains(&ap) && i16::from(as_) <= i16::from(ap), "numeric({p},{s}) -> ({ap},{as_})");
             arrow::array::Decimal128Array::from(vec![1i128]).with_precision_and_scale(ap, as_).unwrap();
         }
     }
