@@ -265,7 +265,8 @@ impl PgKind {
                 // PostgreSQL allows precision up to 1000 and scales of -1000..=1000; Arrow's
                 // decimal128 holds 38 digits (larger values are bad records when read).
                 let precision = ((m >> 16) & 0xffff).min(38) as u8;
-                let scale = ((m & 0xffff) as i16).clamp(-38, 38) as i8;
+                // The scale is an 11-bit signed field (negative scales since PostgreSQL 15).
+                let scale = ((((m & 0x7ff) ^ 1024) - 1024).clamp(-38, 38)) as i8;
                 PgKind::Numeric(Some((precision, scale)))
             }
             "numeric" => PgKind::Numeric(None),
@@ -540,12 +541,13 @@ mod tests {
 
     #[test]
     fn every_numeric_typmod_maps_to_a_valid_decimal() {
-        for (p, s) in [(1, 0), (12, 2), (38, 10), (1000, 0), (2, 5), (10, -3), (5, 1000)] {
-            let typmod = ((p << 16) | (s & 0xffff)) + 4;
+        for (p, s) in [(1, 0), (12, 2), (38, 10), (1000, 0), (2, 5), (10, -3), (5, 1000), (5, -1000)] {
+            let typmod = ((p << 16) | (s & 0x7ff)) + 4;
             let kind = PgKind::from_typname("numeric", typmod, None).unwrap();
             let arrow::datatypes::DataType::Decimal128(ap, as_) = kind.arrow_type() else { panic!() };
             assert!((1..=38).contains(&ap) && i16::from(as_) <= i16::from(ap), "numeric({p},{s}) -> ({ap},{as_})");
             arrow::array::Decimal128Array::from(vec![1i128]).with_precision_and_scale(ap, as_).unwrap();
+            assert_eq!(i32::from(as_), s.clamp(-38, 38), "numeric({p},{s})");
         }
     }
 

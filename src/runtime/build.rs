@@ -153,9 +153,11 @@ pub async fn build(loaded: &LoadedPipeline) -> Result<Pipeline, ConfigError> {
             SourceConfig::S3(c) => {
                 crate::source::s3::S3Source::new(id, &f.pipeline.name, c).await.map(|s| Arc::new(s) as Arc<dyn Source>)
             }
-            SourceConfig::Postgres(c) => crate::source::postgres::PostgresSource::new(id, &f.pipeline.name, c)
-                .await
-                .map(|s| Arc::new(s) as Arc<dyn Source>),
+            SourceConfig::Postgres(c) => {
+                crate::source::postgres::PostgresSource::new(id, &f.pipeline.name, c, f.pipeline.shard_parallelism)
+                    .await
+                    .map(|s| Arc::new(s) as Arc<dyn Source>)
+            }
         };
         match built {
             Ok(source) => {

@@ -262,6 +262,16 @@ impl PostgresSink {
         };
         let columns =
             plan_columns(&self.schema, &table).map_err(|e| self.error(format!("table {}: {e}", self.target)))?;
+        if self.config.mode == WriteMode::Upsert {
+            // DISTINCT ON treats null keys as equal where a unique constraint does not: rows
+            // with a null key would be merged away unseen.
+            if let Some(c) = table.iter().find(|c| self.config.key.contains(&c.name) && !c.not_null) {
+                return Err(self.error(format!(
+                    "upsert key column `{}` of {} may be null; make it NOT NULL (a primary key is)",
+                    c.name, self.target
+                )));
+            }
+        }
         let names: Vec<String> = columns.iter().map(|(i, _)| pg::quote_ident(self.schema.field(*i).name())).collect();
         let list = names.join(", ");
         let (copy, stage_ddl, merge) = match self.config.mode {
@@ -499,7 +509,9 @@ fn cast(a: &ArrayRef, to: &DataType) -> Result<ArrayRef, String> {
     if a.data_type() == to {
         return Ok(a.clone());
     }
-    arrow::compute::cast(a, to).map_err(|e| e.to_string())
+    // Not `safe`: an overflow (a seconds timestamp past year 294247 in µs) is an error, not a null.
+    let options = arrow::compute::CastOptions { safe: false, ..Default::default() };
+    arrow::compute::cast_with_options(a, to, &options).map_err(|e| e.to_string())
 }
 
 impl Col {
@@ -813,6 +825,24 @@ async fn write_pending(
     dead_letter: DeadLetter,
     metrics: ComponentMetrics,
 ) -> Result<HashMap<String, u64>> {
+    let result = write_with_retries(&plan, &pool, &p, &dead_letter, &metrics).await;
+    if result.is_err() {
+        // Nothing of these batches was written: their positions must not be committed when they
+        // drop here, before the pipeline has seen the error.
+        for b in &p.batches {
+            b.ack.clone().abandon();
+        }
+    }
+    result
+}
+
+async fn write_with_retries(
+    plan: &Plan,
+    pool: &Pool,
+    p: &Pending,
+    dead_letter: &DeadLetter,
+    metrics: &ComponentMetrics,
+) -> Result<HashMap<String, u64>> {
     let err = |message: String| Error::Service { component: plan.component.clone(), message };
     let retries = metrics::counter!(names::POSTGRES_RETRIES_TOTAL, "component" => plan.component.clone());
     let mut attempt = 0;
@@ -824,10 +854,10 @@ async fn write_pending(
             Ok(client) => {
                 // A commit whose answer was lost may have landed: the stored positions tell.
                 if maybe_committed && plan.offsets_table.is_some() {
-                    match stored_covers(&plan, &client, &p.positions).await {
+                    match stored_covers(plan, &client, &p.positions).await {
                         Ok(true) => {
                             tracing::info!(component = %plan.component, "the lost commit had landed");
-                            return Ok(p.positions);
+                            return Ok(p.positions.clone());
                         }
                         Ok(false) => {}
                         Err(e) => {
@@ -838,8 +868,28 @@ async fn write_pending(
                         }
                     }
                 }
-                match transaction(&plan, &client, &p, &dead_letter, &metrics, &mut maybe_committed).await {
-                    Ok(stored) => Attempt::Done(stored),
+                let written = match transaction(plan, &client, p).await {
+                    Ok(refused) if refused.is_empty() => Ok(()),
+                    Ok(refused) => {
+                        // Sent before the commit: a crash in between sends them again rather
+                        // than losing them. Without a dead-letter sink nothing is committed.
+                        if let Err(e) = send_refused(plan, p, refused, dead_letter, metrics).await {
+                            let _ = client.batch_execute("ROLLBACK").await;
+                            return Err(e);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                };
+                let committed = match written {
+                    Ok(()) => {
+                        maybe_committed = true;
+                        client.batch_execute("COMMIT").await
+                    }
+                    Err(e) => Err(e),
+                };
+                match committed {
+                    Ok(()) => Attempt::Done(p.positions.clone()),
                     Err(e) => {
                         let _ = client.batch_execute("ROLLBACK").await;
                         if !pg::is_transient(&e) {
@@ -857,7 +907,6 @@ async fn write_pending(
                     .increment(p.rows.len() as u64);
                 metrics::counter!(names::POSTGRES_TRANSACTIONS_TOTAL, "component" => plan.component.clone())
                     .increment(1);
-                drop(p);
                 return Ok(stored);
             }
             Attempt::Retry(why) if attempt < plan.max_attempts => {
@@ -890,15 +939,13 @@ async fn stored_covers(
     Ok(positions.iter().all(|(s, p)| stored.get(s).is_some_and(|v| *v as u64 >= *p)))
 }
 
-/// One attempt: BEGIN, the rows (bisecting around refused ones), the positions, COMMIT.
+/// One attempt up to the COMMIT: BEGIN, the rows (bisecting around refused ones), the positions.
+/// Returns the refused rows (index in `p`, the server's message).
 async fn transaction(
     plan: &Plan,
     client: &tokio_postgres::Client,
     p: &Pending,
-    dead_letter: &DeadLetter,
-    metrics: &ComponentMetrics,
-    maybe_committed: &mut bool,
-) -> Result<HashMap<String, u64>, tokio_postgres::Error> {
+) -> Result<Vec<(usize, String)>, tokio_postgres::Error> {
     client.batch_execute("BEGIN").await?;
     let n = p.rows.len();
     let mut refused: Vec<(usize, String)> = Vec::new();
@@ -906,7 +953,12 @@ async fn transaction(
         match (&plan.stage_ddl, &plan.merge) {
             (Some(ddl), Some(merge)) => {
                 client.batch_execute(ddl).await?;
-                copy(client, &plan.copy, copy_stream(p, 0..n)).await?;
+                // The staging table keeps the columns' modifiers and domains (varchar(10),
+                // numeric(5,2)), so a row can be refused already here; it is then not staged.
+                isolate(client, n, &mut refused, |r| async move {
+                    copy(client, &plan.copy, copy_stream(p, r)).await.map(|_| ())
+                })
+                .await?;
                 let merge = client.prepare(merge).await?;
                 isolate(client, n, &mut refused, |r| {
                     let merge = merge.clone();
@@ -939,13 +991,7 @@ async fn transaction(
                 .await?;
         }
     }
-    if !refused.is_empty() {
-        // Sent before the commit: a crash in between sends them again rather than losing them.
-        send_refused(plan, p, refused, dead_letter, metrics).await;
-    }
-    *maybe_committed = true;
-    client.batch_execute("COMMIT").await?;
-    Ok(p.positions.clone())
+    Ok(refused)
 }
 
 /// Runs `f` over all rows inside a savepoint; when the server refuses some rows, splits the range
@@ -967,7 +1013,8 @@ where
         match f(range.clone()).await {
             Ok(()) => client.batch_execute("RELEASE SAVEPOINT sluice_rows").await?,
             Err(e) if pg::is_row_error(&e) => {
-                client.batch_execute("ROLLBACK TO SAVEPOINT sluice_rows").await?;
+                // Rolled back and released, so savepoints do not nest deeper with each split.
+                client.batch_execute("ROLLBACK TO SAVEPOINT sluice_rows; RELEASE SAVEPOINT sluice_rows").await?;
                 if range.len() == 1 {
                     refused.push((range.start, pg::message(&e)));
                 } else {
@@ -982,13 +1029,15 @@ where
     Ok(())
 }
 
+/// # Errors
+/// Without a dead-letter sink (the first refused row is the error), or when it has stopped.
 async fn send_refused(
     plan: &Plan,
     p: &Pending,
     refused: Vec<(usize, String)>,
     dead_letter: &DeadLetter,
     metrics: &ComponentMetrics,
-) {
+) -> Result<()> {
     metrics::counter!(names::POSTGRES_REFUSED_ROWS_TOTAL, "component" => plan.component.clone())
         .increment(refused.len() as u64);
     let mut by_batch: HashMap<u32, Vec<BadRecord>> = HashMap::new();
@@ -1003,12 +1052,13 @@ async fn send_refused(
             key: None,
         });
     }
+    let mut by_batch: Vec<_> = by_batch.into_iter().collect();
+    by_batch.sort_by_key(|(b, _)| *b);
     for (b, bad) in by_batch {
         let batch = &p.batches[b as usize];
-        if let Err(e) = dead_letter.send(metrics, &batch.shard, &batch.ack, bad).await {
-            tracing::error!(component = %plan.component, "dead-lettering refused rows failed: {e}");
-        }
+        dead_letter.send(metrics, &batch.shard, &batch.ack, bad).await?;
     }
+    Ok(())
 }
 
 /// Shard key of a batch in `sluice_offsets`: `source/shard`.

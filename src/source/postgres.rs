@@ -37,6 +37,8 @@ use crate::{Error, Result};
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a cursor value must have been the largest seen before rows up to it are read.
 pub const DEFAULT_SAFETY_MARGIN: Duration = Duration::from_secs(5);
+/// Added to a key to make it a position (see `finish_batch`).
+const KEY_POSITION_SHIFT: i128 = 1 << 62;
 /// COPY messages (rows) taken from the connection at once.
 const COPY_MESSAGES_AT_ONCE: usize = 1024;
 /// Table of incremental positions, in the source database.
@@ -86,9 +88,13 @@ pub struct PostgresSource {
     shard_column: Option<String>,
     cursor: Option<Cursor>,
     committer: Arc<dyn PositionCommitter>,
+    /// When this source was built (µs since the epoch): the run nonce of keyless shard ids.
+    run_started: u128,
 }
 
 struct Cursor {
+    /// The table's primary key: ties of the cursor are read in its order, the same each run.
+    order: Vec<String>,
     column: String,
     /// `format_type` of the column, to cast stored text back.
     type_name: String,
@@ -102,14 +108,21 @@ impl PostgresSource {
     ///
     /// # Errors
     /// `(key, message)` naming the setting at fault (an unreachable server is reported on `url`).
-    pub async fn new(id: &str, pipeline: &str, config: &PostgresSourceConfig) -> Result<Self, (&'static str, String)> {
+    pub async fn new(
+        id: &str,
+        pipeline: &str,
+        config: &PostgresSourceConfig,
+        parallelism: usize,
+    ) -> Result<Self, (&'static str, String)> {
         let pg_config = pg::parse_url(&config.url).map_err(|e| ("url", e))?;
         let describe = pg::describe_target(&pg_config);
         let shards = config.shards.unwrap_or(1);
         if shards == 0 {
             return Err(("shards", "must be at least 1".into()));
         }
-        let pool = pg::pool(pg_config, &config.tls, shards.clamp(1, 8) + 1).map_err(|e| ("tls", e))?;
+        // A connection per shard read at once (each holds its own for the whole shard), one more
+        // for listing and positions.
+        let pool = pg::pool(pg_config, &config.tls, shards.min(parallelism).max(1) + 1).map_err(|e| ("tls", e))?;
         let client = pool.get().await.map_err(|e| ("url", pg::pool_error(&e, &describe)))?;
         let (from, is_table, columns) = match (&config.table, &config.query) {
             (Some(t), None) => {
@@ -169,9 +182,11 @@ impl PostgresSource {
                 return Err(("shard_column", format!("`{c}` is {}; shards split an integer column", col.type_name)));
             }
             shard_column = Some(c.clone());
-        } else if shards > 1 && is_table {
+        } else if is_table {
+            // Also with one shard: rows are read in key order and the key is their position.
             shard_column = integer_primary_key(&client, &from).await.map_err(|e| ("table", pg::message(&e)))?;
-        } else if shards > 1 {
+        }
+        if shards > 1 && shard_column.is_none() && !is_table {
             return Err(("shard_column", "a sharded query needs an integer shard_column".into()));
         }
         let cursor = match &config.cursor_column {
@@ -184,7 +199,13 @@ impl PostgresSource {
                 let (_, _, positions) =
                     pg::quote_table(config.positions_table.as_deref().unwrap_or(DEFAULT_POSITIONS_TABLE))
                         .map_err(|e| ("positions_table", e))?;
+                let order = if is_table {
+                    primary_key(&client, &from).await.map_err(|e| ("table", pg::message(&e)))?
+                } else {
+                    Vec::new()
+                };
                 Some(Cursor {
+                    order,
                     column: c.clone(),
                     type_name: col.type_name.clone(),
                     poll_interval: config.poll_interval.map_or(DEFAULT_POLL_INTERVAL, |d| d.0),
@@ -218,6 +239,9 @@ impl PostgresSource {
             shard_column,
             cursor,
             committer,
+            run_started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros()),
         })
     }
 
@@ -284,7 +308,7 @@ impl PostgresSource {
                     Row::Decoded => position += 1,
                 }
                 if decoder.rows() >= ctx.batch_size {
-                    let next = decoder.finish(position).map_err(|e| self.error(e))?;
+                    let next = self.finish_batch(&mut decoder, position)?;
                     if let Some((p, cursors)) = held.replace(next) {
                         rows_read.increment(p.positions.len() as u64);
                         on_batch(&cursors, p.last, false);
@@ -298,7 +322,7 @@ impl PostgresSource {
             }
         }
         if decoder.rows() > 0 || decoder.has_bad() {
-            let next = decoder.finish(position).map_err(|e| self.error(e))?;
+            let next = self.finish_batch(&mut decoder, position)?;
             if let Some((p, cursors)) = held.replace(next) {
                 rows_read.increment(p.positions.len() as u64);
                 on_batch(&cursors, p.last, false);
@@ -313,14 +337,48 @@ impl PostgresSource {
         Ok(position - start)
     }
 
+    /// The decoded rows as a batch. A snapshot read in key order takes the key as each row's
+    /// position (shifted by 2^62, so keys from -2^62 to 2^62 map in order below 2^63, which
+    /// `sluice_offsets` stores as bigint), so positions mean the same rows on every run.
+    fn finish_batch(&self, decoder: &mut Decoder, last: u64) -> Result<(Produced, Vec<String>)> {
+        let (mut p, cursors) = decoder.finish(last).map_err(|e| self.error(e))?;
+        let key = self.shard_column.as_ref().filter(|_| self.cursor.is_none());
+        if let (Some(key), true) = (key, p.data.num_rows() > 0) {
+            let col = p.data.column_by_name(key).ok_or_else(|| self.error(format!("no column {key}")))?;
+            let ints =
+                arrow::compute::cast(col, &arrow::datatypes::DataType::Int64).map_err(|e| self.error(e.to_string()))?;
+            let ints = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&ints);
+            let shifted = |v: i64| u64::try_from(i128::from(v) + KEY_POSITION_SHIFT).ok().filter(|p| *p < 1 << 63);
+            p.positions = ints
+                .iter()
+                .map(|v| match v {
+                    None => Ok(0),
+                    Some(v) => shifted(v).ok_or_else(|| {
+                        self.error(format!(
+                            "key {v} of column `{key}` is outside the range sluice keeps positions for (±2^62)"
+                        ))
+                    }),
+                })
+                .collect::<Result<_>>()?;
+            p.first = p.positions[0];
+            p.last = p.positions.iter().copied().max().unwrap_or(p.first);
+        }
+        Ok((p, cursors))
+    }
+
     async fn read_incremental(&self, ctx: &ShardContext, cursor: &Cursor) -> Result<()> {
         let store = &cursor.store;
         let col = pg::quote_ident(&cursor.column);
-        let mut done = store.load(&ctx.shard.id).await.map_err(|e| self.error(e))?;
-        tracing::info!(source = %self.id, cursor = ?done, "incremental read resumes");
+        let stored = store.load(&ctx.shard.id).await.map_err(|e| self.error(e))?;
+        tracing::info!(source = %self.id, cursor = ?stored, "incremental read resumes");
+        // Positions go on from the stored one, so rows read again after a crash get the numbers
+        // they had (an exactly-once sink skips by them).
+        let (mut done, mut position) = match stored {
+            Some((c, p)) => (Some(c), p),
+            None => (None, 0),
+        };
         let max_sql = format!("SELECT max({col})::text FROM {}", self.from);
         let mut samples: VecDeque<(Instant, Option<String>)> = VecDeque::new();
-        let mut position = 0u64;
         loop {
             let now_max: Option<String> = {
                 let client = self.client().await?;
@@ -355,10 +413,11 @@ impl PostgresSource {
                     None => String::new(),
                 };
                 let sql = format!(
-                    "SELECT {}, {col}::text AS \"_sluice_cursor\" FROM {} WHERE {lower}{col} <= {}::{typ} ORDER BY {col}",
+                    "SELECT {}, {col}::text AS \"_sluice_cursor\" FROM {} WHERE {lower}{col} <= {}::{typ} ORDER BY {col}{}",
                     self.select_list(),
                     self.from,
-                    literal(upper)
+                    literal(upper),
+                    cursor.order.iter().map(|k| format!(", {}", pg::quote_ident(k))).collect::<String>()
                 );
                 let mut safe = done.clone();
                 let shard = ctx.shard.id.clone();
@@ -403,6 +462,19 @@ fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// The columns of the table's primary key, in key order (none without one).
+async fn primary_key(client: &tokio_postgres::Client, table: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) \
+             JOIN pg_attribute a ON a.attnum = k.attnum \
+             WHERE i.indrelid = to_regclass($1) AND i.indisprimary AND a.attrelid = i.indrelid ORDER BY k.n",
+            &[&table],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// The table's primary key when it is one integer column.
 async fn integer_primary_key(
     client: &tokio_postgres::Client,
@@ -430,7 +502,17 @@ impl Source for PostgresSource {
     }
 
     async fn shards(&self) -> Result<Vec<Arc<ShardInfo>>> {
-        let shard = |id: String| Arc::new(ShardInfo { source: self.id.clone(), id, kind: ShardKind::Sequence });
+        // Without a key, positions are row numbers in whatever order the server returns rows: the
+        // shard ids then carry this run's start, so no later run takes them for its own (an
+        // exactly-once sink would otherwise skip rows by numbers that mean other rows).
+        let nonce = if self.shard_column.is_some() || self.cursor.is_some() {
+            String::new()
+        } else {
+            format!("@{}", self.run_started)
+        };
+        let shard = |id: String| {
+            Arc::new(ShardInfo { source: self.id.clone(), id: format!("{id}{nonce}"), kind: ShardKind::Sequence })
+        };
         if self.shards == 1 {
             return Ok(vec![shard("all".into())]);
         }
@@ -475,7 +557,8 @@ impl Source for PostgresSource {
         if let Some(cursor) = &self.cursor {
             return self.read_incremental(&ctx, cursor).await;
         }
-        let mut parts = ctx.shard.id.splitn(3, ':');
+        let id = ctx.shard.id.split('@').next().unwrap_or_default();
+        let mut parts = id.splitn(3, ':');
         let (_, lo, hi) = (parts.next(), parts.next(), parts.next());
         let mut conds = Vec::new();
         match &self.shard_column {
@@ -508,7 +591,11 @@ impl Source for PostgresSource {
             None => {}
         }
         let filter = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
-        let sql = format!("SELECT {} FROM {}{filter}", self.select_list(), self.from);
+        let order = match &self.shard_column {
+            Some(c) => format!(" ORDER BY {} NULLS FIRST", pg::quote_ident(c)),
+            None => String::new(),
+        };
+        let sql = format!("SELECT {} FROM {}{filter}{order}", self.select_list(), self.from);
         tracing::debug!(source = %self.id, shard = %ctx.shard.id, %sql, "reading");
         self.copy_out(&ctx, &sql, 0, |_, _, _| {}).await.map(|_| ())
     }
@@ -527,10 +614,10 @@ struct CursorStore {
     source: String,
     /// (shard, position) → the cursor value complete once that position is done.
     marks: Mutex<BTreeMap<(String, u64), Option<String>>>,
-    /// The newest committed value per shard, not yet written.
-    latest: Mutex<Option<(String, String)>>,
-    /// The value last written (so a flush writes only what changed).
-    written: tokio::sync::Mutex<Option<(String, String)>>,
+    /// The newest committed (shard, value, position), not yet written.
+    latest: Mutex<Option<(String, String, u64)>>,
+    /// The one last written (so a flush writes only what changed).
+    written: tokio::sync::Mutex<Option<(String, String, u64)>>,
 }
 
 impl CursorStore {
@@ -538,41 +625,47 @@ impl CursorStore {
         client
             .batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS {} (pipeline text NOT NULL, source text NOT NULL, shard text NOT NULL, \
-                 cursor text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), \
-                 PRIMARY KEY (pipeline, source, shard))",
+                 cursor text NOT NULL, position bigint NOT NULL DEFAULT 0, \
+                 updated_at timestamptz NOT NULL DEFAULT now(), \
+                 PRIMARY KEY (pipeline, source, shard)); \
+                 ALTER TABLE {0} ADD COLUMN IF NOT EXISTS position bigint NOT NULL DEFAULT 0",
                 self.table
             ))
             .await
             .map_err(|e| format!("creating the positions table {}: {}", self.table, pg::message(&e)))
     }
 
-    async fn load(&self, shard: &str) -> Result<Option<String>, String> {
+    async fn load(&self, shard: &str) -> Result<Option<(String, u64)>, String> {
         let client = self.pool.get().await.map_err(|e| pg::pool_error(&e, "the source database"))?;
         self.ensure_table(&client).await?;
         let rows = client
             .query(
-                &format!("SELECT cursor FROM {} WHERE pipeline = $1 AND source = $2 AND shard = $3", self.table),
+                &format!(
+                    "SELECT cursor, position FROM {} WHERE pipeline = $1 AND source = $2 AND shard = $3",
+                    self.table
+                ),
                 &[&self.pipeline, &self.source, &shard],
             )
             .await
             .map_err(|e| format!("reading the position from {}: {}", self.table, pg::message(&e)))?;
-        Ok(rows.first().map(|r| r.get(0)))
+        Ok(rows.first().map(|r| (r.get(0), r.get::<_, i64>(1) as u64)))
     }
 
     fn mark(&self, shard: &str, position: u64, value: Option<String>) {
         self.marks.lock().unwrap_or_else(|e| e.into_inner()).insert((shard.to_string(), position), value);
     }
 
-    async fn write(&self, shard: &str, value: &str) -> Result<(), String> {
+    async fn write(&self, shard: &str, value: &str, position: u64) -> Result<(), String> {
         let client = self.pool.get().await.map_err(|e| pg::pool_error(&e, "the source database"))?;
         client
             .execute(
                 &format!(
-                    "INSERT INTO {} (pipeline, source, shard, cursor) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (pipeline, source, shard) DO UPDATE SET cursor = EXCLUDED.cursor, updated_at = now()",
+                    "INSERT INTO {} (pipeline, source, shard, cursor, position) VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (pipeline, source, shard) DO UPDATE \
+                     SET cursor = EXCLUDED.cursor, position = EXCLUDED.position, updated_at = now()",
                     self.table
                 ),
-                &[&self.pipeline, &self.source, &shard, &value],
+                &[&self.pipeline, &self.source, &shard, &value, &(position as i64)],
             )
             .await
             .map_err(|e| format!("writing the position to {}: {}", self.table, pg::message(&e)))?;
@@ -593,7 +686,7 @@ impl PositionCommitter for CursorStore {
             value
         };
         if let Some(v) = value {
-            *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((shard.id.clone(), v));
+            *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((shard.id.clone(), v, position));
             metrics::counter!(names::COMMITS_TOTAL, "component" => shard.source.clone()).increment(1);
         }
     }
@@ -601,20 +694,20 @@ impl PositionCommitter for CursorStore {
     async fn flush(&self) -> Result<()> {
         let latest = self.latest_value();
         let mut written = self.written.lock().await;
-        if let Some((shard, value)) = latest {
-            if written.as_ref() != Some(&(shard.clone(), value.clone())) {
-                self.write(&shard, &value)
+        if latest.is_some() && *written != latest {
+            if let Some((shard, value, position)) = &latest {
+                self.write(shard, value, *position)
                     .await
                     .map_err(|message| Error::Service { component: self.source.clone(), message })?;
-                *written = Some((shard, value));
             }
+            *written = latest;
         }
         Ok(())
     }
 }
 
 impl CursorStore {
-    fn latest_value(&self) -> Option<(String, String)> {
+    fn latest_value(&self) -> Option<(String, String, u64)> {
         self.latest.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -923,7 +1016,8 @@ fn decode<'a>(kind: &PgKind, raw: &'a [u8]) -> Result<Val<'a>, String> {
             if ndim != 1 {
                 return Err(format!("a {ndim}-dimensional array; only one dimension is read"));
             }
-            let n = be_i32(&raw[12..16])? as usize;
+            let n = be_i32(raw.get(12..16).ok_or("truncated array")?)?;
+            let n = usize::try_from(n).map_err(|_| "an array of negative size")?.min(raw.len() / 4);
             let mut at = 20;
             let mut items = Vec::with_capacity(n);
             for _ in 0..n {

@@ -154,7 +154,7 @@ fn upsert_keeps_the_last_row_of_each_key_and_dead_letters_only_the_refused_rows(
     let s = schema("upsert");
     psql(&format!(
         "CREATE TABLE {s}.orders (order_id bigint PRIMARY KEY, amount numeric(10,2) NOT NULL CHECK (amount >= 0), \
-         status text); INSERT INTO {s}.orders VALUES (1, 5.00, 'old'), (9, 9.00, 'untouched')"
+         status varchar(9)); INSERT INTO {s}.orders VALUES (1, 5.00, 'old'), (9, 9.00, 'untouched')"
     ));
     let input = orders_ndjson(
         dir.path(),
@@ -164,6 +164,7 @@ fn upsert_keeps_the_last_row_of_each_key_and_dead_letters_only_the_refused_rows(
             r#"{"order_id": 2, "amount": "3.00", "status": "b"}"#,
             r#"{"order_id": 3, "amount": "-1.00", "status": "refused"}"#,
             r#"{"order_id": 4, "amount": "4.00", "status": null}"#,
+            r#"{"order_id": 5, "amount": "5.00", "status": "far too long for nine"}"#,
         ],
     );
     let p = write(
@@ -206,13 +207,27 @@ path = "{out}/dead"
         psql(&format!("SELECT order_id, amount, coalesce(status, '-') FROM {s}.orders ORDER BY order_id")),
         "1|10.50|new\n2|3.00|b\n4|4.00|-\n9|9.00|untouched"
     );
-    let dead = read_ndjson(&dir.path().join("dead"));
-    assert_eq!(dead.len(), 1, "{dead:?}");
+    let mut dead = read_ndjson(&dir.path().join("dead"));
+    dead.sort_by_key(|d| d["position"]["line"].as_u64());
+    assert_eq!(dead.len(), 2, "{dead:?}");
     assert_eq!(dead[0]["stage"], "write");
     assert_eq!(dead[0]["component"], "pg");
     assert_eq!(dead[0]["position"]["line"], 4);
     assert!(dead[0]["error"].as_str().unwrap().contains("check constraint"), "{}", dead[0]["error"]);
     assert!(dead[0]["raw"].as_str().unwrap().contains("\"order_id\":3"), "{}", dead[0]["raw"]);
+    assert_eq!(dead[1]["position"]["line"], 6);
+    assert!(dead[1]["error"].as_str().unwrap().contains("too long"), "{}", dead[1]["error"]);
+
+    // Without a [dead_letter] sink, a refused row stops the pipeline and nothing is committed.
+    let strict = std::fs::read_to_string(&p).unwrap();
+    let strict = &strict[..strict.find("[dead_letter]").unwrap()];
+    let strict = write(dir.path(), "strict.toml", strict);
+    psql(&format!("DELETE FROM {s}.orders WHERE order_id <> 9"));
+    let out = run(&strict);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("PostgreSQL refused the row") && err.contains("orders.ndjson:"), "{err}");
+    assert_eq!(psql(&format!("SELECT count(*) FROM {s}.orders")), "1", "nothing of the failing flush landed");
 }
 
 #[test]
@@ -748,4 +763,63 @@ path = "{out}/dead"
     assert!(dead[0].1.contains("column `x`") && dead[0].1.contains("NaN"), "{}", dead[0].1);
     assert_eq!(dead[1].0, 3);
     assert!(dead[1].1.contains("fractional digits"), "{}", dead[1].1);
+}
+
+#[test]
+fn a_table_copied_exactly_once_is_not_copied_again_and_a_keyless_one_is_never_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("copy");
+    psql(&format!(
+        "CREATE TABLE {s}.keyed (id bigint PRIMARY KEY, v text); \
+         INSERT INTO {s}.keyed SELECT g, 'v' || g FROM generate_series(-2000, 2999) g; \
+         CREATE TABLE {s}.heap (id bigint, v text); \
+         INSERT INTO {s}.heap SELECT g, 'h' || g FROM generate_series(1, 3000) g"
+    ));
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            r#"
+[pipeline]
+name = "pg-copy-{s}"
+batch_size = 700
+
+[sources.keyed]
+type = "postgres"
+url = "{url}"
+table = "{s}.keyed"
+shards = 2
+
+[sources.heap]
+type = "postgres"
+url = "{url}"
+table = "{s}.heap"
+
+[sinks.keyed_copy]
+type = "postgres"
+inputs = ["keyed"]
+url = "{url}"
+table = "{s}.keyed_copy"
+create_table = true
+exactly_once = true
+batch_rows = 1000
+
+[sinks.heap_copy]
+type = "postgres"
+inputs = ["heap"]
+url = "{url}"
+table = "{s}.heap_copy"
+create_table = true
+exactly_once = true
+"#,
+            url = url()
+        ),
+    );
+    run_ok(&p);
+    run_ok(&p);
+    // Keyed: positions are the key, so the second run finds every row already there.
+    assert_eq!(psql(&format!("SELECT count(*), count(DISTINCT id) FROM {s}.keyed_copy")), "5000|5000");
+    // Keyless: positions are row numbers, which need not mean the same rows next run, so the
+    // second run's shard is its own and nothing is skipped (at-least-once).
+    assert_eq!(psql(&format!("SELECT count(*), count(DISTINCT id) FROM {s}.heap_copy")), "6000|3000");
 }
