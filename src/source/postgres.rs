@@ -175,16 +175,24 @@ impl PostgresSource {
                 (key, format!("column `{name}` is not among the columns read: {}", have.join(", ")))
             })
         };
+        // The table's primary key: the default shard column when it is one integer column, and
+        // the order of an incremental read's ties.
+        let primary_key = if is_table {
+            primary_key(&client, &from).await.map_err(|e| ("table", pg::message(&e)))?
+        } else {
+            Vec::new()
+        };
+        let is_integer = |c: &PgColumn| matches!(c.kind, Some(PgKind::Int2 | PgKind::Int4 | PgKind::Int8));
         let mut shard_column = None;
         if let Some(c) = &config.shard_column {
             let col = column_named("shard_column", c)?;
-            if !matches!(col.kind, Some(PgKind::Int2 | PgKind::Int4 | PgKind::Int8)) {
+            if !is_integer(col) {
                 return Err(("shard_column", format!("`{c}` is {}; shards split an integer column", col.type_name)));
             }
             shard_column = Some(c.clone());
-        } else if is_table {
+        } else if let [key] = primary_key.as_slice() {
             // Also with one shard: rows are read in key order and the key is their position.
-            shard_column = integer_primary_key(&client, &from).await.map_err(|e| ("table", pg::message(&e)))?;
+            shard_column = columns.iter().find(|c| &c.name == key).filter(|c| is_integer(c)).map(|c| c.name.clone());
         }
         if shards > 1 && shard_column.is_none() && !is_table {
             return Err(("shard_column", "a sharded query needs an integer shard_column".into()));
@@ -199,13 +207,8 @@ impl PostgresSource {
                 let (_, _, positions) =
                     pg::quote_table(config.positions_table.as_deref().unwrap_or(DEFAULT_POSITIONS_TABLE))
                         .map_err(|e| ("positions_table", e))?;
-                let order = if is_table {
-                    primary_key(&client, &from).await.map_err(|e| ("table", pg::message(&e)))?
-                } else {
-                    Vec::new()
-                };
                 Some(Cursor {
-                    order,
+                    order: primary_key.clone(),
                     column: c.clone(),
                     type_name: col.type_name.clone(),
                     poll_interval: config.poll_interval.map_or(DEFAULT_POLL_INTERVAL, |d| d.0),
@@ -473,26 +476,6 @@ async fn primary_key(client: &tokio_postgres::Client, table: &str) -> Result<Vec
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// The table's primary key when it is one integer column.
-async fn integer_primary_key(
-    client: &tokio_postgres::Client,
-    table: &str,
-) -> Result<Option<String>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT a.attname::text, t.typname::text FROM pg_index i \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-             JOIN pg_type t ON t.oid = a.atttypid \
-             WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
-            &[&table],
-        )
-        .await?;
-    if rows.len() == 1 && ["int2", "int4", "int8"].contains(&rows[0].get::<_, String>(1).as_str()) {
-        return Ok(Some(rows[0].get(0)));
-    }
-    Ok(None)
 }
 
 #[async_trait]
