@@ -20,6 +20,12 @@ pub struct TlsSettings {
 /// Pool size when nothing says otherwise.
 pub const DEFAULT_POOL_SIZE: usize = 4;
 /// How long to wait for a connection.
+/// Prefix of every `CREATE TABLE IF NOT EXISTS` sluice runs: PostgreSQL's `IF NOT EXISTS` is not
+/// safe against a concurrent creation (two sinks or workers starting at once fail with a unique
+/// violation on `pg_type`), so creations take one transaction-scoped advisory lock first. Sent in
+/// the same simple query as the DDL, which makes them one implicit transaction.
+pub const DDL_LOCK: &str = "SELECT pg_advisory_xact_lock(5318008135);";
+
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Parses `url` (a `postgres://` URL or a `key=value` string) without ever echoing it: the message

@@ -330,9 +330,11 @@ impl PostgresSink {
                 .map_err(|e| self.error(e))?;
             client
                 .batch_execute(&format!(
-                    "CREATE TABLE IF NOT EXISTS {t} (pipeline text NOT NULL, sink text NOT NULL, shard text NOT NULL, \
+                    "{lock} CREATE TABLE IF NOT EXISTS {t} (pipeline text NOT NULL, sink text NOT NULL, shard text NOT NULL, \
                      position bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), \
-                     PRIMARY KEY (pipeline, sink, shard))"
+                     PRIMARY KEY (pipeline, sink, shard)); \
+                     ALTER TABLE {t} ADD COLUMN IF NOT EXISTS epoch bigint NOT NULL DEFAULT 0",
+                    lock = pg::DDL_LOCK
                 ))
                 .await
                 .map_err(|e| self.db_error("creating the offsets table", &e))?;
@@ -382,7 +384,7 @@ impl PostgresSink {
             let keys: Vec<String> = self.config.key.iter().map(|k| pg::quote_ident(k)).collect();
             cols.push(format!("PRIMARY KEY ({})", keys.join(", ")));
         }
-        format!("CREATE TABLE IF NOT EXISTS {} ({})", self.target, cols.join(", "))
+        format!("{} CREATE TABLE IF NOT EXISTS {} ({})", pg::DDL_LOCK, self.target, cols.join(", "))
     }
 
     /// Starts a flush of what is pending, after the previous one has finished (one transaction

@@ -607,11 +607,12 @@ impl CursorStore {
     async fn ensure_table(&self, client: &tokio_postgres::Client) -> Result<(), String> {
         client
             .batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {} (pipeline text NOT NULL, source text NOT NULL, shard text NOT NULL, \
+                "{} CREATE TABLE IF NOT EXISTS {} (pipeline text NOT NULL, source text NOT NULL, shard text NOT NULL, \
                  cursor text NOT NULL, position bigint NOT NULL DEFAULT 0, \
                  updated_at timestamptz NOT NULL DEFAULT now(), \
                  PRIMARY KEY (pipeline, source, shard)); \
-                 ALTER TABLE {0} ADD COLUMN IF NOT EXISTS position bigint NOT NULL DEFAULT 0",
+                 ALTER TABLE {1} ADD COLUMN IF NOT EXISTS position bigint NOT NULL DEFAULT 0",
+                pg::DDL_LOCK,
                 self.table
             ))
             .await
