@@ -16,7 +16,8 @@ use arrow::record_batch::RecordBatch;
 use crate::runtime::budget::MemoryReservation;
 
 /// What kind of thing a shard is, which decides how positions are written in dead letters and logs.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum ShardKind {
     /// A file; positions are 1-based line numbers (record numbers for Parquet).
     File { path: String },
@@ -27,7 +28,7 @@ pub enum ShardKind {
 }
 
 /// One independently readable part of a source: a file, a Kafka partition, a table range.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ShardInfo {
     /// Id of the source component that owns the shard.
     pub source: String,
@@ -262,6 +263,16 @@ pub fn install_panic_guard() {
 }
 
 impl Ack {
+    /// The shard the batch came from.
+    pub fn shard(&self) -> &Arc<ShardInfo> {
+        self.0.progress.shard()
+    }
+
+    /// Worker mode: the epoch at which this worker holds the batch's shard, when it still does.
+    pub fn epoch(&self) -> Option<u64> {
+        crate::fence::check(self.shard()).ok().flatten()
+    }
+
     /// Marks the batch as not delivered: it never counts as done, so its shard's committed
     /// position stops just before it and it is read again next time.
     pub fn abandon(self) {

@@ -55,6 +55,11 @@ pub enum Error {
     #[error("component `{component}`: {message}")]
     Service { component: String, message: String },
 
+    /// Worker mode: the shard moved to another worker, or this worker's lease expired, so its
+    /// commit or write was refused (nothing of it became visible; the new owner reads it again).
+    #[error("component `{component}`: fenced: {message}")]
+    Fenced { component: String, message: String },
+
     /// The metrics / health server could not start.
     #[error("metrics server on {addr}: {message}")]
     Metrics { addr: String, message: String },

@@ -3,8 +3,10 @@
 
 pub mod batch;
 pub mod config;
+pub mod coordinator;
 pub mod dead_letter;
 pub mod error;
+pub mod fence;
 pub mod format;
 pub mod kafka;
 pub mod observe;

@@ -79,6 +79,51 @@ enum Command {
         #[arg(long)]
         source: Option<String>,
     },
+    /// Serve the coordinator: workers register and heartbeat here, and the sources' shards are
+    /// spread over them (balanced, sticky), handed over safely and fenced by epochs. Calls need
+    /// the bearer token in SLUICE_COORDINATOR_TOKEN. Serves /healthz, /readyz and /metrics too.
+    Coordinator {
+        /// The pipeline TOML file (the same one the workers run).
+        #[arg(long)]
+        pipeline: PathBuf,
+        /// Address to listen on, e.g. 0.0.0.0:7070.
+        #[arg(long, env = "SLUICE_COORDINATOR_LISTEN", default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        /// A worker that sends no heartbeat for this long is gone and its shards move.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        lease_timeout: std::time::Duration,
+        /// How often workers send heartbeats.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        heartbeat_interval: std::time::Duration,
+        /// How often shards (new partitions) and lag are read from the sources.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        refresh_interval: std::time::Duration,
+    },
+    /// Run as a worker: register with the coordinator and run the shards it assigns. SIGTERM
+    /// drains them (flush, commit), hands them back and exits 0.
+    Worker {
+        /// The pipeline TOML file (the same one the coordinator has).
+        #[arg(long)]
+        pipeline: PathBuf,
+        /// The coordinator's URL, e.g. http://sluice-coordinator:7070.
+        #[arg(long, env = "SLUICE_COORDINATOR_URL")]
+        coordinator: String,
+        /// Serve /metrics, /healthz and /readyz at this address.
+        #[arg(long, env = "SLUICE_METRICS_ADDR")]
+        metrics_addr: Option<SocketAddr>,
+        /// Worker name (default: the host name, i.e. the pod name).
+        #[arg(long, env = "SLUICE_WORKER")]
+        worker: Option<String>,
+    },
+    /// Show the coordinator's workers and shards: owners, epochs, lag and rates.
+    Status {
+        /// The coordinator's URL.
+        #[arg(long, env = "SLUICE_COORDINATOR_URL")]
+        coordinator: String,
+        /// Print the JSON of GET /v1/status instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a pipeline without running it: syntax, keys and value types, environment variables,
     /// the graph of inputs, schemas, and that every SQL query plans. Exit 0 when valid, 1 when not.
     Validate {
@@ -106,6 +151,15 @@ fn main() -> ExitCode {
             Command::Run { pipeline, metrics_addr, no_progress, worker, bounded } => {
                 run(pipeline, metrics_addr, !no_progress, worker, bounded).await
             }
+            Command::Coordinator { pipeline, listen, lease_timeout, heartbeat_interval, refresh_interval } => {
+                let timing =
+                    sluice::coordinator::server::Timing { lease_timeout, heartbeat_interval, refresh_interval };
+                coordinator(pipeline, listen, timing).await
+            }
+            Command::Worker { pipeline, coordinator, metrics_addr, worker } => {
+                worker_mode(pipeline, &coordinator, metrics_addr, worker).await
+            }
+            Command::Status { coordinator, json } => status(&coordinator, json).await,
         }
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -291,7 +345,7 @@ async fn run(
     let stop = CancellationToken::new();
     tokio::spawn(watch_signals(stop.clone()));
     tracing::info!(pipeline = %pipeline.name(), file = %path.display(), "starting");
-    let result = pipeline.run(RunOptions { stop, progress, health, bounded }).await;
+    let result = pipeline.run(RunOptions { stop, progress, health, bounded, ..Default::default() }).await;
     server_stop.cancel();
     if let Some(h) = server {
         let _ = h.await;
@@ -299,6 +353,153 @@ async fn run(
     match result {
         Ok(summary) => {
             print_summary(&summary);
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
+/// The shared token of coordinator and workers, from the environment.
+fn token() -> Result<String, u8> {
+    match std::env::var(sluice::coordinator::TOKEN_ENV) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        _ => {
+            eprintln!(
+                "error: set {} to the token workers and coordinator share (from a Kubernetes Secret)",
+                sluice::coordinator::TOKEN_ENV
+            );
+            Err(EXIT_CONFIG)
+        }
+    }
+}
+
+async fn coordinator(path: PathBuf, listen: SocketAddr, timing: sluice::coordinator::server::Timing) -> u8 {
+    let token = match token() {
+        Ok(t) => t,
+        Err(c) => return c,
+    };
+    if timing.heartbeat_interval >= timing.lease_timeout {
+        eprintln!("error: --heartbeat-interval must be shorter than --lease-timeout");
+        return EXIT_CONFIG;
+    }
+    let loaded = match config::load(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let handle = observe::install_recorder(&loaded.file.pipeline.name, "coordinator").ok();
+    let pipeline = match runtime::build(&loaded).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(watch_signals(stop.clone()));
+    let opts = sluice::coordinator::server::CoordinatorOptions {
+        listen,
+        token,
+        timing,
+        pipeline: pipeline.name().to_string(),
+        sources: pipeline.sources(),
+        metrics: handle,
+        health: Health::default(),
+        stop,
+    };
+    match sluice::coordinator::server::serve(opts).await {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
+async fn worker_mode(path: PathBuf, url: &str, metrics_addr: Option<SocketAddr>, worker: Option<String>) -> u8 {
+    let token = match token() {
+        Ok(t) => t,
+        Err(c) => return c,
+    };
+    let client = match sluice::coordinator::client::Client::new(url, &token, std::time::Duration::from_secs(5)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: --coordinator: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let loaded = match config::load(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let name = worker.unwrap_or_else(hostname);
+    let health = Health::default();
+    let server_stop = CancellationToken::new();
+    let mut server = None;
+    if let Some(addr) = metrics_addr {
+        let started = match observe::install_recorder(&loaded.file.pipeline.name, &name) {
+            Ok(handle) => observe::serve(addr, handle, health.clone(), server_stop.clone()).await,
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(h) => server = Some(h),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_RUNTIME;
+            }
+        }
+    }
+    let stop = CancellationToken::new();
+    tokio::spawn(watch_signals(stop.clone()));
+    let result = sluice::coordinator::worker::run(
+        loaded,
+        sluice::coordinator::worker::WorkerOptions { client, name, health, stop },
+    )
+    .await;
+    server_stop.cancel();
+    if let Some(h) = server {
+        let _ = h.await;
+    }
+    match result {
+        Ok(()) => EXIT_OK,
+        Err(sluice::Error::Config(e)) => {
+            eprintln!("error: {e}");
+            EXIT_CONFIG
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
+async fn status(url: &str, json: bool) -> u8 {
+    let token = match token() {
+        Ok(t) => t,
+        Err(c) => return c,
+    };
+    let client = match sluice::coordinator::client::Client::new(url, &token, std::time::Duration::from_secs(10)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: --coordinator: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    match client.status().await {
+        Ok(s) if json => {
+            println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+            EXIT_OK
+        }
+        Ok(s) => {
+            print!("{}", sluice::coordinator::render_status(&s));
             EXIT_OK
         }
         Err(e) => {

@@ -100,7 +100,16 @@ pub struct RunOptions {
     /// Stop each unbounded source (Kafka) at the positions that were its end when the run started,
     /// instead of reading on (a backfill: "available now").
     pub bounded: bool,
+    /// Worker mode: read exactly these shards of each source (by source id; a source missing
+    /// here reads nothing), as the coordinator assigned them, instead of listing them.
+    pub assigned: Option<HashMap<String, Vec<Arc<crate::batch::ShardInfo>>>>,
+    /// Where the progress of every shard read goes, for callers that report it while the run
+    /// goes on (the worker's heartbeats).
+    pub shard_registry: Option<ShardRegistry>,
 }
+
+/// The progress of every shard a run has started, shared with the caller.
+pub type ShardRegistry = Arc<std::sync::Mutex<Vec<Arc<ShardProgress>>>>;
 
 /// Totals of one component after a run.
 #[derive(Debug, Clone)]
@@ -148,6 +157,11 @@ impl Pipeline {
         &self.schemas
     }
 
+    /// Every source, by id (the coordinator lists their shards).
+    pub fn sources(&self) -> Vec<(String, Arc<dyn Source>)> {
+        self.sources.iter().map(|s| (s.id.clone(), s.source.clone())).collect()
+    }
+
     /// (sources, transforms, sinks) counts.
     pub fn counts(&self) -> (usize, usize, usize) {
         (self.sources.len(), self.transforms.len(), self.sinks.len())
@@ -193,9 +207,10 @@ impl Pipeline {
         let mut committers = Vec::new();
         let mut progress_sinks = Vec::new();
         let mut tasks: JoinSet<(String, Result<()>)> = JoinSet::new();
-        let progress_registry = Arc::new(std::sync::Mutex::new(Vec::<Arc<ShardProgress>>::new()));
+        let progress_registry = options.shard_registry.clone().unwrap_or_default();
 
         for src in self.sources {
+            let assigned = options.assigned.as_ref().map(|a| a.get(&src.id).cloned().unwrap_or_default());
             stats.push((src.id.clone(), "source", src.metrics.stats.clone()));
             progress_sources.push(src.metrics.stats.clone());
             let output = output_for(&src.outputs);
@@ -215,6 +230,7 @@ impl Pipeline {
                 parallelism: s.shard_parallelism,
                 batch_size: s.batch_size,
                 registry: progress_registry.clone(),
+                assigned,
             };
             tasks.spawn(async move { (src.id, ctx.run().await) });
         }
@@ -339,12 +355,17 @@ struct SourceRun {
     halted: Arc<AtomicBool>,
     parallelism: usize,
     batch_size: usize,
-    registry: Arc<std::sync::Mutex<Vec<Arc<ShardProgress>>>>,
+    registry: ShardRegistry,
+    /// Worker mode: these shards only, never listed again.
+    assigned: Option<Vec<Arc<crate::batch::ShardInfo>>>,
 }
 
 impl SourceRun {
     async fn run(self) -> Result<()> {
-        let shards = self.source.shards().await?;
+        let shards = match &self.assigned {
+            Some(a) => a.clone(),
+            None => self.source.shards().await?,
+        };
         tracing::info!(source = %self.id, shards = shards.len(), "reading");
         let committer = self.committer.clone();
         // Sources whose shards never end on their own (Kafka partitions) read all at once.
@@ -354,7 +375,7 @@ impl SourceRun {
         // Shards found by listing again every `poll_interval` (unbounded runs of sources that
         // gain shards), each read once, until the run stops.
         let mut seen: std::collections::HashSet<String> = shards.iter().map(|s| s.id.clone()).collect();
-        let poll = self.source.poll_interval().filter(|_| !self.bounded);
+        let poll = self.source.poll_interval().filter(|_| !self.bounded && self.assigned.is_none());
         let later =
             futures::stream::unfold((self.source.clone(), cancel.clone()), move |(source, cancel)| async move {
                 let every = poll?;

@@ -870,9 +870,18 @@ async fn write_with_retries(
                         }
                     }
                 }
+                // Worker mode: the lease and the epochs are checked before anything is sent, and
+                // the epochs again in the database, inside the transaction.
+                if let Some(why) = p.batches.iter().find_map(|b| crate::fence::check(&b.shard).err()) {
+                    return Err(Error::Fenced { component: plan.component.clone(), message: why });
+                }
                 let written = match transaction(plan, &client, p).await {
-                    Ok(refused) if refused.is_empty() => Ok(()),
-                    Ok(refused) => {
+                    Ok(Err(fenced)) => {
+                        let _ = client.batch_execute("ROLLBACK").await;
+                        return Err(Error::Fenced { component: plan.component.clone(), message: fenced });
+                    }
+                    Ok(Ok(refused)) if refused.is_empty() => Ok(()),
+                    Ok(Ok(refused)) => {
                         // Sent before the commit: a crash in between sends them again rather
                         // than losing them. Without a dead-letter sink nothing is committed.
                         if let Err(e) = send_refused(plan, p, refused, dead_letter, metrics).await {
@@ -885,6 +894,10 @@ async fn write_with_retries(
                 };
                 let committed = match written {
                     Ok(()) => {
+                        if let Some(why) = p.batches.iter().find_map(|b| crate::fence::check(&b.shard).err()) {
+                            let _ = client.batch_execute("ROLLBACK").await;
+                            return Err(Error::Fenced { component: plan.component.clone(), message: why });
+                        }
                         maybe_committed = true;
                         client.batch_execute("COMMIT").await
                     }
@@ -947,7 +960,7 @@ async fn transaction(
     plan: &Plan,
     client: &tokio_postgres::Client,
     p: &Pending,
-) -> Result<Vec<(usize, String)>, tokio_postgres::Error> {
+) -> Result<Result<Vec<(usize, String)>, String>, tokio_postgres::Error> {
     client.batch_execute("BEGIN").await?;
     let n = p.rows.len();
     let mut refused: Vec<(usize, String)> = Vec::new();
@@ -980,20 +993,35 @@ async fn transaction(
         if !p.positions.is_empty() {
             let shards: Vec<&str> = p.positions.keys().map(String::as_str).collect();
             let positions: Vec<i64> = p.positions.values().map(|v| *v as i64).collect();
-            client
+            // Worker mode: each shard's row carries the epoch of the worker that wrote it last,
+            // and a write with an older epoch (a zombie whose shard moved) updates nothing.
+            let epochs: HashMap<String, i64> =
+                p.batches.iter().map(|b| (shard_key(b), b.ack.epoch().unwrap_or(0) as i64)).collect();
+            let epoch_of: Vec<i64> = p.positions.keys().map(|k| epochs.get(k).copied().unwrap_or(0)).collect();
+            let fenced = crate::fence::active();
+            let (set_epoch, guard) =
+                if fenced { ("EXCLUDED.epoch", " WHERE o.epoch <= EXCLUDED.epoch") } else { ("o.epoch", "") };
+            let updated = client
                 .execute(
                     &format!(
-                        "INSERT INTO {t} AS o (pipeline, sink, shard, position) \
-                         SELECT $1, $2, s, p FROM unnest($3::text[], $4::int8[]) AS u(s, p) \
+                        "INSERT INTO {t} AS o (pipeline, sink, shard, position, epoch) \
+                         SELECT $1, $2, s, p, e FROM unnest($3::text[], $4::int8[], $5::int8[]) AS u(s, p, e) \
                          ON CONFLICT (pipeline, sink, shard) DO UPDATE \
-                         SET position = GREATEST(o.position, EXCLUDED.position), updated_at = now()"
+                         SET position = GREATEST(o.position, EXCLUDED.position), epoch = {set_epoch}, \
+                         updated_at = now(){guard}"
                     ),
-                    &[&plan.pipeline, &plan.component, &shards, &positions],
+                    &[&plan.pipeline, &plan.component, &shards, &positions, &epoch_of],
                 )
                 .await?;
+            if fenced && (updated as usize) < shards.len() {
+                return Ok(Err(format!(
+                    "{t} holds a newer epoch for a shard of this write (another worker owns it now): \
+                     the transaction is rolled back"
+                )));
+            }
         }
     }
-    Ok(refused)
+    Ok(Ok(refused))
 }
 
 /// Runs `f` over all rows inside a savepoint; when the server refuses some rows, splits the range

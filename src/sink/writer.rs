@@ -760,6 +760,15 @@ impl RollingWriter {
                 message: format!("finishing {name}: {e}"),
             })
             .and_then(|_| file.drain());
+        // Worker mode: a file of a shard that moved away, or written past the lease, is not
+        // published (its new owner writes the same records again).
+        let written = written.and_then(|()| match file.acks.first().map(|a| crate::fence::check(a.shard())) {
+            Some(Err(why)) => Err(Error::Fenced {
+                component: self.component.clone(),
+                message: format!("not publishing {name}: {why}"),
+            }),
+            _ => Ok(()),
+        });
         let committed = match written {
             Ok(()) => file.dest.commit(),
             Err(e) => {

@@ -220,6 +220,7 @@ pub struct KafkaSource {
     max_wait: Duration,
     commit_interval: Duration,
     session: OnceCell<Arc<Session>>,
+    probe: std::sync::OnceLock<Arc<BaseConsumer<SourceContext>>>,
     committer: Arc<KafkaCommitter>,
 }
 
@@ -321,6 +322,7 @@ impl KafkaSource {
             max_wait: config.max_wait.map_or(DEFAULT_MAX_WAIT, |d| d.0),
             commit_interval: config.commit_interval.map_or(DEFAULT_COMMIT_INTERVAL, |d| d.0),
             session: OnceCell::new(),
+            probe: std::sync::OnceLock::new(),
             committer: Arc::new(KafkaCommitter::new(id)),
         })
     }
@@ -370,6 +372,27 @@ impl KafkaSource {
         .await
         .map_err(|e| self.error(e.to_string()))?;
         result.map_err(|m| self.error(m))
+    }
+
+    /// A consumer of the source's group that reads nothing: metadata, watermarks and committed
+    /// offsets for the coordinator.
+    fn probe(&self) -> Result<Arc<BaseConsumer<SourceContext>>> {
+        if let Some(c) = self.probe.get() {
+            return Ok(c.clone());
+        }
+        let c: BaseConsumer<SourceContext> = self
+            .client_config
+            .create_with_context(SourceContext { source: self.id.clone() })
+            .map_err(|e| self.error(format!("cannot create the Kafka consumer: {e}")))?;
+        Ok(self.probe.get_or_init(|| Arc::new(c)).clone())
+    }
+
+    fn partition_shard(&self, topic: &str, partition: i32) -> Arc<ShardInfo> {
+        Arc::new(ShardInfo {
+            source: self.id.clone(),
+            id: format!("{topic}/{partition}"),
+            kind: ShardKind::Partition { topic: topic.to_string(), partition },
+        })
     }
 
     async fn session(&self) -> Result<Arc<Session>> {
@@ -514,17 +537,67 @@ impl Source for KafkaSource {
 
     async fn shards(&self) -> Result<Vec<Arc<ShardInfo>>> {
         let session = self.session().await?;
-        Ok(session
-            .partitions
+        Ok(session.partitions.iter().map(|p| self.partition_shard(&p.topic, p.partition)).collect())
+    }
+
+    async fn list_shards(&self) -> Result<Vec<Arc<ShardInfo>>> {
+        let consumer = self.probe()?;
+        let (topics, only) = (self.topics.clone(), self.partitions.clone());
+        let listed = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32)>, String> {
+            let mut out = Vec::new();
+            for topic in &topics {
+                let md = consumer
+                    .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+                    .map_err(|e| format!("cannot read the metadata of topic `{topic}` from the brokers: {e}"))?;
+                let Some(t) = md.topics().iter().find(|t| t.name() == topic && t.error().is_none()) else {
+                    return Err(format!("topic `{topic}` does not exist on the brokers"));
+                };
+                let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+                ids.sort_unstable();
+                ids.retain(|p| only.as_ref().is_none_or(|o| o.contains(p)));
+                out.extend(ids.into_iter().map(|p| (topic.clone(), p)));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| self.error(e.to_string()))?
+        .map_err(|m| self.error(m))?;
+        Ok(listed.iter().map(|(t, p)| self.partition_shard(t, *p)).collect())
+    }
+
+    async fn lag(&self, shards: &[Arc<ShardInfo>]) -> Result<std::collections::HashMap<String, super::ShardLag>> {
+        let consumer = self.probe()?;
+        let parts: Vec<(String, String, i32)> = shards
             .iter()
-            .map(|p| {
-                Arc::new(ShardInfo {
-                    source: self.id.clone(),
-                    id: format!("{}/{}", p.topic, p.partition),
-                    kind: ShardKind::Partition { topic: p.topic.clone(), partition: p.partition },
-                })
+            .filter_map(|s| match &s.kind {
+                ShardKind::Partition { topic, partition } => Some((s.id.clone(), topic.clone(), *partition)),
+                _ => None,
             })
-            .collect())
+            .collect();
+        let result = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let mut tpl = TopicPartitionList::new();
+            for (_, t, p) in &parts {
+                tpl.add_partition(t, *p);
+            }
+            let committed = consumer
+                .committed_offsets(tpl, REQUEST_TIMEOUT)
+                .map_err(|e| format!("cannot read the committed offsets of the consumer group: {e}"))?;
+            let mut out = std::collections::HashMap::new();
+            for (id, t, p) in parts {
+                let (_, high) = consumer
+                    .fetch_watermarks(&t, p, REQUEST_TIMEOUT)
+                    .map_err(|e| format!("cannot read the offsets of {t}/{p}: {e}"))?;
+                let c = match committed.find_partition(&t, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) if o >= 0 => Some(o as u64),
+                    _ => None,
+                };
+                out.insert(id, super::ShardLag { end: high.max(0) as u64, committed: c });
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| self.error(e.to_string()))?;
+        result.map_err(|m| self.error(m))
     }
 
     fn committer(&self) -> Arc<dyn PositionCommitter> {
@@ -1000,6 +1073,18 @@ impl KafkaCommitter {
             }
             CommitMode::Async => pending,
         };
+        // Worker mode: a shard that moved away, or a lease that ran out while the offsets waited
+        // here, commits nothing (the shard's new owner has read from the last commit).
+        let batch: IndexMap<(String, i32), i64> = batch
+            .into_iter()
+            .filter(|((t, p), o)| match crate::fence::check_id(&self.source, &format!("{t}/{p}")) {
+                Ok(_) => true,
+                Err(why) => {
+                    tracing::warn!(source = %self.source, "not committing offset {o} of {t}/{p}: fenced: {why}");
+                    false
+                }
+            })
+            .collect();
         if batch.is_empty() {
             return Ok(());
         }
@@ -1029,6 +1114,10 @@ impl KafkaCommitter {
 impl PositionCommitter for KafkaCommitter {
     fn commit(&self, shard: &ShardInfo, position: u64) {
         let ShardKind::Partition { topic, partition } = &shard.kind else { return };
+        if let Err(why) = crate::fence::check(shard) {
+            tracing::warn!(source = %self.source, "not committing offset {position} of {}: fenced: {why}", shard.id);
+            return;
+        }
         let next = position as i64 + 1;
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         pending.entry((topic.clone(), *partition)).and_modify(|o| *o = (*o).max(next)).or_insert(next);

@@ -55,11 +55,37 @@ pub trait Source: Send + Sync {
         false
     }
 
+    /// The shards as they are now. The coordinator lists them again every few seconds to pick up
+    /// new ones (partitions added to a topic); [`shards`](Self::shards) may answer from a cache.
+    ///
+    /// # Errors
+    /// As for `shards`.
+    async fn list_shards(&self) -> Result<Vec<Arc<ShardInfo>>> {
+        self.shards().await
+    }
+
+    /// Where each shard ends now and where its committed position is, for lag, by shard id; only
+    /// for sources that know (Kafka: the high watermark and the group's committed offset).
+    ///
+    /// # Errors
+    /// When the store cannot be reached.
+    async fn lag(&self, _shards: &[Arc<ShardInfo>]) -> Result<std::collections::HashMap<String, ShardLag>> {
+        Ok(std::collections::HashMap::new())
+    }
+
     /// For sources that gain shards over time (new objects under a prefix): how often to list
     /// them again. Runs without `--bounded` then keep going, reading each new shard once.
     fn poll_interval(&self) -> Option<std::time::Duration> {
         None
     }
+}
+
+/// The end and the committed position of a shard, as positions just past the last record
+/// (Kafka offsets): `end - committed` records are not committed yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardLag {
+    pub end: u64,
+    pub committed: Option<u64>,
 }
 
 /// What one read of a shard produced.

@@ -1,0 +1,104 @@
+//! The HTTP client workers and `sluice status` use to reach the coordinator.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{HeartbeatRequest, HeartbeatResponse, LeaveRequest, Status};
+
+/// A coordinator at `base` (e.g. `http://sluice-coordinator:7070`), called with a bearer token.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("base", &self.base).field("token", &"<redacted>").finish()
+    }
+}
+
+impl Client {
+    /// # Errors
+    /// When `base` is not an http(s) URL.
+    pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, String> {
+        let base = base.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(format!("the coordinator URL must start with http:// or https://, not `{base}`"));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Client { base, token: token.to_string(), http })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn post<B: Serialize, R: DeserializeOwned>(&self, path: &str, body: &B) -> Result<R, String> {
+        let url = format!("{}{path}", self.base);
+        let r = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| format!("POST {url}: {}", with_causes(&e)))?;
+        read(r, &url).await
+    }
+
+    /// # Errors
+    /// An unreachable coordinator, a refused token, a malformed answer.
+    pub async fn heartbeat(&self, req: &HeartbeatRequest) -> Result<HeartbeatResponse, String> {
+        self.post("/v1/heartbeat", req).await
+    }
+
+    /// # Errors
+    /// As for [`heartbeat`](Self::heartbeat).
+    pub async fn leave(&self, worker_id: &str) -> Result<(), String> {
+        let _: serde_json::Value = self.post("/v1/leave", &LeaveRequest { worker_id: worker_id.to_string() }).await?;
+        Ok(())
+    }
+
+    /// # Errors
+    /// As for [`heartbeat`](Self::heartbeat).
+    pub async fn status(&self) -> Result<Status, String> {
+        let url = format!("{}/v1/status", self.base);
+        let r = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {}", with_causes(&e)))?;
+        read(r, &url).await
+    }
+}
+
+async fn read<R: DeserializeOwned>(r: reqwest::Response, url: &str) -> Result<R, String> {
+    let status = r.status();
+    let text = r.text().await.map_err(|e| format!("{url}: reading the answer: {}", with_causes(&e)))?;
+    if !status.is_success() {
+        return Err(format!("{url} answered {status}: {}", text.chars().take(300).collect::<String>()));
+    }
+    serde_json::from_str(&text).map_err(|e| format!("{url}: the answer is not what sluice expects: {e}"))
+}
+
+/// reqwest's message with its causes.
+fn with_causes(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

@@ -1,0 +1,162 @@
+//! Coordinator and worker mode: `sluice coordinator` shards the sources' partitions across
+//! `sluice worker` processes, which register and heartbeat over HTTP (JSON, bearer token).
+//!
+//! - Membership by leases: a worker that sends no heartbeat for `lease_timeout` is gone.
+//! - Assignment: [`assign::assign`], balanced and sticky.
+//! - Handover: a shard that moves is first taken out of its owner's assignment (it drains: stops
+//!   reading, flushes its sinks, commits) and granted to the new owner, with a new epoch, only once
+//!   the old owner reports that it applied that assignment — or once its lease has expired.
+//! - Fencing: see [`crate::fence`]; epochs grow with the wall clock (milliseconds), so they keep
+//!   growing across coordinator restarts without any stored state.
+//! - Restart: the coordinator keeps nothing on disk. Workers keep processing what they hold and
+//!   report it in their next heartbeat; the coordinator adopts it, and grants nothing during its
+//!   first lease period, so no shard is handed out twice.
+
+pub mod assign;
+pub mod client;
+pub mod server;
+pub mod worker;
+
+use serde::{Deserialize, Serialize};
+
+use crate::batch::ShardInfo;
+
+/// Environment variable holding the shared bearer token of coordinator and workers.
+pub const TOKEN_ENV: &str = "SLUICE_COORDINATOR_TOKEN";
+
+/// A shard granted to a worker at an epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub shard: ShardInfo,
+    pub epoch: u64,
+}
+
+impl Grant {
+    /// `source/shard id`, the shard's key in the coordinator.
+    pub fn key(&self) -> String {
+        shard_key(&self.shard)
+    }
+}
+
+/// `source/shard id`.
+pub fn shard_key(s: &ShardInfo) -> String {
+    format!("{}/{}", s.source, s.id)
+}
+
+/// `POST /v1/heartbeat`: registers the worker when the coordinator does not know it (first call,
+/// or after a coordinator restart), renews its lease, and reports what it holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// Unique per worker process (`name-random`).
+    pub worker_id: String,
+    /// The worker's name (the pod name).
+    pub name: String,
+    /// Version of the newest assignment the worker has applied: its running shards are exactly
+    /// that assignment's (every shard taken out of it is drained and committed).
+    pub applied_version: u64,
+    /// The shards it is reading, with their epochs.
+    pub held: Vec<Grant>,
+    /// Shards read to their end (files, table ranges): never assigned again by this coordinator.
+    pub finished: Vec<String>,
+    /// Per shard: committed position and rate (positions per second).
+    pub shards: Vec<ShardReport>,
+    /// Records (positions) per second over the last heartbeat interval, all shards together.
+    pub rate: f64,
+}
+
+/// What a worker reports of one shard.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ShardReport {
+    pub key: String,
+    pub committed: Option<u64>,
+    pub rate: f64,
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// Version of this assignment (grows on every change, across restarts too).
+    pub version: u64,
+    /// The shards to read.
+    pub assignment: Vec<Grant>,
+    /// Shards being moved away: stop reading them, but their commits still count until the
+    /// assignment that drops them is applied.
+    pub draining: Vec<Grant>,
+    pub lease_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// `POST /v1/leave`: the worker has drained and committed everything and exits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaveRequest {
+    pub worker_id: String,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub pipeline: String,
+    pub lease_timeout_ms: u64,
+    pub workers: Vec<WorkerStatus>,
+    pub shards: Vec<ShardStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub worker_id: String,
+    pub name: String,
+    pub shards: usize,
+    pub rate: f64,
+    pub last_heartbeat_ms_ago: u64,
+    pub version: u64,
+    pub applied_version: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ShardStatus {
+    pub key: String,
+    /// `assigned`, `moving`, `free` or `finished`.
+    pub state: String,
+    pub owner: Option<String>,
+    pub epoch: Option<u64>,
+    pub committed: Option<u64>,
+    pub end: Option<u64>,
+    pub lag_records: Option<u64>,
+    pub lag_seconds: Option<f64>,
+    pub rate: f64,
+}
+
+/// The status as a table, for `sluice status`.
+pub fn render_status(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "pipeline {}  lease timeout {} ms", s.pipeline, s.lease_timeout_ms);
+    let _ = writeln!(out, "\nWORKER                              SHARDS       RATE/s  LAST HEARTBEAT");
+    for w in &s.workers {
+        let _ =
+            writeln!(out, "{:<34} {:>7} {:>12.0}  {} ms ago", w.worker_id, w.shards, w.rate, w.last_heartbeat_ms_ago);
+    }
+    let _ = writeln!(out, "\nSHARD                          STATE     OWNER                           EPOCH        LAG(rec)  LAG(s)    RATE/s");
+    for sh in &s.shards {
+        let _ = writeln!(
+            out,
+            "{:<30} {:<9} {:<31} {:>13} {:>9} {:>7} {:>9.0}",
+            sh.key,
+            sh.state,
+            sh.owner.as_deref().unwrap_or("-"),
+            sh.epoch.map_or("-".into(), |e| e.to_string()),
+            sh.lag_records.map_or("-".into(), |l| l.to_string()),
+            sh.lag_seconds.map_or("-".into(), |l| format!("{l:.1}")),
+            sh.rate
+        );
+    }
+    let lag: u64 = s.shards.iter().filter_map(|x| x.lag_records).sum();
+    let rate: f64 = s.workers.iter().map(|w| w.rate).sum();
+    let _ = writeln!(
+        out,
+        "\n{} workers, {} shards, total lag {lag} records, {rate:.0} records/s",
+        s.workers.len(),
+        s.shards.len()
+    );
+    out
+}

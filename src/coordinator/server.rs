@@ -1,0 +1,693 @@
+//! `sluice coordinator`: membership, assignment, handover and lag, behind an HTTP API.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Json;
+use indexmap::IndexMap;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    assign, shard_key, Grant, HeartbeatRequest, HeartbeatResponse, LeaveRequest, ShardStatus, Status, WorkerStatus,
+};
+use crate::batch::ShardInfo;
+use crate::observe::{names, Health};
+use crate::source::{ShardLag, Source};
+use crate::{Error, Result};
+
+/// Timing of the coordinator.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// A worker without a heartbeat for this long is gone; its shards move.
+    pub lease_timeout: Duration,
+    /// How often workers send heartbeats (told to them in every answer).
+    pub heartbeat_interval: Duration,
+    /// How often the sources' shards are listed again (new partitions) and lag is read.
+    pub refresh_interval: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            lease_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(2),
+            refresh_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Owner {
+    worker: String,
+    epoch: u64,
+    /// Set while the shard is being moved away: the owner's assignment version that drops it.
+    revoke_version: Option<u64>,
+}
+
+#[derive(Debug)]
+struct ShardState {
+    info: ShardInfo,
+    listed: bool,
+    finished: bool,
+    owner: Option<Owner>,
+    lag: Option<ShardLag>,
+    committed: Option<u64>,
+    rate: f64,
+    last_progress: Instant,
+    /// When the shard lost its owner (for handover times in the logs).
+    free_since: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct WorkerState {
+    name: String,
+    last_seen: Instant,
+    version: u64,
+    applied: u64,
+    rate: f64,
+}
+
+/// The coordinator's state machine, without any I/O (the HTTP handlers and the timer drive it).
+#[derive(Debug)]
+pub struct Core {
+    timing: Timing,
+    started: Instant,
+    last_stamp: u64,
+    listed_once: bool,
+    shards: IndexMap<String, ShardState>,
+    workers: IndexMap<String, WorkerState>,
+}
+
+/// Milliseconds since the Unix epoch: epochs and versions start from it, so they keep growing
+/// across coordinator restarts with no stored state.
+fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Core {
+    pub fn new(timing: Timing, now: Instant) -> Self {
+        Core {
+            timing,
+            started: now,
+            last_stamp: 0,
+            listed_once: false,
+            shards: IndexMap::new(),
+            workers: IndexMap::new(),
+        }
+    }
+
+    fn stamp(&mut self) -> u64 {
+        self.last_stamp = wall_ms().max(self.last_stamp + 1);
+        self.last_stamp
+    }
+
+    /// The shards the sources have now (replaces the earlier listing).
+    pub fn set_shards(&mut self, listed: Vec<ShardInfo>, now: Instant) {
+        let keys: HashSet<String> = listed.iter().map(shard_key).collect();
+        for s in listed {
+            let key = shard_key(&s);
+            let e = self.shards.entry(key).or_insert_with(|| ShardState {
+                info: s.clone(),
+                listed: true,
+                finished: false,
+                owner: None,
+                lag: None,
+                committed: None,
+                rate: 0.0,
+                last_progress: now,
+                free_since: Some(now),
+            });
+            e.listed = true;
+        }
+        for (k, s) in self.shards.iter_mut() {
+            if !keys.contains(k) {
+                s.listed = false;
+            }
+        }
+        // Shards that are gone and held by no one are forgotten.
+        self.shards.retain(|_, s| s.listed || s.owner.is_some());
+        self.listed_once = true;
+    }
+
+    /// Lag read from the sources, by shard key.
+    pub fn set_lag(&mut self, lag: HashMap<String, ShardLag>) {
+        for (k, l) in lag {
+            if let Some(s) = self.shards.get_mut(&k) {
+                s.lag = Some(l);
+            }
+        }
+    }
+
+    /// The listed shards, for lag probes.
+    pub fn listed(&self) -> Vec<ShardInfo> {
+        self.shards.values().filter(|s| s.listed).map(|s| s.info.clone()).collect()
+    }
+
+    /// Handles a heartbeat; registers unknown workers and adopts what they hold.
+    pub fn heartbeat(&mut self, req: &HeartbeatRequest, now: Instant) -> HeartbeatResponse {
+        let id = req.worker_id.clone();
+        if !self.workers.contains_key(&id) {
+            let version = self.stamp();
+            tracing::info!(worker = %id, held = req.held.len(), "worker registered");
+            self.workers.insert(
+                id.clone(),
+                WorkerState { name: req.name.clone(), last_seen: now, version, applied: 0, rate: 0.0 },
+            );
+            for g in &req.held {
+                self.adopt(&id, g, now);
+            }
+        }
+        {
+            let w = self.workers.get_mut(&id).expect("registered above");
+            w.last_seen = now;
+            w.applied = w.applied.max(req.applied_version);
+            w.rate = req.rate;
+        }
+        let applied = self.workers[&id].applied;
+        // Shards moved away are released once the owner applied the assignment without them.
+        for (key, s) in self.shards.iter_mut() {
+            if let Some(o) = &s.owner {
+                if o.worker == id && o.revoke_version.is_some_and(|r| applied >= r) {
+                    tracing::info!(shard = %key, worker = %id, "shard drained and released");
+                    s.owner = None;
+                    s.free_since = Some(now);
+                }
+            }
+        }
+        for key in &req.finished {
+            if let Some(s) = self.shards.get_mut(key) {
+                if s.owner.as_ref().is_some_and(|o| o.worker == id) {
+                    s.finished = true;
+                    s.owner = None;
+                }
+            }
+        }
+        for r in &req.shards {
+            if let Some(s) = self.shards.get_mut(&r.key) {
+                if s.owner.as_ref().is_some_and(|o| o.worker == id) {
+                    if r.committed != s.committed {
+                        s.last_progress = now;
+                    }
+                    s.committed = r.committed;
+                    s.rate = r.rate;
+                }
+            }
+        }
+        self.rebalance(now);
+        self.response(&id)
+    }
+
+    fn adopt(&mut self, worker: &str, g: &Grant, now: Instant) {
+        let key = g.key();
+        self.last_stamp = self.last_stamp.max(g.epoch);
+        let s = self.shards.entry(key.clone()).or_insert_with(|| ShardState {
+            info: g.shard.clone(),
+            listed: false,
+            finished: false,
+            owner: None,
+            lag: None,
+            committed: None,
+            rate: 0.0,
+            last_progress: now,
+            free_since: None,
+        });
+        match &s.owner {
+            Some(o) if o.worker != worker && o.epoch >= g.epoch => {
+                tracing::warn!(shard = %key, worker, holder = %o.worker, "a worker reports a shard another holds at a newer epoch; it loses it");
+            }
+            _ => {
+                s.owner = Some(Owner { worker: worker.to_string(), epoch: g.epoch, revoke_version: None });
+                s.free_since = None;
+            }
+        }
+    }
+
+    /// A worker leaves after draining: its shards are free at once.
+    pub fn leave(&mut self, worker: &str, now: Instant) -> bool {
+        if self.workers.shift_remove(worker).is_none() {
+            return false;
+        }
+        tracing::info!(worker, "worker left");
+        self.free_shards_of(worker, now);
+        self.rebalance(now);
+        true
+    }
+
+    fn free_shards_of(&mut self, worker: &str, now: Instant) {
+        for s in self.shards.values_mut() {
+            if s.owner.as_ref().is_some_and(|o| o.worker == worker) {
+                s.owner = None;
+                s.free_since = Some(now);
+            }
+        }
+    }
+
+    /// Expires leases, then moves shards towards the balanced, sticky assignment.
+    pub fn rebalance(&mut self, now: Instant) {
+        let lease = self.timing.lease_timeout;
+        let expired: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| now.duration_since(w.last_seen) >= lease)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for w in expired {
+            tracing::warn!(worker = %w, "worker missed its heartbeats for the lease timeout: its shards move");
+            metrics::counter!(names::COORDINATOR_EXPIRED_WORKERS_TOTAL).increment(1);
+            self.workers.shift_remove(&w);
+            self.free_shards_of(&w, now);
+        }
+        metrics::gauge!(names::COORDINATOR_WORKERS).set(self.workers.len() as f64);
+        // After a restart, workers re-register within a lease: nothing is granted before that.
+        if now.duration_since(self.started) < lease || !self.listed_once {
+            return;
+        }
+        let mut workers: Vec<String> = self.workers.keys().cloned().collect();
+        workers.sort();
+        let eligible: Vec<String> =
+            self.shards.iter().filter(|(_, s)| s.listed && !s.finished).map(|(k, _)| k.clone()).collect();
+        let current: HashMap<String, String> = self
+            .shards
+            .iter()
+            .filter_map(|(k, s)| {
+                s.owner.as_ref().filter(|o| o.revoke_version.is_none()).map(|o| (k.clone(), o.worker.clone()))
+            })
+            .collect();
+        let target: BTreeMap<String, String> = assign::assign(&eligible, &workers, &current);
+        let mut changed: HashSet<String> = HashSet::new();
+        let mut grants: Vec<(String, String)> = Vec::new();
+        let mut revokes: Vec<String> = Vec::new();
+        let mut cancels: Vec<String> = Vec::new();
+        for (key, s) in &self.shards {
+            // Shards no source lists any more are taken back from their owners.
+            let to = if s.listed && !s.finished { target.get(key) } else { None };
+            match (&s.owner, to) {
+                (None, Some(t)) => {
+                    grants.push((key.clone(), t.clone()));
+                    changed.insert(t.clone());
+                }
+                (Some(o), t) if o.revoke_version.is_none() && t != Some(&o.worker) => {
+                    revokes.push(key.clone());
+                    changed.insert(o.worker.clone());
+                }
+                (Some(o), Some(t)) if o.revoke_version.is_some() && *t == o.worker => {
+                    cancels.push(key.clone());
+                    changed.insert(o.worker.clone());
+                }
+                _ => {}
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        metrics::counter!(names::COORDINATOR_REBALANCES_TOTAL).increment(1);
+        let mut versions = HashMap::new();
+        let mut changed: Vec<String> = changed.into_iter().collect();
+        changed.sort();
+        for w in changed {
+            let v = self.stamp();
+            if let Some(ws) = self.workers.get_mut(&w) {
+                ws.version = v;
+            }
+            versions.insert(w, v);
+        }
+        for key in revokes {
+            let s = self.shards.get_mut(&key).expect("listed above");
+            if let Some(o) = s.owner.as_mut() {
+                o.revoke_version = versions.get(&o.worker).copied();
+                tracing::info!(shard = %key, from = %o.worker, "moving shard: draining its owner first");
+            }
+        }
+        for key in cancels {
+            if let Some(o) = self.shards.get_mut(&key).and_then(|s| s.owner.as_mut()) {
+                o.revoke_version = None;
+            }
+        }
+        for (key, to) in grants {
+            let epoch = self.stamp();
+            let s = self.shards.get_mut(&key).expect("listed above");
+            let waited = s.free_since.take().map(|t| now.duration_since(t));
+            s.owner = Some(Owner { worker: to.clone(), epoch, revoke_version: None });
+            metrics::counter!(names::COORDINATOR_HANDOVERS_TOTAL).increment(1);
+            tracing::info!(shard = %key, to = %to, epoch, unowned_ms = waited.map(|d| d.as_millis() as u64), "shard granted");
+        }
+    }
+
+    fn response(&self, worker: &str) -> HeartbeatResponse {
+        let mut assignment = Vec::new();
+        let mut draining = Vec::new();
+        for s in self.shards.values() {
+            let Some(o) = s.owner.as_ref().filter(|o| o.worker == worker) else { continue };
+            let g = Grant { shard: s.info.clone(), epoch: o.epoch };
+            if o.revoke_version.is_some() {
+                draining.push(g);
+            } else {
+                assignment.push(g);
+            }
+        }
+        HeartbeatResponse {
+            version: self.workers.get(worker).map_or(0, |w| w.version),
+            assignment,
+            draining,
+            lease_timeout_ms: self.timing.lease_timeout.as_millis() as u64,
+            heartbeat_interval_ms: self.timing.heartbeat_interval.as_millis() as u64,
+        }
+    }
+
+    /// The state, with lag per shard (records, and seconds at the measured rate or since the
+    /// committed position last moved) and each worker's rate; also exported as metrics.
+    pub fn status(&self, pipeline: &str, now: Instant) -> Status {
+        let mut shards = Vec::new();
+        for (key, s) in &self.shards {
+            let committed = s.lag.and_then(|l| l.committed).or(s.committed.map(|c| c + 1));
+            let lag_records = s.lag.map(|l| l.end.saturating_sub(committed.unwrap_or(0)));
+            let lag_seconds = lag_records.map(|l| {
+                if l == 0 {
+                    0.0
+                } else if s.rate > 0.0 {
+                    l as f64 / s.rate
+                } else {
+                    now.duration_since(s.last_progress).as_secs_f64()
+                }
+            });
+            let state = if s.finished {
+                "finished"
+            } else {
+                match &s.owner {
+                    None => "free",
+                    Some(o) if o.revoke_version.is_some() => "moving",
+                    Some(_) => "assigned",
+                }
+            };
+            if let Some(l) = lag_records {
+                let labels = [("source", s.info.source.clone()), ("shard", s.info.id.clone())];
+                metrics::gauge!(names::SHARD_LAG_RECORDS, &labels).set(l as f64);
+                metrics::gauge!(names::SHARD_LAG_SECONDS, &labels).set(lag_seconds.unwrap_or(0.0));
+            }
+            shards.push(ShardStatus {
+                key: key.clone(),
+                state: state.into(),
+                owner: s.owner.as_ref().map(|o| o.worker.clone()),
+                epoch: s.owner.as_ref().map(|o| o.epoch),
+                committed,
+                end: s.lag.map(|l| l.end),
+                lag_records,
+                lag_seconds,
+                rate: s.rate,
+            });
+        }
+        let workers = self
+            .workers
+            .iter()
+            .map(|(id, w)| {
+                metrics::gauge!(names::WORKER_RATE_RECORDS_PER_SECOND, "worker_id" => id.clone()).set(w.rate);
+                WorkerStatus {
+                    worker_id: id.clone(),
+                    name: w.name.clone(),
+                    shards: self.shards.values().filter(|s| s.owner.as_ref().is_some_and(|o| &o.worker == id)).count(),
+                    rate: w.rate,
+                    last_heartbeat_ms_ago: now.duration_since(w.last_seen).as_millis() as u64,
+                    version: w.version,
+                    applied_version: w.applied,
+                }
+            })
+            .collect();
+        metrics::gauge!(names::COORDINATOR_SHARDS).set(self.shards.len() as f64);
+        Status {
+            pipeline: pipeline.to_string(),
+            lease_timeout_ms: self.timing.lease_timeout.as_millis() as u64,
+            workers,
+            shards,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    core: Arc<Mutex<Core>>,
+    token: Arc<str>,
+    pipeline: Arc<str>,
+}
+
+fn authorized(app: &App, headers: &HeaderMap, peer: SocketAddr, path: &str) -> Result<(), Response> {
+    let given = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let ok = given
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), app.token.as_bytes()));
+    if ok {
+        return Ok(());
+    }
+    let why = if given.is_none() { "no bearer token" } else { "a wrong bearer token" };
+    tracing::warn!(%peer, path, "refused a call with {why}");
+    metrics::counter!(names::COORDINATOR_REFUSED_CALLS_TOTAL).increment(1);
+    Err((StatusCode::UNAUTHORIZED, Json(serde_json::json!({ "error": format!("{why}: send `Authorization: Bearer <token>` with the token of {}", super::TOKEN_ENV) }))).into_response())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn heartbeat(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Json<HeartbeatRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorized(&app, &headers, peer, "/v1/heartbeat") {
+        return r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": e.body_text() }))).into_response()
+        }
+    };
+    if req.worker_id.is_empty() {
+        return (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": "worker_id is empty" }))).into_response();
+    }
+    let resp = app.core.lock().unwrap_or_else(|e| e.into_inner()).heartbeat(&req, Instant::now());
+    Json(resp).into_response()
+}
+
+async fn leave(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Json<LeaveRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorized(&app, &headers, peer, "/v1/leave") {
+        return r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": e.body_text() }))).into_response()
+        }
+    };
+    let known = app.core.lock().unwrap_or_else(|e| e.into_inner()).leave(&req.worker_id, Instant::now());
+    Json(serde_json::json!({ "left": known })).into_response()
+}
+
+async fn status(State(app): State<App>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&app, &headers, peer, "/v1/status") {
+        return r;
+    }
+    let s = app.core.lock().unwrap_or_else(|e| e.into_inner()).status(&app.pipeline, Instant::now());
+    Json(s).into_response()
+}
+
+/// Options of [`serve`].
+pub struct CoordinatorOptions {
+    pub listen: SocketAddr,
+    pub token: String,
+    pub timing: Timing,
+    pub pipeline: String,
+    pub sources: Vec<(String, Arc<dyn Source>)>,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub health: Health,
+    pub stop: CancellationToken,
+}
+
+/// Serves the coordinator API (and `/healthz`, `/readyz`, `/metrics`) until `stop` fires.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn serve(opts: CoordinatorOptions) -> Result<()> {
+    let core = Arc::new(Mutex::new(Core::new(opts.timing, Instant::now())));
+    let app = App { core: core.clone(), token: opts.token.into(), pipeline: opts.pipeline.clone().into() };
+    let handle = opts.metrics.clone();
+    let health = opts.health.clone();
+    let router = axum::Router::new()
+        .route("/v1/heartbeat", post(heartbeat))
+        .route("/v1/leave", post(leave))
+        .route("/v1/status", get(status))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = health.is_ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    }
+                }
+            }),
+        )
+        .route("/metrics", get(move || std::future::ready(handle.as_ref().map(|h| h.render()).unwrap_or_default())))
+        .with_state(app);
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| Error::Metrics { addr: opts.listen.to_string(), message: format!("cannot listen: {e}") })?;
+    tracing::info!(addr = %opts.listen, pipeline = %opts.pipeline, lease_timeout = ?opts.timing.lease_timeout, "coordinator listening");
+
+    // The timer: leases expire and shards move even when no heartbeat arrives; shards and lag
+    // are read from the sources every refresh interval.
+    let refresher = {
+        let (core, stop, sources, timing, health) =
+            (core.clone(), opts.stop.clone(), opts.sources.clone(), opts.timing, opts.health.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            let mut last_refresh: Option<Instant> = None;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                if last_refresh.is_none_or(|t| t.elapsed() >= timing.refresh_interval) {
+                    last_refresh = Some(Instant::now());
+                    refresh(&core, &sources).await;
+                    health.set_ready(true);
+                }
+                core.lock().unwrap_or_else(|e| e.into_inner()).rebalance(Instant::now());
+            }
+        })
+    };
+    let stop = opts.stop.clone();
+    let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
+    refresher.abort();
+    served.map_err(|e| Error::Internal { component: "coordinator".into(), message: e.to_string() })
+}
+
+async fn refresh(core: &Arc<Mutex<Core>>, sources: &[(String, Arc<dyn Source>)]) {
+    let mut all = Vec::new();
+    let mut ok = true;
+    for (id, src) in sources {
+        match src.list_shards().await {
+            Ok(shards) => all.extend(shards),
+            Err(e) => {
+                ok = false;
+                tracing::warn!(source = %id, "listing the shards failed (kept the last listing): {e}");
+            }
+        }
+    }
+    if ok {
+        core.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_shards(all.iter().map(|s| (**s).clone()).collect(), Instant::now());
+    }
+    let mut lag = HashMap::new();
+    for (id, src) in sources {
+        let shards: Vec<Arc<ShardInfo>> = all.iter().filter(|s| &s.source == id).cloned().collect();
+        match src.lag(&shards).await {
+            Ok(l) => lag.extend(l.into_iter().map(|(shard, v)| (format!("{id}/{shard}"), v))),
+            Err(e) => tracing::debug!(source = %id, "reading the lag failed: {e}"),
+        }
+    }
+    let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
+    core.set_lag(lag);
+    let _ = core.status("", Instant::now()); // refreshes the lag gauges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::ShardKind;
+
+    fn shard(i: i32) -> ShardInfo {
+        ShardInfo {
+            source: "orders".into(),
+            id: format!("t/{i}"),
+            kind: ShardKind::Partition { topic: "t".into(), partition: i },
+        }
+    }
+
+    fn hb(id: &str, applied: u64, held: &[Grant]) -> HeartbeatRequest {
+        HeartbeatRequest {
+            worker_id: id.into(),
+            name: id.into(),
+            applied_version: applied,
+            held: held.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    const T: Timing = Timing {
+        lease_timeout: Duration::from_secs(10),
+        heartbeat_interval: Duration::from_secs(2),
+        refresh_interval: Duration::from_secs(5),
+    };
+
+    #[test]
+    fn a_moved_shard_is_granted_only_after_its_owner_drained_it() {
+        let t0 = Instant::now();
+        let mut c = Core::new(T, t0);
+        c.set_shards((0..4).map(shard).collect(), t0);
+        let t1 = t0 + Duration::from_secs(11); // past the start-up grace
+        let a = c.heartbeat(&hb("a", 0, &[]), t1);
+        assert_eq!(a.assignment.len(), 4, "the only worker takes every shard");
+        let a = c.heartbeat(&hb("a", a.version, &a.assignment), t1);
+        // b joins: two shards must move from a, but a still holds them.
+        let b = c.heartbeat(&hb("b", 0, &[]), t1);
+        assert!(b.assignment.is_empty(), "nothing is granted before a drained: {b:?}");
+        let a2 = c.heartbeat(&hb("a", a.version, &a.assignment), t1);
+        assert_eq!((a2.assignment.len(), a2.draining.len()), (2, 2));
+        assert!(a2.version > a.version);
+        // a applied the new assignment (drained): b gets the two, with newer epochs.
+        c.heartbeat(&hb("a", a2.version, &a2.assignment), t1);
+        let b = c.heartbeat(&hb("b", 0, &[]), t1);
+        assert_eq!(b.assignment.len(), 2);
+        let old: HashMap<String, u64> = a.assignment.iter().map(|g| (g.key(), g.epoch)).collect();
+        for g in &b.assignment {
+            assert!(g.epoch > old[&g.key()], "the new owner's epoch is newer");
+        }
+    }
+
+    #[test]
+    fn a_dead_worker_loses_its_shards_after_the_lease_and_a_restarted_coordinator_adopts() {
+        let t0 = Instant::now();
+        let mut c = Core::new(T, t0);
+        c.set_shards((0..4).map(shard).collect(), t0);
+        let t1 = t0 + Duration::from_secs(11);
+        let a = c.heartbeat(&hb("a", 0, &[]), t1);
+        let a = c.heartbeat(&hb("a", a.version, &a.assignment), t1);
+        let b = c.heartbeat(&hb("b", 0, &[]), t1);
+        assert!(b.assignment.is_empty());
+        // a dies (no more heartbeats); b keeps beating: after the lease, b has everything.
+        let mut t = t1;
+        let mut got = Vec::new();
+        while t < t1 + Duration::from_secs(12) {
+            t += Duration::from_secs(2);
+            got = c.heartbeat(&hb("b", 0, &[]), t).assignment;
+        }
+        assert_eq!(got.len(), 4, "b took a's shards after a's lease");
+        // The coordinator restarts: b re-registers with what it holds; nothing moves or is
+        // granted twice, and epochs are kept.
+        let t2 = t + Duration::from_secs(1);
+        let mut c2 = Core::new(T, t2);
+        c2.set_shards((0..4).map(shard).collect(), t2);
+        let again = c2.heartbeat(&hb("b", 0, &got), t2);
+        assert_eq!(again.assignment, got, "adopted as held");
+        let zombie = c2.heartbeat(&hb("a", 0, &a.assignment), t2);
+        assert!(zombie.assignment.is_empty(), "a zombie's older epochs lose: {zombie:?}");
+    }
+}

@@ -1,0 +1,308 @@
+//! `sluice worker`: registers with the coordinator, heartbeats, and runs the pipeline over the
+//! shards it is granted.
+//!
+//! The worker runs the pipeline in *generations*: one run over one assignment. When the
+//! assignment changes, the running generation stops reading, flushes its sinks and commits (the
+//! graceful stop of `sluice run`), and the next generation starts with the new shards. Only then
+//! does the worker report the new assignment as applied, which is what lets the coordinator grant
+//! the shards it gave up to their new owners.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::client::Client;
+use super::{Grant, HeartbeatRequest, HeartbeatResponse, ShardReport};
+use crate::config::LoadedPipeline;
+use crate::fence::Fence;
+use crate::observe::{names, Health};
+use crate::runtime::{RunOptions, ShardRegistry};
+use crate::{Error, Result};
+
+/// Options of [`run`].
+pub struct WorkerOptions {
+    pub client: Client,
+    /// The worker's name (the pod name); its id adds a random suffix.
+    pub name: String,
+    pub health: Health,
+    /// Fired by SIGTERM: drain, commit, leave, return.
+    pub stop: CancellationToken,
+}
+
+/// What the heartbeat reports, updated by the generation loop.
+#[derive(Default)]
+struct Report {
+    applied_version: u64,
+    held: Vec<Grant>,
+    finished: Vec<String>,
+    registry: Option<ShardRegistry>,
+    last: HashMap<String, (Option<u64>, Instant)>,
+}
+
+impl Report {
+    fn request(&mut self, worker_id: &str, name: &str) -> HeartbeatRequest {
+        let now = Instant::now();
+        let mut shards = Vec::new();
+        let mut rate = 0.0;
+        if let Some(reg) = &self.registry {
+            let progress = reg.lock().map(|r| r.clone()).unwrap_or_default();
+            for p in progress {
+                let key = super::shard_key(p.shard());
+                let committed = p.committed();
+                let r = match self.last.get(&key) {
+                    Some((Some(prev), at)) => {
+                        let dt = now.duration_since(*at).as_secs_f64().max(1e-3);
+                        committed.map_or(0.0, |c| c.saturating_sub(*prev) as f64 / dt)
+                    }
+                    _ => 0.0,
+                };
+                rate += r;
+                self.last.insert(key.clone(), (committed, now));
+                shards.push(ShardReport { key, committed, rate: r });
+            }
+        }
+        HeartbeatRequest {
+            worker_id: worker_id.to_string(),
+            name: name.to_string(),
+            applied_version: self.applied_version,
+            held: self.held.clone(),
+            finished: std::mem::take(&mut self.finished),
+            shards,
+            rate,
+        }
+    }
+}
+
+fn grant_set(g: &[Grant]) -> HashSet<(String, u64)> {
+    g.iter().map(|g| (g.key(), g.epoch)).collect()
+}
+
+/// Runs the worker until `opts.stop` fires.
+///
+/// # Errors
+/// A pipeline that does not build (a configuration error); runtime failures of a generation are
+/// logged and the generation is started again.
+pub async fn run(loaded: LoadedPipeline, opts: WorkerOptions) -> Result<()> {
+    let suffix: u32 = rand::random();
+    let worker_id = format!("{}-{suffix:08x}", opts.name);
+    let fence = crate::fence::install();
+    // Checked once before anything is asked of the coordinator.
+    drop(crate::runtime::build(&loaded).await?);
+    tracing::info!(worker = %worker_id, coordinator = %opts.client.base(), "worker starting");
+
+    let report = Arc::new(Mutex::new(Report::default()));
+    let (latest_tx, mut latest) = watch::channel::<Option<HeartbeatResponse>>(None);
+    let lease_lost = Arc::new(Notify::new());
+    let beat_now = Arc::new(Notify::new());
+    let beats_stop = CancellationToken::new();
+    let beats = tokio::spawn(heartbeats(
+        opts.client.clone(),
+        worker_id.clone(),
+        opts.name.clone(),
+        report.clone(),
+        fence.clone(),
+        latest_tx,
+        lease_lost.clone(),
+        beat_now.clone(),
+        beats_stop.clone(),
+    ));
+
+    let mut failures = 0u32;
+    let result: Result<()> = loop {
+        // Wait for an assignment.
+        let current = loop {
+            if let Some(a) = latest.borrow_and_update().clone() {
+                break Some(a);
+            }
+            tokio::select! {
+                _ = opts.stop.cancelled() => break None,
+                r = latest.changed() => if r.is_err() { break None },
+            }
+        };
+        let Some(current) = current else { break Ok(()) };
+        if !fence.lease_valid() {
+            // Lost while the last generation ran: wait for the coordinator's next answer.
+            tokio::select! {
+                _ = opts.stop.cancelled() => break Ok(()),
+                _ = latest.changed() => continue,
+            }
+        }
+        {
+            let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
+            r.applied_version = current.version;
+            r.held = current.assignment.clone();
+        }
+        beat_now.notify_one();
+        if current.assignment.is_empty() {
+            opts.health.set_ready(true);
+            tokio::select! {
+                _ = opts.stop.cancelled() => break Ok(()),
+                _ = latest.changed() => continue,
+            }
+        }
+        let mut assigned: HashMap<String, Vec<Arc<crate::batch::ShardInfo>>> = HashMap::new();
+        for g in &current.assignment {
+            assigned.entry(g.shard.source.clone()).or_default().push(Arc::new(g.shard.clone()));
+        }
+        let pipeline = match crate::runtime::build(&loaded).await {
+            Ok(p) => p,
+            Err(e) => break Err(e.into()),
+        };
+        let registry: ShardRegistry = Arc::default();
+        report.lock().unwrap_or_else(|e| e.into_inner()).registry = Some(registry.clone());
+        let gen_stop = CancellationToken::new();
+        metrics::counter!(names::WORKER_GENERATIONS_TOTAL).increment(1);
+        metrics::gauge!(names::WORKER_SHARDS).set(current.assignment.len() as f64);
+        tracing::info!(worker = %worker_id, shards = current.assignment.len(), version = current.version, "running the assigned shards");
+        let mut run = tokio::spawn(pipeline.run(RunOptions {
+            stop: gen_stop.clone(),
+            progress: false,
+            health: opts.health.clone(),
+            bounded: false,
+            assigned: Some(assigned),
+            shard_registry: Some(registry),
+        }));
+        let running = grant_set(&current.assignment);
+        let mut stopping = false;
+        let mut leaving = false;
+        let outcome = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                _ = opts.stop.cancelled(), if !leaving => {
+                    tracing::info!(worker = %worker_id, "stopping: draining the shards before leaving");
+                    leaving = true;
+                    gen_stop.cancel();
+                }
+                c = latest.changed(), if !stopping => {
+                    if c.is_err() { gen_stop.cancel(); stopping = true; continue; }
+                    let next = latest.borrow().clone();
+                    if let Some(next) = next {
+                        if grant_set(&next.assignment) != running {
+                            tracing::info!(worker = %worker_id, "assignment changed: draining, then starting over");
+                            stopping = true;
+                            gen_stop.cancel();
+                        } else {
+                            report.lock().unwrap_or_else(|e| e.into_inner()).applied_version = next.version;
+                        }
+                    }
+                }
+                _ = lease_lost.notified() => {
+                    tracing::warn!(worker = %worker_id, "lease lost: stopping the shards (commits are refused until the coordinator answers again)");
+                    stopping = true;
+                    gen_stop.cancel();
+                }
+            }
+        };
+        {
+            let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
+            r.held.clear();
+            r.registry = None;
+            match &outcome {
+                Ok(Ok(summary)) if !summary.stopped && !stopping && !leaving => {
+                    // Every shard was read to its end.
+                    r.finished = current.assignment.iter().map(Grant::key).collect();
+                }
+                _ => {}
+            }
+        }
+        beat_now.notify_one();
+        match outcome {
+            Ok(Ok(_)) => failures = 0,
+            Ok(Err(e)) => {
+                failures += 1;
+                let wait = Duration::from_millis(500 * u64::from(failures.min(10)));
+                tracing::error!(worker = %worker_id, "the shards' run failed (starting again in {wait:?}): {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = opts.stop.cancelled() => leaving = true,
+                }
+            }
+            Err(e) => break Err(Error::Internal { component: "worker".into(), message: e.to_string() }),
+        }
+        if leaving || opts.stop.is_cancelled() {
+            break Ok(());
+        }
+        // A finished generation waits for the next assignment change.
+        let done = matches!(report.lock().map(|r| !r.finished.is_empty()), Ok(true));
+        if done {
+            tokio::select! {
+                _ = opts.stop.cancelled() => break Ok(()),
+                _ = latest.changed() => {}
+            }
+        }
+    };
+    beats_stop.cancel();
+    let _ = beats.await;
+    fence.revoke_all();
+    opts.health.set_ready(false);
+    match opts.client.leave(&worker_id).await {
+        Ok(()) => tracing::info!(worker = %worker_id, "left the coordinator"),
+        Err(e) => {
+            tracing::warn!(worker = %worker_id, "could not tell the coordinator that it leaves (its lease will expire): {e}")
+        }
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn heartbeats(
+    client: Client,
+    worker_id: String,
+    name: String,
+    report: Arc<Mutex<Report>>,
+    fence: Arc<Fence>,
+    latest: watch::Sender<Option<HeartbeatResponse>>,
+    lease_lost: Arc<Notify>,
+    beat_now: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let mut interval = Duration::from_secs(2);
+    let mut lease = Duration::from_secs(10);
+    let mut had_lease = false;
+    let mut last_ok = Instant::now();
+    loop {
+        let req = report.lock().unwrap_or_else(|e| e.into_inner()).request(&worker_id, &name);
+        let sent = Instant::now();
+        match client.heartbeat(&req).await {
+            Ok(resp) => {
+                interval = Duration::from_millis(resp.heartbeat_interval_ms.max(50));
+                lease = Duration::from_millis(resp.lease_timeout_ms.max(100));
+                // The lease counts from the send, less a margin for the writes a check lets
+                // through: it ends before the coordinator's, which counts from the receipt.
+                let margin = (lease / 5).max(interval / 2).min(lease / 2);
+                let mut epochs = HashMap::new();
+                for g in resp.assignment.iter().chain(&resp.draining) {
+                    epochs.insert((g.shard.source.clone(), g.shard.id.clone()), g.epoch);
+                }
+                fence.update(sent + lease - margin, epochs);
+                had_lease = true;
+                last_ok = Instant::now();
+                metrics::gauge!(names::WORKER_LEASE_VALID).set(1.0);
+                latest.send_if_modified(|cur| {
+                    let changed = cur.as_ref() != Some(&resp);
+                    *cur = Some(resp);
+                    changed
+                });
+            }
+            Err(e) => {
+                tracing::warn!(worker = %worker_id, "heartbeat failed: {e}");
+                if had_lease && !fence.lease_valid() {
+                    metrics::gauge!(names::WORKER_LEASE_VALID).set(0.0);
+                    lease_lost.notify_one();
+                    had_lease = false;
+                }
+                if last_ok.elapsed() > lease * 3 {
+                    tracing::warn!(worker = %worker_id, "no answer from the coordinator for {:?}", last_ok.elapsed());
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+            _ = beat_now.notified() => {}
+        }
+    }
+}
