@@ -3,6 +3,7 @@
 
 mod cli;
 mod common;
+mod coordinator;
 mod fault_proxy;
 mod file_sink;
 mod kafka;

@@ -11,13 +11,13 @@ use crate::common::{read_ndjson, read_parquet, rows, sluice};
 use crate::kafka::{create, produce, run_bounded, topic};
 
 /// The test database's URL (no password: the test server trusts local connections).
-fn url() -> String {
+pub(crate) fn url() -> String {
     std::env::var("SLUICE_TEST_PG_URL")
         .expect("SLUICE_TEST_PG_URL is not set: run the tests with scripts/test.sh, which starts PostgreSQL")
 }
 
 /// Runs SQL with psql; returns its unaligned, tuples-only output.
-fn psql(sql: &str) -> String {
+pub(crate) fn psql(sql: &str) -> String {
     let out = std::process::Command::new("psql")
         .arg(url())
         .args(["-v", "ON_ERROR_STOP=1", "-qAtX", "-c", sql])
@@ -28,7 +28,7 @@ fn psql(sql: &str) -> String {
 }
 
 /// A fresh schema for one test.
-fn schema(prefix: &str) -> String {
+pub(crate) fn schema(prefix: &str) -> String {
     let name = topic(prefix).replace('-', "_");
     psql(&format!("CREATE SCHEMA {name}"));
     name

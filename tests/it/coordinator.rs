@@ -1,0 +1,398 @@
+//! Coordinator and workers as real processes on 127.0.0.1, over a real broker (tansu) into a real
+//! PostgreSQL: kill -9, joins, a coordinator restart, a rolling restart and a zombie worker, with
+//! a producer running throughout; at the end every record is in the table exactly once.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::common::sluice;
+use crate::kafka::{brokers, create, produce, topic};
+use crate::postgres::{psql, schema, url};
+
+const TOKEN: &str = "test-token-not-a-secret";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Cluster {
+    dir: PathBuf,
+    pipeline: PathBuf,
+    url: String,
+    port: u16,
+    coordinator: Option<Child>,
+    workers: Vec<(String, Child)>,
+}
+
+impl Cluster {
+    fn new(dir: &Path, pipeline_text: &str) -> Cluster {
+        let pipeline = dir.join("p.toml");
+        std::fs::write(&pipeline, pipeline_text).unwrap();
+        let port = free_port();
+        let mut c = Cluster {
+            dir: dir.to_path_buf(),
+            pipeline,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            coordinator: None,
+            workers: Vec::new(),
+        };
+        c.start_coordinator();
+        c
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{name}.log"))).unwrap()
+    }
+
+    fn start_coordinator(&mut self) {
+        let child = sluice()
+            .env("SLUICE_COORDINATOR_TOKEN", TOKEN)
+            .env("RUST_LOG", "sluice=info")
+            .args(["coordinator", "--lease-timeout", "3s", "--heartbeat-interval", "500ms", "--refresh-interval", "1s"])
+            .arg("--pipeline")
+            .arg(&self.pipeline)
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .stdout(Stdio::null())
+            .stderr(self.log("coordinator"))
+            .spawn()
+            .unwrap();
+        self.coordinator = Some(child);
+    }
+
+    fn start_worker(&mut self, name: &str) {
+        let child = sluice()
+            .env("SLUICE_COORDINATOR_TOKEN", TOKEN)
+            .env("RUST_LOG", "sluice=info")
+            .args(["worker", "--worker", name, "--coordinator", &self.url])
+            .arg("--pipeline")
+            .arg(&self.pipeline)
+            .stdout(Stdio::null())
+            .stderr(self.log(name))
+            .spawn()
+            .unwrap();
+        self.workers.push((name.to_string(), child));
+    }
+
+    fn worker_pid(&self, name: &str) -> u32 {
+        self.workers.iter().find(|(n, _)| n == name).unwrap().1.id()
+    }
+
+    fn signal(&self, name: &str, sig: &str) {
+        let ok = std::process::Command::new("kill").args([sig, &self.worker_pid(name).to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    fn wait_worker(&mut self, name: &str) -> std::process::ExitStatus {
+        let i = self.workers.iter().position(|(n, _)| n == name).unwrap();
+        let (_, mut child) = self.workers.remove(i);
+        child.wait().unwrap()
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let out = sluice()
+            .env("SLUICE_COORDINATOR_TOKEN", TOKEN)
+            .args(["status", "--json", "--coordinator", &self.url])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// shard key → owner name (the worker id without its random suffix), once every shard of
+    /// `shards` is assigned and owners hold `counts` shards (sorted), within `limit`.
+    fn wait_balanced(&self, shards: usize, counts: &[usize], limit: Duration) -> (Duration, Vec<(String, String)>) {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.status() {
+                let list = s["shards"].as_array().unwrap();
+                let assigned: Vec<(String, String)> = list
+                    .iter()
+                    .filter(|x| x["state"] == "assigned")
+                    .map(|x| {
+                        let owner = x["owner"].as_str().unwrap();
+                        (x["key"].as_str().unwrap().to_string(), owner.rsplit_once('-').unwrap().0.to_string())
+                    })
+                    .collect();
+                let mut per: std::collections::BTreeMap<&str, usize> = Default::default();
+                for (_, o) in &assigned {
+                    *per.entry(o.as_str()).or_default() += 1;
+                }
+                let mut got: Vec<usize> = per.values().copied().collect();
+                got.sort_unstable();
+                let live: Vec<String> = s["workers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|w| w["name"].as_str().unwrap().to_string())
+                    .collect();
+                if assigned.len() == shards && got == counts && assigned.iter().all(|(_, o)| live.contains(o)) {
+                    let mut a = assigned;
+                    a.sort();
+                    return (start.elapsed(), a);
+                }
+            }
+            assert!(
+                start.elapsed() < limit,
+                "not balanced as {counts:?} within {limit:?}: {}",
+                serde_json::to_string_pretty(&self.status()).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn logs(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.workers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(c) = &mut self.coordinator {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn pg_pipeline(name: &str, t: &str, table: &str) -> String {
+    format!(
+        r#"
+[pipeline]
+name = "{name}"
+batch_size = 500
+
+[sources.orders]
+type = "kafka"
+brokers = "{brokers}"
+topics = ["{t}"]
+group_id = "{t}-g"
+format = {{ type = "json" }}
+max_wait = "100ms"
+
+[sources.orders.schema]
+order_id = "bigint not null"
+customer = "varchar"
+amount = "decimal(10,2) not null"
+status = "varchar not null"
+
+[sinks.pg]
+type = "postgres"
+inputs = ["orders"]
+url = "{url}"
+table = "{table}"
+create_table = true
+exactly_once = true
+flush_interval = "300ms"
+"#,
+        brokers = brokers(),
+        url = url()
+    )
+}
+
+/// Produces records `next..` in chunks until stopped; returns how many it produced.
+struct Producer {
+    stop: Arc<AtomicBool>,
+    produced: Arc<AtomicUsize>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Producer {
+    fn start(t: &str, partitions: usize, first: usize, chunk: usize, dir: &Path) -> Producer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let produced = Arc::new(AtomicUsize::new(first - 1));
+        let (t, dir, s, p) = (t.to_string(), dir.to_path_buf(), stop.clone(), produced.clone());
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let start = p.load(Ordering::SeqCst) + 1;
+                produce(&t, partitions, chunk, start, 0, &dir);
+                p.fetch_add(chunk, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Producer { stop, produced, handle: Some(handle) }
+    }
+
+    /// Stops after the chunk in flight; returns the last id produced (ids are 1..=n).
+    fn finish(mut self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.take().unwrap().join().unwrap();
+        self.produced.load(Ordering::SeqCst)
+    }
+}
+
+fn count(table: &str) -> i64 {
+    if psql(&format!("SELECT to_regclass('{table}') IS NOT NULL")) != "t" {
+        return 0;
+    }
+    psql(&format!("SELECT count(*) FROM {table}")).parse().unwrap_or(0)
+}
+
+fn wait_rows(table: &str, n: i64, limit: Duration) {
+    let start = Instant::now();
+    while count(table) < n {
+        assert!(start.elapsed() < limit, "only {} of {n} rows after {limit:?}", count(table));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn moved(a: &[(String, String)], b: &[(String, String)]) -> usize {
+    a.iter().zip(b).filter(|(x, y)| x.0 == y.0 && x.1 != y.1).count()
+}
+
+#[test]
+fn workers_share_a_topic_and_survive_kill_join_coordinator_and_rolling_restarts_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = topic("coord");
+    create(&t, 12);
+    let table = format!("{}.orders", schema("coord"));
+    let mut c = Cluster::new(dir.path(), &pg_pipeline("coord", &t, &table));
+    for w in ["w1", "w2", "w3"] {
+        c.start_worker(w);
+    }
+    let producer = Producer::start(&t, 12, 1, 1200, dir.path());
+    let (took, three) = c.wait_balanced(12, &[4, 4, 4], Duration::from_secs(60));
+    eprintln!("3 workers balanced 4/4/4 after {took:?}");
+    wait_rows(&table, 1000, Duration::from_secs(60));
+
+    // kill -9 one worker: its four partitions resume elsewhere within the lease (3 s) + a few.
+    c.signal("w1", "-KILL");
+    c.wait_worker("w1");
+    let (took, two) = c.wait_balanced(12, &[6, 6], Duration::from_secs(3 + 7));
+    eprintln!("after kill -9 of w1, its shards resumed elsewhere in {took:?}");
+    assert_eq!(moved(&three, &two), 4, "only w1's four shards moved: {three:?} -> {two:?}");
+
+    // A 4th worker (w4) and a 3rd (w5) join: only the shards needed move.
+    c.start_worker("w4");
+    let (took, with4) = c.wait_balanced(12, &[4, 4, 4], Duration::from_secs(30));
+    eprintln!("w4 joined: balanced in {took:?}");
+    assert_eq!(moved(&two, &with4), 4, "two from each of w2 and w3: {two:?} -> {with4:?}");
+    c.start_worker("w5");
+    let (took, with5) = c.wait_balanced(12, &[3, 3, 3, 3], Duration::from_secs(30));
+    eprintln!("w5 joined: balanced in {took:?}");
+    assert_eq!(moved(&with4, &with5), 3, "one from each: {with4:?} -> {with5:?}");
+
+    // The coordinator restarts (kill -9): data keeps flowing, and nothing moves.
+    let before = count(&table);
+    let mut coord = c.coordinator.take().unwrap();
+    coord.kill().unwrap();
+    coord.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let during = count(&table);
+    c.start_coordinator();
+    let (took, after) = c.wait_balanced(12, &[3, 3, 3, 3], Duration::from_secs(20));
+    eprintln!("coordinator restarted: workers re-registered in {took:?}; rows {before} -> {during} while it was down");
+    assert_eq!(after, with5, "a coordinator restart moves no shard");
+    assert!(during > before, "rows kept flowing while the coordinator was down ({before} -> {during})");
+
+    // A rolling restart: SIGTERM each worker in turn (it drains, commits, leaves), then a
+    // replacement joins.
+    for (old, new) in [("w2", "w6"), ("w3", "w7"), ("w4", "w8"), ("w5", "w9")] {
+        c.signal(old, "-TERM");
+        let code = c.wait_worker(old);
+        assert!(code.success(), "{old} exited {code:?} after SIGTERM:\n{}", c.logs(old));
+        c.start_worker(new);
+        let (took, _) = c.wait_balanced(12, &[3, 3, 3, 3], Duration::from_secs(30));
+        eprintln!("rolling restart {old} -> {new}: balanced again in {took:?}");
+    }
+
+    let last = producer.finish() as i64;
+    wait_rows(&table, last, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        psql(&format!("SELECT count(*), count(DISTINCT order_id), min(order_id), max(order_id) FROM {table}")),
+        format!("{last}|{last}|1|{last}"),
+        "every produced record exactly once"
+    );
+}
+
+#[test]
+fn a_zombie_worker_that_resumes_after_its_lease_cannot_commit_or_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = topic("zombie");
+    create(&t, 4);
+    let table = format!("{}.orders", schema("zombie"));
+    let mut c = Cluster::new(dir.path(), &pg_pipeline("zombie", &t, &table));
+    c.start_worker("z1");
+    c.start_worker("z2");
+    let producer = Producer::start(&t, 4, 1, 800, dir.path());
+    c.wait_balanced(4, &[2, 2], Duration::from_secs(60));
+    wait_rows(&table, 1500, Duration::from_secs(60));
+
+    // Paused past its lease: its shards move to z2, which writes on.
+    c.signal("z1", "-STOP");
+    let (took, _) = c.wait_balanced(4, &[4], Duration::from_secs(15));
+    eprintln!("z1 stopped: its shards moved after {took:?}");
+    let moved_at = count(&table);
+    wait_rows(&table, moved_at + 1500, Duration::from_secs(60));
+    c.signal("z1", "-CONT");
+    // z1 wakes with batches read and not yet written, and offsets not committed: each refused.
+    let start = Instant::now();
+    while !c.logs("z1").contains("fenced") {
+        assert!(start.elapsed() < Duration::from_secs(20), "z1 never reported a refused write:\n{}", c.logs("z1"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for l in c.logs("z1").lines().filter(|l| l.contains("fenced")).take(3) {
+        eprintln!("z1 after SIGCONT: {l}");
+    }
+    c.wait_balanced(4, &[2, 2], Duration::from_secs(30));
+    let last = producer.finish() as i64;
+    wait_rows(&table, last, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        psql(&format!("SELECT count(*), count(DISTINCT order_id) FROM {table}")),
+        format!("{last}|{last}"),
+        "no duplicate from the zombie, nothing lost:\n{}",
+        c.logs("z1").lines().filter(|l| l.contains("fenced")).take(5).collect::<Vec<_>>().join("\n")
+    );
+}
+
+#[test]
+fn calls_without_the_token_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = topic("auth");
+    create(&t, 1);
+    let c = Cluster::new(dir.path(), &pg_pipeline("auth", &t, "public.never_written"));
+    let start = Instant::now();
+    while c.status().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(30), "the coordinator never answered:\n{}", c.logs("coordinator"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for token in ["", "wrong-token"] {
+        let out = sluice()
+            .env("SLUICE_COORDINATOR_TOKEN", if token.is_empty() { " " } else { token })
+            .args(["status", "--coordinator", &c.url])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a call with token `{token}` was let in");
+    }
+    // Without any Authorization header, straight over TCP.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", c.port)).unwrap();
+    let body = r#"{"worker_id":"intruder","name":"x","applied_version":0,"held":[],"finished":[],"shards":[],"rate":0}"#;
+    write!(
+        s,
+        "POST /v1/heartbeat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let logs = c.logs("coordinator");
+    assert!(logs.contains("refused a call with no bearer token"), "{logs}");
+    assert!(logs.contains("refused a call with a wrong bearer token"), "{logs}");
+    assert!(!logs.contains("wrong-token") && !logs.contains(TOKEN), "a token in the logs:\n{logs}");
+    let st = c.status().unwrap();
+    assert!(st["workers"].as_array().unwrap().is_empty(), "the intruder registered: {st}");
+}
