@@ -13,7 +13,7 @@ use crate::fault_proxy::{FaultProxy, Faults};
 use crate::kafka::{create, produce, run_bounded, topic};
 
 /// The S3 endpoint the test script started.
-fn endpoint() -> String {
+pub(crate) fn endpoint() -> String {
     std::env::var("SLUICE_TEST_S3_ENDPOINT").expect(
         "SLUICE_TEST_S3_ENDPOINT is not set: run the tests with scripts/test.sh, which starts an S3 server (Garage)",
     )
@@ -29,7 +29,7 @@ fn tool(args: &[&str]) -> serde_json::Value {
 }
 
 /// A new bucket with a name no other test uses.
-fn bucket(prefix: &str) -> String {
+pub(crate) fn bucket(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let name = format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000);
     tool(&["mkbucket", &name]);
@@ -37,7 +37,7 @@ fn bucket(prefix: &str) -> String {
 }
 
 /// `[sinks.ID]` or `[sources.ID]` connection lines for the test server (or a proxy in front of it).
-fn connection(bucket: &str, endpoint: &str) -> String {
+pub(crate) fn connection(bucket: &str, endpoint: &str) -> String {
     format!(
         r#"bucket = "{bucket}"
 endpoint = "{endpoint}"
@@ -79,7 +79,7 @@ prefix = "lake"
     )
 }
 
-fn read_back(bucket: &str, prefix: &str) -> serde_json::Value {
+pub(crate) fn read_back(bucket: &str, prefix: &str) -> serde_json::Value {
     tool(&["read", bucket, prefix, "--id-column", "order_id"])
 }
 
