@@ -64,7 +64,7 @@ impl Fence {
 
     fn check(&self, source: &str, shard: &str) -> Result<u64, String> {
         let st = self.state.read().unwrap_or_else(|e| e.into_inner());
-        if !st.valid_until.is_some_and(|u| Instant::now() < u) {
+        if st.valid_until.is_none_or(|u| Instant::now() >= u) {
             return Err(format!(
                 "this worker's lease with the coordinator has expired; shard {source}/{shard} may belong to another worker now"
             ));

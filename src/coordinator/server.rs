@@ -435,7 +435,7 @@ struct App {
     pipeline: Arc<str>,
 }
 
-fn authorized(app: &App, headers: &HeaderMap, peer: SocketAddr, path: &str) -> Result<(), Response> {
+fn authorized(app: &App, headers: &HeaderMap, peer: SocketAddr, path: &str) -> Result<(), Box<Response>> {
     let given = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let ok = given
         .and_then(|v| v.strip_prefix("Bearer "))
@@ -446,7 +446,7 @@ fn authorized(app: &App, headers: &HeaderMap, peer: SocketAddr, path: &str) -> R
     let why = if given.is_none() { "no bearer token" } else { "a wrong bearer token" };
     tracing::warn!(%peer, path, "refused a call with {why}");
     metrics::counter!(names::COORDINATOR_REFUSED_CALLS_TOTAL).increment(1);
-    Err((StatusCode::UNAUTHORIZED, Json(serde_json::json!({ "error": format!("{why}: send `Authorization: Bearer <token>` with the token of {}", super::TOKEN_ENV) }))).into_response())
+    Err(Box::new((StatusCode::UNAUTHORIZED, Json(serde_json::json!({ "error": format!("{why}: send `Authorization: Bearer <token>` with the token of {}", super::TOKEN_ENV) }))).into_response()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -460,7 +460,7 @@ async fn heartbeat(
     body: Result<Json<HeartbeatRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if let Err(r) = authorized(&app, &headers, peer, "/v1/heartbeat") {
-        return r;
+        return *r;
     }
     let Json(req) = match body {
         Ok(b) => b,
@@ -482,7 +482,7 @@ async fn leave(
     body: Result<Json<LeaveRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if let Err(r) = authorized(&app, &headers, peer, "/v1/leave") {
-        return r;
+        return *r;
     }
     let Json(req) = match body {
         Ok(b) => b,
@@ -496,7 +496,7 @@ async fn leave(
 
 async fn status(State(app): State<App>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
     if let Err(r) = authorized(&app, &headers, peer, "/v1/status") {
-        return r;
+        return *r;
     }
     let s = app.core.lock().unwrap_or_else(|e| e.into_inner()).status(&app.pipeline, Instant::now());
     Json(s).into_response()
