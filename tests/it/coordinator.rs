@@ -456,3 +456,67 @@ fn calls_without_the_token_are_refused() {
     let st = c.status().unwrap();
     assert!(st["workers"].as_array().unwrap().is_empty(), "the intruder registered: {st}");
 }
+
+#[test]
+fn table_key_ranges_are_shards_read_once_by_workers_and_then_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("coordpg");
+    psql(&format!(
+        "CREATE TABLE {s}.src (id bigint PRIMARY KEY, name text); \
+         INSERT INTO {s}.src SELECT g, 'n' || g FROM generate_series(1, 40000) g"
+    ));
+    let text = format!(
+        r#"
+[pipeline]
+name = "coordpg"
+
+[sources.src]
+type = "postgres"
+url = "{url}"
+table = "{s}.src"
+shards = 6
+
+[sinks.copy]
+type = "postgres"
+inputs = ["src"]
+url = "{url}"
+table = "{s}.copy"
+create_table = true
+exactly_once = true
+"#,
+        url = url()
+    );
+    let mut c = Cluster::new(dir.path(), &text);
+    c.start_worker("p1");
+    c.start_worker("p2");
+    let start = Instant::now();
+    loop {
+        let st = c.status();
+        let finished = st.as_ref().map_or(0, |st| {
+            st["shards"].as_array().unwrap().iter().filter(|x| x["state"] == "finished").count()
+        });
+        if finished == 6 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "not every range finished: {}\n{}",
+            serde_json::to_string_pretty(&st).unwrap_or_default(),
+            c.logs("p1")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let st = c.status().unwrap();
+    let owners: std::collections::HashSet<&str> =
+        st["workers"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert_eq!(owners.len(), 2, "both workers stayed registered: {st}");
+    assert_eq!(
+        psql(&format!("SELECT count(*), count(DISTINCT id), sum(id) FROM {s}.copy")),
+        format!("40000|40000|{}", 40000i64 * 40001 / 2),
+        "every row of the table once"
+    );
+    // Both workers read ranges.
+    for w in ["p1", "p2"] {
+        assert!(c.logs(w).contains("running the assigned shards"), "{w} ran nothing:\n{}", c.logs(w));
+    }
+}
