@@ -263,7 +263,14 @@ fn workers_share_a_topic_and_survive_kill_join_coordinator_and_rolling_restarts_
     let t = topic("coord");
     create(&t, 12);
     let table = format!("{}.orders", schema("coord"));
-    let mut c = Cluster::new(dir.path(), &pg_pipeline("coord", &t, &table));
+    // A second sink without exactly-once: at-least-once, its duplicates are reported.
+    let alo = format!("{}.orders_alo", schema("coordalo"));
+    let sinks = format!(
+        "{}\n[sinks.alo]\ntype = \"postgres\"\ninputs = [\"orders\"]\nurl = \"{}\"\ntable = \"{alo}\"\ncreate_table = true\nflush_interval = \"300ms\"\n",
+        pg_pipeline_sink(&table),
+        url()
+    );
+    let mut c = Cluster::new(dir.path(), &pipeline("coord", &t, &sinks));
     for w in ["w1", "w2", "w3"] {
         c.start_worker(w);
     }
@@ -271,6 +278,24 @@ fn workers_share_a_topic_and_survive_kill_join_coordinator_and_rolling_restarts_
     let (took, three) = c.wait_balanced(12, &[4, 4, 4], Duration::from_secs(60));
     eprintln!("3 workers balanced 4/4/4 after {took:?}");
     wait_rows(&table, 1000, Duration::from_secs(60));
+    // Lag per shard (from the broker) and each worker's rate (from its heartbeats).
+    let start = Instant::now();
+    loop {
+        let st = c.status().unwrap();
+        let lagged = st["shards"].as_array().unwrap().iter().filter(|x| x["lag_records"].is_u64()).count();
+        let rates = st["workers"].as_array().unwrap().iter().filter(|w| w["rate"].as_f64().unwrap() > 0.0).count();
+        if lagged == 12 && rates > 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no lag or rates in the status: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let table_out =
+        sluice().env("SLUICE_COORDINATOR_TOKEN", TOKEN).args(["status", "--coordinator", &c.url]).output().unwrap();
+    let text = String::from_utf8_lossy(&table_out.stdout);
+    assert!(text.contains("3 workers, 12 shards, total lag"), "{text}");
+    assert!(text.contains(&format!("orders/{t}/11")), "{text}");
+    eprintln!("{text}");
 
     // kill -9 one worker: its four partitions resume elsewhere within the lease (3 s) + a few.
     c.signal("w1", "-KILL");
@@ -315,12 +340,31 @@ fn workers_share_a_topic_and_survive_kill_join_coordinator_and_rolling_restarts_
 
     let last = producer.finish() as i64;
     wait_rows(&table, last, Duration::from_secs(120));
+    // Caught up: the coordinator sees no lag left on any shard.
+    let start = Instant::now();
+    loop {
+        let st = c.status().unwrap();
+        let lag: u64 = st["shards"].as_array().unwrap().iter().map(|x| x["lag_records"].as_u64().unwrap_or(1)).sum();
+        if lag == 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "lag {lag} left after the end: {st}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         psql(&format!("SELECT count(*), count(DISTINCT order_id), min(order_id), max(order_id) FROM {table}")),
         format!("{last}|{last}|1|{last}"),
         "every produced record exactly once"
     );
+    wait_rows(&alo, last, Duration::from_secs(60));
+    let (rows, distinct) = {
+        let r = psql(&format!("SELECT count(*) || ' ' || count(DISTINCT order_id) FROM {alo}"));
+        let mut p = r.split(' ').map(|x| x.parse::<i64>().unwrap());
+        (p.next().unwrap(), p.next().unwrap())
+    };
+    assert_eq!(distinct, last, "the at-least-once sink has every record");
+    eprintln!("{last} records produced; the at-least-once sink holds {rows} rows: {} duplicates", rows - distinct);
 }
 
 /// (rows, distinct order ids) in the sink.
@@ -455,6 +499,16 @@ fn calls_without_the_token_are_refused() {
     assert!(!logs.contains("wrong-token") && !logs.contains(TOKEN), "a token in the logs:\n{logs}");
     let st = c.status().unwrap();
     assert!(st["workers"].as_array().unwrap().is_empty(), "the intruder registered: {st}");
+    // Probes and metrics need no token.
+    for (path, want) in
+        [("/healthz", "ok"), ("/readyz", "ready"), ("/metrics", "sluice_coordinator_refused_calls_total")]
+    {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", c.port)).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.contains(want), "{path}: {answer}");
+    }
 }
 
 #[test]
@@ -492,9 +546,9 @@ exactly_once = true
     let start = Instant::now();
     loop {
         let st = c.status();
-        let finished = st.as_ref().map_or(0, |st| {
-            st["shards"].as_array().unwrap().iter().filter(|x| x["state"] == "finished").count()
-        });
+        let finished = st
+            .as_ref()
+            .map_or(0, |st| st["shards"].as_array().unwrap().iter().filter(|x| x["state"] == "finished").count());
         if finished == 6 {
             break;
         }
