@@ -522,7 +522,9 @@ fn table_key_ranges_are_shards_read_once_by_workers_and_then_finished() {
     let text = format!(
         r#"
 [pipeline]
-name = "coordpg"
+# Unique per run: exactly-once positions in sluice_offsets are keyed by pipeline and shard, and
+# the shards of equal tables are equal.
+name = "{s}"
 
 [sources.src]
 type = "postgres"
