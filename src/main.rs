@@ -381,8 +381,8 @@ async fn coordinator(path: PathBuf, listen: SocketAddr, timing: sluice::coordina
         Ok(t) => t,
         Err(c) => return c,
     };
-    if timing.heartbeat_interval >= timing.lease_timeout {
-        eprintln!("error: --heartbeat-interval must be shorter than --lease-timeout");
+    if timing.heartbeat_interval * 3 > timing.lease_timeout {
+        eprintln!("error: --heartbeat-interval must be at most a third of --lease-timeout (a worker's lease must outlive a lost heartbeat)");
         return EXIT_CONFIG;
     }
     let loaded = match config::load(&path) {

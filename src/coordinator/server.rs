@@ -152,6 +152,10 @@ impl Core {
     /// Handles a heartbeat; registers unknown workers and adopts what they hold.
     pub fn heartbeat(&mut self, req: &HeartbeatRequest, now: Instant) -> HeartbeatResponse {
         let id = req.worker_id.clone();
+        // Versions and epochs stay above anything a worker has seen, even if this coordinator's
+        // clock is behind the one that issued them (a restart on another node).
+        let seen = req.held.iter().map(|g| g.epoch).chain([req.applied_version]).max().unwrap_or(0);
+        self.last_stamp = self.last_stamp.max(seen);
         if !self.workers.contains_key(&id) {
             let version = self.stamp();
             tracing::info!(worker = %id, held = req.held.len(), "worker registered");

@@ -43,7 +43,9 @@ struct Report {
 }
 
 impl Report {
-    fn request(&mut self, worker_id: &str, name: &str) -> HeartbeatRequest {
+    /// `lease_valid`: a worker whose lease ran out claims nothing (after a coordinator restart a
+    /// zombie must not re-register the shards another worker holds now).
+    fn request(&mut self, worker_id: &str, name: &str, lease_valid: bool) -> HeartbeatRequest {
         let now = Instant::now();
         let mut shards = Vec::new();
         let mut rate = 0.0;
@@ -68,8 +70,8 @@ impl Report {
             worker_id: worker_id.to_string(),
             name: name.to_string(),
             applied_version: self.applied_version,
-            held: self.held.clone(),
-            finished: std::mem::take(&mut self.finished),
+            held: if lease_valid { self.held.clone() } else { Vec::new() },
+            finished: self.finished.clone(),
             shards,
             rate,
         }
@@ -124,10 +126,11 @@ pub async fn run(loaded: LoadedPipeline, opts: WorkerOptions) -> Result<()> {
         };
         let Some(current) = current else { break Ok(()) };
         if !fence.lease_valid() {
-            // Lost while the last generation ran: wait for the coordinator's next answer.
+            // Lost while the last generation ran: wait until a heartbeat renews it (the answer
+            // may be the same as before, so the watch alone would not tell).
             tokio::select! {
                 _ = opts.stop.cancelled() => break Ok(()),
-                _ = latest.changed() => continue,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
             }
         }
         {
@@ -196,16 +199,14 @@ pub async fn run(loaded: LoadedPipeline, opts: WorkerOptions) -> Result<()> {
                 }
             }
         };
+        // Every shard was read to its end: reported until the coordinator drops them.
+        let done = matches!(&outcome, Ok(Ok(summary)) if !summary.stopped && !stopping && !leaving);
         {
             let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
             r.held.clear();
             r.registry = None;
-            match &outcome {
-                Ok(Ok(summary)) if !summary.stopped && !stopping && !leaving => {
-                    // Every shard was read to its end.
-                    r.finished = current.assignment.iter().map(Grant::key).collect();
-                }
-                _ => {}
+            if done {
+                r.finished = current.assignment.iter().map(Grant::key).collect();
             }
         }
         beat_now.notify_one();
@@ -226,7 +227,6 @@ pub async fn run(loaded: LoadedPipeline, opts: WorkerOptions) -> Result<()> {
             break Ok(());
         }
         // A finished generation waits for the next assignment change.
-        let done = matches!(report.lock().map(|r| !r.finished.is_empty()), Ok(true));
         if done {
             tokio::select! {
                 _ = opts.stop.cancelled() => break Ok(()),
@@ -264,7 +264,7 @@ async fn heartbeats(
     let mut had_lease = false;
     let mut last_ok = Instant::now();
     loop {
-        let req = report.lock().unwrap_or_else(|e| e.into_inner()).request(&worker_id, &name);
+        let req = report.lock().unwrap_or_else(|e| e.into_inner()).request(&worker_id, &name, fence.lease_valid());
         let sent = Instant::now();
         match client.heartbeat(&req).await {
             Ok(resp) => {
@@ -278,6 +278,13 @@ async fn heartbeats(
                     epochs.insert((g.shard.source.clone(), g.shard.id.clone()), g.epoch);
                 }
                 fence.update(sent + lease - margin, epochs);
+                // Finished shards are reported until the coordinator has dropped them.
+                {
+                    let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
+                    let granted: HashSet<String> =
+                        resp.assignment.iter().chain(&resp.draining).map(Grant::key).collect();
+                    r.finished.retain(|k| granted.contains(k));
+                }
                 had_lease = true;
                 last_ok = Instant::now();
                 metrics::gauge!(names::WORKER_LEASE_VALID).set(1.0);
@@ -291,7 +298,7 @@ async fn heartbeats(
                 tracing::warn!(worker = %worker_id, "heartbeat failed: {e}");
                 if had_lease && !fence.lease_valid() {
                     metrics::gauge!(names::WORKER_LEASE_VALID).set(0.0);
-                    lease_lost.notify_one();
+                    lease_lost.notify_waiters();
                     had_lease = false;
                 }
                 if last_ok.elapsed() > lease * 3 {

@@ -144,6 +144,8 @@ pub struct PostgresSink {
     in_flight: Option<JoinHandle<Result<HashMap<String, u64>>>>,
     /// Exactly-once: each shard's stored position.
     committed: HashMap<String, u64>,
+    /// Worker mode: shards whose row in the offsets table carries this worker's epoch.
+    claimed: std::collections::HashSet<String>,
     dead_letter: DeadLetter,
     metrics: ComponentMetrics,
     batch_rows: usize,
@@ -222,6 +224,7 @@ impl PostgresSink {
             pending: Pending::default(),
             in_flight: None,
             committed: HashMap::new(),
+            claimed: Default::default(),
             dead_letter: DeadLetter::none(),
             metrics,
             batch_rows,
@@ -346,7 +349,10 @@ impl PostgresSink {
                 .await
                 .map_err(|e| self.db_error("reading the stored positions", &e))?;
             for r in rows {
-                self.committed.insert(r.get(0), r.get::<_, i64>(1) as u64);
+                // -1: claimed by a worker before it wrote anything.
+                if let Ok(p) = u64::try_from(r.get::<_, i64>(1)) {
+                    self.committed.insert(r.get(0), p);
+                }
             }
             tracing::info!(component = %self.component, shards = self.committed.len(), "loaded exactly-once positions");
             Some(t)
@@ -366,6 +372,51 @@ impl PostgresSink {
         });
         self.plan = Some(plan.clone());
         Ok(plan)
+    }
+
+    /// Worker mode, exactly-once: writes this worker's epoch into the shard's row of the offsets
+    /// table before its first write, then reads the position again. From then on a former owner
+    /// that wakes up (a zombie) cannot commit: its epoch is older. Positions read after the claim
+    /// are final, so the rows it skips are exactly those already committed.
+    async fn claim(&mut self, plan: &Plan, batch: &Batch) -> Result<()> {
+        let key = shard_key(batch);
+        let Some(t) = &plan.offsets_table else { return Ok(()) };
+        let epoch = match crate::fence::check(&batch.shard) {
+            Ok(e) => e.unwrap_or(0) as i64,
+            Err(why) => return Err(Error::Fenced { component: self.component.clone(), message: why }),
+        };
+        let client = self.pool.get().await.map_err(|e| self.error(pg::pool_error(&e, &self.describe)))?;
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {t} AS o (pipeline, sink, shard, position, epoch) VALUES ($1, $2, $3, -1, $4) \
+                     ON CONFLICT (pipeline, sink, shard) DO UPDATE SET epoch = EXCLUDED.epoch, updated_at = now() \
+                     WHERE o.epoch < EXCLUDED.epoch"
+                ),
+                &[&self.pipeline, &self.component, &key, &epoch],
+            )
+            .await
+            .map_err(|e| self.db_error("claiming the shard's epoch", &e))?;
+        let row = client
+            .query_one(
+                &format!("SELECT position, epoch FROM {t} WHERE pipeline = $1 AND sink = $2 AND shard = $3"),
+                &[&self.pipeline, &self.component, &key],
+            )
+            .await
+            .map_err(|e| self.db_error("reading the claimed position", &e))?;
+        let (position, stored): (i64, i64) = (row.get(0), row.get(1));
+        if stored > epoch {
+            return Err(Error::Fenced {
+                component: self.component.clone(),
+                message: format!("{t} holds a newer epoch for {key} (another worker owns it now)"),
+            });
+        }
+        match u64::try_from(position) {
+            Ok(p) => self.committed.insert(key.clone(), p),
+            Err(_) => self.committed.remove(&key),
+        };
+        self.claimed.insert(key);
+        Ok(())
     }
 
     fn create_table_sql(&self) -> String {
@@ -951,7 +1002,7 @@ async fn stored_covers(
         )
         .await?;
     let stored: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(positions.iter().all(|(s, p)| stored.get(s).is_some_and(|v| *v as u64 >= *p)))
+    Ok(positions.iter().all(|(s, p)| stored.get(s).is_some_and(|v| u64::try_from(*v).is_ok_and(|v| v >= *p))))
 }
 
 /// One attempt up to the COMMIT: BEGIN, the rows (bisecting around refused ones), the positions.
@@ -1104,6 +1155,9 @@ impl Sink for PostgresSink {
 
     async fn write(&mut self, batch: Batch) -> Result<()> {
         let plan = self.prepare().await?;
+        if plan.offsets_table.is_some() && crate::fence::active() && !self.claimed.contains(&shard_key(&batch)) {
+            self.claim(&plan, &batch).await?;
+        }
         let n = batch.data.num_rows();
         // Exactly-once: rows at or before the stored position were written by an earlier run.
         let keep: Vec<usize> = if plan.offsets_table.is_some() {

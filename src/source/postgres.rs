@@ -660,6 +660,10 @@ impl CursorStore {
 #[async_trait]
 impl PositionCommitter for CursorStore {
     fn commit(&self, shard: &ShardInfo, position: u64) {
+        if let Err(why) = crate::fence::check(shard) {
+            tracing::warn!(source = %self.source, "not committing cursor position {position} of {}: fenced: {why}", shard.id);
+            return;
+        }
         let value = {
             let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
             let key = (shard.id.clone(), position);
@@ -680,6 +684,9 @@ impl PositionCommitter for CursorStore {
         let mut written = self.written.lock().await;
         if latest.is_some() && *written != latest {
             if let Some((shard, value, position)) = &latest {
+                if let Err(why) = crate::fence::check_id(&self.source, shard) {
+                    return Err(Error::Fenced { component: self.source.clone(), message: why });
+                }
                 self.write(shard, value, *position)
                     .await
                     .map_err(|message| Error::Service { component: self.source.clone(), message })?;
