@@ -667,6 +667,28 @@ mod tests {
     }
 
     #[test]
+    fn partitions_added_to_a_topic_are_granted_at_the_next_listing_and_nothing_else_moves() {
+        let t0 = Instant::now();
+        let mut c = Core::new(T, t0);
+        c.set_shards((0..4).map(shard).collect(), t0);
+        let t1 = t0 + Duration::from_secs(11);
+        let a = c.heartbeat(&hb("a", 0, &[]), t1);
+        let b = c.heartbeat(&hb("b", 0, &[]), t1);
+        let a = c.heartbeat(&hb("a", a.version, &a.assignment), t1);
+        let a = c.heartbeat(&hb("a", a.version, &a.assignment), t1);
+        let b = c.heartbeat(&hb("b", b.version, &b.assignment), t1);
+        assert_eq!((a.assignment.len(), b.assignment.len()), (2, 2));
+        c.set_shards((0..6).map(shard).collect(), t1);
+        let a2 = c.heartbeat(&hb("a", a.version, &a.assignment), t1);
+        let b2 = c.heartbeat(&hb("b", b.version, &b.assignment), t1);
+        assert_eq!((a2.assignment.len(), b2.assignment.len()), (3, 3), "{a2:?} {b2:?}");
+        assert!(a2.draining.is_empty() && b2.draining.is_empty(), "no shard moved");
+        for g in a.assignment.iter().chain(&b.assignment) {
+            assert!(a2.assignment.contains(g) || b2.assignment.contains(g), "{g:?} kept with its epoch");
+        }
+    }
+
+    #[test]
     fn a_dead_worker_loses_its_shards_after_the_lease_and_a_restarted_coordinator_adopts() {
         let t0 = Instant::now();
         let mut c = Core::new(T, t0);
