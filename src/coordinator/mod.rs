@@ -126,21 +126,37 @@ pub struct ShardStatus {
     pub rate: f64,
 }
 
-/// The status as a table, for `sluice status`.
+/// The status as tables, for `sluice status`.
 pub fn render_status(s: &Status) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "pipeline {}  lease timeout {} ms", s.pipeline, s.lease_timeout_ms);
-    let _ = writeln!(out, "\nWORKER                              SHARDS       RATE/s  LAST HEARTBEAT");
+    let ww = s
+        .workers
+        .iter()
+        .map(|w| w.worker_id.len())
+        .chain(s.shards.iter().filter_map(|x| x.owner.as_ref().map(String::len)))
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let kw = s.shards.iter().map(|x| x.key.len()).max().unwrap_or(5).max(5);
+    let _ = writeln!(out, "\n{:<ww$}  {:>6}  {:>10}  LAST HEARTBEAT", "WORKER", "SHARDS", "RATE/s");
     for w in &s.workers {
-        let _ =
-            writeln!(out, "{:<34} {:>7} {:>12.0}  {} ms ago", w.worker_id, w.shards, w.rate, w.last_heartbeat_ms_ago);
+        let _ = writeln!(
+            out,
+            "{:<ww$}  {:>6}  {:>10.0}  {} ms ago",
+            w.worker_id, w.shards, w.rate, w.last_heartbeat_ms_ago
+        );
     }
-    let _ = writeln!(out, "\nSHARD                          STATE     OWNER                           EPOCH        LAG(rec)  LAG(s)    RATE/s");
+    let _ = writeln!(
+        out,
+        "\n{:<kw$}  {:<8}  {:<ww$}  {:>13}  {:>9}  {:>7}  {:>8}",
+        "SHARD", "STATE", "OWNER", "EPOCH", "LAG(rec)", "LAG(s)", "RATE/s"
+    );
     for sh in &s.shards {
         let _ = writeln!(
             out,
-            "{:<30} {:<9} {:<31} {:>13} {:>9} {:>7} {:>9.0}",
+            "{:<kw$}  {:<8}  {:<ww$}  {:>13}  {:>9}  {:>7}  {:>8.0}",
             sh.key,
             sh.state,
             sh.owner.as_deref().unwrap_or("-"),
@@ -159,4 +175,47 @@ pub fn render_status(s: &Status) -> String {
         s.shards.len()
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_table_lines_up_and_sums_lag_and_rates() {
+        let s = Status {
+            pipeline: "p".into(),
+            lease_timeout_ms: 10_000,
+            workers: vec![WorkerStatus {
+                worker_id: "worker-with-a-long-name-0a1b2c3d".into(),
+                shards: 1,
+                rate: 1500.0,
+                ..Default::default()
+            }],
+            shards: vec![
+                ShardStatus {
+                    key: "orders/a-long-topic-name/11".into(),
+                    state: "assigned".into(),
+                    owner: Some("worker-with-a-long-name-0a1b2c3d".into()),
+                    epoch: Some(1_796_167_116_631),
+                    lag_records: Some(40),
+                    lag_seconds: Some(0.5),
+                    rate: 80.0,
+                    ..Default::default()
+                },
+                ShardStatus {
+                    key: "orders/t/0".into(),
+                    state: "free".into(),
+                    lag_records: Some(2),
+                    ..Default::default()
+                },
+            ],
+        };
+        let text = render_status(&s);
+        let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("orders/") || l.starts_with("SHARD")).collect();
+        assert_eq!(rows.len(), 3, "{text}");
+        let at = rows[0].find("STATE").unwrap();
+        assert!(rows[1][at..].starts_with("assigned") && rows[2][at..].starts_with("free"), "{text}");
+        assert!(text.contains("1 workers, 2 shards, total lag 42 records, 1500 records/s"), "{text}");
+    }
 }
