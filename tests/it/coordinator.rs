@@ -503,11 +503,19 @@ fn calls_without_the_token_are_refused() {
     for (path, want) in
         [("/healthz", "ok"), ("/readyz", "ready"), ("/metrics", "sluice_coordinator_refused_calls_total")]
     {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", c.port)).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200") && answer.contains(want), "{path}: {answer}");
+        // `/readyz` turns ready once the shards were listed the first time.
+        let start = Instant::now();
+        loop {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", c.port)).unwrap();
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            if answer.starts_with("HTTP/1.1 200") && answer.contains(want) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "{path}: {answer}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 
