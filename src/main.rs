@@ -37,6 +37,57 @@ struct Cli {
     command: Command,
 }
 
+/// The coordinator's autoscaler (README: "Autoscaling").
+#[derive(clap::Args, Debug)]
+struct AutoscaleArgs {
+    /// What applies the replica count: `kube` patches the worker Deployment's scale, `process`
+    /// starts and stops local `sluice worker` processes, `none` only publishes
+    /// sluice_desired_replicas (for KEDA or an HPA).
+    #[arg(long, value_enum, default_value_t = ScalerKind::None, env = "SLUICE_SCALER")]
+    scaler: ScalerKind,
+    #[arg(long, default_value_t = 1)]
+    min_replicas: u32,
+    #[arg(long, default_value_t = 10)]
+    max_replicas: u32,
+    /// A backlog should be worked off within this time (the lag term of the demand).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    catch_up_window: std::time::Duration,
+    /// Share of a replica's measured rate to plan for, in (0, 1].
+    #[arg(long, default_value_t = 0.9)]
+    target_utilization: f64,
+    /// No scale-down until the last change is this old, and never below a recommendation of
+    /// this period.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    scale_down_stabilization: std::time::Duration,
+    /// At most max(this, 2 × current) replicas are added at once.
+    #[arg(long, default_value_t = 4)]
+    max_step_up: u32,
+    /// Scale to zero replicas after --idle-period without input or lag.
+    #[arg(long)]
+    scale_to_zero: bool,
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    idle_period: std::time::Duration,
+    /// The inputs (rates, lag) are averaged over this window.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    scale_window: std::time::Duration,
+    /// How often a decision is made.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    scale_interval: std::time::Duration,
+    /// `--scaler kube`: the worker Deployment.
+    #[arg(long, env = "SLUICE_KUBE_DEPLOYMENT")]
+    kube_deployment: Option<String>,
+    /// `--scaler kube`: its namespace (default: the service account's, or the kubeconfig's).
+    #[arg(long, env = "SLUICE_KUBE_NAMESPACE")]
+    kube_namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum ScalerKind {
+    Kube,
+    Process,
+    None,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     /// Human-readable lines.
@@ -98,6 +149,8 @@ enum Command {
         /// How often shards (new partitions) and lag are read from the sources.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         refresh_interval: std::time::Duration,
+        #[command(flatten)]
+        autoscale: AutoscaleArgs,
     },
     /// Run as a worker: register with the coordinator and run the shards it assigns. SIGTERM
     /// drains them (flush, commit), hands them back and exits 0.
@@ -151,10 +204,17 @@ fn main() -> ExitCode {
             Command::Run { pipeline, metrics_addr, no_progress, worker, bounded } => {
                 run(pipeline, metrics_addr, !no_progress, worker, bounded).await
             }
-            Command::Coordinator { pipeline, listen, lease_timeout, heartbeat_interval, refresh_interval } => {
+            Command::Coordinator {
+                pipeline,
+                listen,
+                lease_timeout,
+                heartbeat_interval,
+                refresh_interval,
+                autoscale,
+            } => {
                 let timing =
                     sluice::coordinator::server::Timing { lease_timeout, heartbeat_interval, refresh_interval };
-                coordinator(pipeline, listen, timing).await
+                coordinator(pipeline, listen, timing, autoscale, cli.log_format).await
             }
             Command::Worker { pipeline, coordinator, metrics_addr, worker } => {
                 worker_mode(pipeline, &coordinator, metrics_addr, worker).await
@@ -376,7 +436,71 @@ fn token() -> Result<String, u8> {
     }
 }
 
-async fn coordinator(path: PathBuf, listen: SocketAddr, timing: sluice::coordinator::server::Timing) -> u8 {
+/// The autoscaler's options from the flags.
+async fn autoscaler(
+    a: AutoscaleArgs,
+    pipeline: &std::path::Path,
+    listen: SocketAddr,
+    log_format: LogFormat,
+) -> Result<sluice::coordinator::server::AutoscaleOptions, String> {
+    use sluice::autoscale::scaler::{KubeScaler, NoneScaler, ProcessScaler, Scaler};
+    let policy = sluice::autoscale::Policy {
+        min_replicas: a.min_replicas,
+        max_replicas: a.max_replicas,
+        catch_up_window: a.catch_up_window.as_secs_f64(),
+        target_utilization: a.target_utilization,
+        scale_down_stabilization: a.scale_down_stabilization.as_secs_f64(),
+        max_step_up: a.max_step_up,
+        scale_to_zero: a.scale_to_zero,
+        idle_period: a.idle_period.as_secs_f64(),
+        window: a.scale_window.as_secs_f64(),
+        ..Default::default()
+    };
+    policy.validate().map_err(|e| format!("autoscaling: {e}"))?;
+    let scaler: std::sync::Arc<dyn Scaler> = match a.scaler {
+        ScalerKind::None => std::sync::Arc::new(NoneScaler),
+        ScalerKind::Kube => {
+            let Some(d) = a.kube_deployment.as_deref() else {
+                return Err("--scaler kube needs --kube-deployment (the worker Deployment's name)".into());
+            };
+            std::sync::Arc::new(KubeScaler::infer(d, a.kube_namespace.as_deref()).await.map_err(|e| e.to_string())?)
+        }
+        ScalerKind::Process => {
+            let exe =
+                std::env::current_exe().map_err(|e| format!("--scaler process: cannot find this program: {e}"))?;
+            let host = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
+            let url = if listen.is_ipv6() && !listen.ip().is_unspecified() {
+                format!("http://[{host}]:{}", listen.port())
+            } else {
+                format!("http://{host}:{}", listen.port())
+            };
+            let format = match log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            };
+            let args = vec![
+                "--log-format".to_string(),
+                format.to_string(),
+                "worker".to_string(),
+                "--pipeline".to_string(),
+                pipeline.display().to_string(),
+                "--coordinator".to_string(),
+                url,
+            ];
+            let stem = pipeline.file_stem().map_or("sluice".into(), |s| s.to_string_lossy().to_string());
+            std::sync::Arc::new(ProcessScaler::new(exe, args, &format!("{stem}-worker")))
+        }
+    };
+    Ok(sluice::coordinator::server::AutoscaleOptions { policy, interval: a.scale_interval, scaler })
+}
+
+async fn coordinator(
+    path: PathBuf,
+    listen: SocketAddr,
+    timing: sluice::coordinator::server::Timing,
+    autoscale: AutoscaleArgs,
+    log_format: LogFormat,
+) -> u8 {
     let token = match token() {
         Ok(t) => t,
         Err(c) => return c,
@@ -387,6 +511,13 @@ async fn coordinator(path: PathBuf, listen: SocketAddr, timing: sluice::coordina
     }
     let loaded = match config::load(&path) {
         Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let autoscale = match autoscaler(autoscale, &path, listen, log_format).await {
+        Ok(a) => a,
         Err(e) => {
             eprintln!("error: {e}");
             return EXIT_CONFIG;
@@ -411,6 +542,7 @@ async fn coordinator(path: PathBuf, listen: SocketAddr, timing: sluice::coordina
         metrics: handle,
         health: Health::default(),
         stop,
+        autoscale,
     };
     match sluice::coordinator::server::serve(opts).await {
         Ok(()) => EXIT_OK,

@@ -62,6 +62,16 @@ pub struct HeartbeatRequest {
     pub shards: Vec<ShardReport>,
     /// Records (positions) per second over the last heartbeat interval, all shards together.
     pub rate: f64,
+    /// Share of the interval the process used the CPUs it may use (0 to 1).
+    #[serde(default)]
+    pub cpu_busy: f64,
+    /// Share of the interval its sinks were blocked on their destinations (0 to 1).
+    #[serde(default)]
+    pub sink_busy: f64,
+    /// Records per second it could process: `rate / max(cpu_busy, sink_busy)`, when it was
+    /// busy enough (5%) for that to mean something.
+    #[serde(default)]
+    pub capacity: Option<f64>,
 }
 
 /// What a worker reports of one shard.
@@ -99,6 +109,33 @@ pub struct Status {
     pub lease_timeout_ms: u64,
     pub workers: Vec<WorkerStatus>,
     pub shards: Vec<ShardStatus>,
+    /// The autoscaler's last decision (absent before the first one).
+    #[serde(default)]
+    pub autoscale: Option<AutoscaleStatus>,
+}
+
+/// The autoscaler's last decision and what it saw.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AutoscaleStatus {
+    /// `kube`, `process` or `none`.
+    pub scaler: String,
+    pub desired: u32,
+    pub current: u32,
+    /// Workers registered.
+    pub ready: u32,
+    /// `up`, `down` or `hold`.
+    pub direction: String,
+    pub reason: String,
+    pub input_rate: f64,
+    pub throughput: f64,
+    pub per_replica_rate: Option<f64>,
+    pub lag_records: f64,
+    pub lag_seconds: f64,
+    pub sink_saturated: bool,
+    /// Milliseconds since the Unix epoch.
+    pub decided_at_ms: u64,
+    /// The last error of the scaler, if its last call failed.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -110,6 +147,12 @@ pub struct WorkerStatus {
     pub last_heartbeat_ms_ago: u64,
     pub version: u64,
     pub applied_version: u64,
+    #[serde(default)]
+    pub cpu_busy: f64,
+    #[serde(default)]
+    pub sink_busy: f64,
+    #[serde(default)]
+    pub capacity: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -174,6 +217,27 @@ pub fn render_status(s: &Status) -> String {
         s.workers.len(),
         s.shards.len()
     );
+    if let Some(a) = &s.autoscale {
+        let _ = writeln!(
+            out,
+            "\nautoscale ({}): {} -> {} replicas ({} running), {}\n  input {:.0} rec/s, throughput {:.0} rec/s, per replica {}, lag {:.0} records / {:.1} s{}\n  {}",
+            a.scaler,
+            a.current,
+            a.desired,
+            a.ready,
+            a.direction,
+            a.input_rate,
+            a.throughput,
+            a.per_replica_rate.map_or("unmeasured".into(), |r| format!("{r:.0} rec/s")),
+            a.lag_records,
+            a.lag_seconds,
+            if a.sink_saturated { ", sinks saturated" } else { "" },
+            a.reason
+        );
+        if let Some(e) = &a.error {
+            let _ = writeln!(out, "  scaler error: {e}");
+        }
+    }
     out
 }
 
@@ -210,6 +274,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            autoscale: None,
         };
         let text = render_status(&s);
         let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("orders/") || l.starts_with("SHARD")).collect();

@@ -14,7 +14,8 @@ use indexmap::IndexMap;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    assign, shard_key, Grant, HeartbeatRequest, HeartbeatResponse, LeaveRequest, ShardStatus, Status, WorkerStatus,
+    assign, shard_key, AutoscaleStatus, Grant, HeartbeatRequest, HeartbeatResponse, LeaveRequest, ShardStatus, Status,
+    WorkerStatus,
 };
 use crate::batch::ShardInfo;
 use crate::observe::{names, Health};
@@ -62,6 +63,9 @@ struct ShardState {
     last_progress: Instant,
     /// When the shard lost its owner (for handover times in the logs).
     free_since: Option<Instant>,
+    /// Records per second arriving (from its end position between two lag reads).
+    input_rate: f64,
+    prev_end: Option<(u64, Instant)>,
 }
 
 #[derive(Debug)]
@@ -71,6 +75,9 @@ struct WorkerState {
     version: u64,
     applied: u64,
     rate: f64,
+    cpu_busy: f64,
+    sink_busy: f64,
+    capacity: Option<f64>,
 }
 
 /// The coordinator's state machine, without any I/O (the HTTP handlers and the timer drive it).
@@ -82,6 +89,8 @@ pub struct Core {
     listed_once: bool,
     shards: IndexMap<String, ShardState>,
     workers: IndexMap<String, WorkerState>,
+    /// The autoscaler's last decision, for the status.
+    autoscale: Option<AutoscaleStatus>,
 }
 
 /// Milliseconds since the Unix epoch: epochs and versions start from it, so they keep growing
@@ -99,6 +108,7 @@ impl Core {
             listed_once: false,
             shards: IndexMap::new(),
             workers: IndexMap::new(),
+            autoscale: None,
         }
     }
 
@@ -122,6 +132,8 @@ impl Core {
                 rate: 0.0,
                 last_progress: now,
                 free_since: Some(now),
+                input_rate: 0.0,
+                prev_end: None,
             });
             e.listed = true;
         }
@@ -135,13 +147,69 @@ impl Core {
         self.listed_once = true;
     }
 
-    /// Lag read from the sources, by shard key.
-    pub fn set_lag(&mut self, lag: HashMap<String, ShardLag>) {
+    /// Lag read from the sources, by shard key; the input rate of each shard is how far its
+    /// end moved since the last read.
+    pub fn set_lag(&mut self, lag: HashMap<String, ShardLag>, now: Instant) {
         for (k, l) in lag {
             if let Some(s) = self.shards.get_mut(&k) {
+                if let Some((end, at)) = s.prev_end {
+                    let dt = now.duration_since(at).as_secs_f64();
+                    if dt > 0.0 {
+                        s.input_rate = l.end.saturating_sub(end) as f64 / dt;
+                    }
+                }
+                s.prev_end = Some((l.end, now));
                 s.lag = Some(l);
             }
         }
+    }
+
+    /// What the autoscaler measures now: input rate and lag from the sources, throughput, busy
+    /// shares and capacity from the workers' heartbeats.
+    pub fn sample(&self, at: f64, now: Instant) -> crate::autoscale::Sample {
+        let status = self.status("", now);
+        let mut shards = std::collections::BTreeMap::new();
+        let mut input_rate = 0.0;
+        for (st, (key, s)) in status.shards.iter().zip(&self.shards) {
+            if !s.listed || s.finished {
+                continue;
+            }
+            input_rate += s.input_rate;
+            shards.insert(key.clone(), (s.input_rate, st.lag_records.unwrap_or(0) as f64));
+        }
+        let capacities: Vec<f64> = self.workers.values().filter_map(|w| w.capacity).collect();
+        let n = self.workers.len().max(1) as f64;
+        crate::autoscale::Sample {
+            at,
+            input_rate,
+            throughput: self.workers.values().map(|w| w.rate).sum(),
+            per_replica_rate: (!capacities.is_empty())
+                .then(|| capacities.iter().sum::<f64>() / capacities.len() as f64),
+            lag_records: shards.values().map(|(_, l)| l).sum(),
+            lag_seconds: status.shards.iter().filter_map(|s| s.lag_seconds).fold(0.0, f64::max),
+            shards,
+            sink_saturated: !self.workers.is_empty()
+                && self.workers.values().map(|w| w.sink_busy).sum::<f64>() / n >= SINK_SATURATED,
+        }
+    }
+
+    /// Workers registered now.
+    pub fn worker_count(&self) -> u32 {
+        self.workers.len() as u32
+    }
+
+    /// Shards that can be assigned (listed, not finished).
+    pub fn assignable_shards(&self) -> u32 {
+        self.shards.values().filter(|s| s.listed && !s.finished).count() as u32
+    }
+
+    /// Whether the start-up grace (one lease, and a first listing) is over.
+    pub fn settled(&self, now: Instant) -> bool {
+        self.listed_once && now.duration_since(self.started) >= self.timing.lease_timeout
+    }
+
+    pub fn set_autoscale(&mut self, a: AutoscaleStatus) {
+        self.autoscale = Some(a);
     }
 
     /// The listed shards, for lag probes.
@@ -161,7 +229,16 @@ impl Core {
             tracing::info!(worker = %id, held = req.held.len(), "worker registered");
             self.workers.insert(
                 id.clone(),
-                WorkerState { name: req.name.clone(), last_seen: now, version, applied: 0, rate: 0.0 },
+                WorkerState {
+                    name: req.name.clone(),
+                    last_seen: now,
+                    version,
+                    applied: 0,
+                    rate: 0.0,
+                    cpu_busy: 0.0,
+                    sink_busy: 0.0,
+                    capacity: None,
+                },
             );
             for g in &req.held {
                 self.adopt(&id, g, now);
@@ -172,6 +249,9 @@ impl Core {
             w.last_seen = now;
             w.applied = w.applied.max(req.applied_version);
             w.rate = req.rate;
+            w.cpu_busy = req.cpu_busy;
+            w.sink_busy = req.sink_busy;
+            w.capacity = req.capacity;
         }
         let applied = self.workers[&id].applied;
         // Shards moved away are released once the owner applied the assignment without them.
@@ -220,6 +300,8 @@ impl Core {
             rate: 0.0,
             last_progress: now,
             free_since: None,
+            input_rate: 0.0,
+            prev_end: None,
         });
         match &s.owner {
             Some(o) if o.worker != worker && o.epoch >= g.epoch => {
@@ -419,6 +501,9 @@ impl Core {
                     last_heartbeat_ms_ago: now.duration_since(w.last_seen).as_millis() as u64,
                     version: w.version,
                     applied_version: w.applied,
+                    cpu_busy: w.cpu_busy,
+                    sink_busy: w.sink_busy,
+                    capacity: w.capacity,
                 }
             })
             .collect();
@@ -428,9 +513,14 @@ impl Core {
             lease_timeout_ms: self.timing.lease_timeout.as_millis() as u64,
             workers,
             shards,
+            autoscale: self.autoscale.clone(),
         }
     }
 }
+
+/// Sinks count as saturated when the workers' sinks were blocked on their destinations this
+/// share of the time, on average.
+pub const SINK_SATURATED: f64 = 0.9;
 
 #[derive(Clone)]
 struct App {
@@ -506,6 +596,14 @@ async fn status(State(app): State<App>, ConnectInfo(peer): ConnectInfo<SocketAdd
     Json(s).into_response()
 }
 
+/// The autoscaler of [`serve`].
+pub struct AutoscaleOptions {
+    pub policy: crate::autoscale::Policy,
+    /// How often a decision is made (inputs are sampled every second).
+    pub interval: Duration,
+    pub scaler: Arc<dyn crate::autoscale::scaler::Scaler>,
+}
+
 /// Options of [`serve`].
 pub struct CoordinatorOptions {
     pub listen: SocketAddr,
@@ -516,6 +614,7 @@ pub struct CoordinatorOptions {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub health: Health,
     pub stop: CancellationToken,
+    pub autoscale: AutoscaleOptions,
 }
 
 /// Serves the coordinator API (and `/healthz`, `/readyz`, `/metrics`) until `stop` fires.
@@ -574,12 +673,106 @@ pub async fn serve(opts: CoordinatorOptions) -> Result<()> {
             }
         })
     };
-    let stop = opts.stop.clone();
+    // The autoscaler; on stop it first stops the workers it started (they drain and leave
+    // through this server), then the server stops.
+    let http_stop = CancellationToken::new();
+    let autoscaler = tokio::spawn(autoscale_loop(core.clone(), opts.autoscale, opts.stop.clone(), http_stop.clone()));
     let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(stop.cancelled_owned())
+        .with_graceful_shutdown(http_stop.cancelled_owned())
         .await;
     refresher.abort();
+    autoscaler.abort();
     served.map_err(|e| Error::Internal { component: "coordinator".into(), message: e.to_string() })
+}
+
+async fn autoscale_loop(
+    core: Arc<Mutex<Core>>,
+    opts: AutoscaleOptions,
+    stop: CancellationToken,
+    http_stop: CancellationToken,
+) {
+    use crate::autoscale::{decide, State, Window};
+    let start = Instant::now();
+    let mut window = Window::default();
+    let mut state = State::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_decision: Option<Instant> = None;
+    let scaler = opts.scaler;
+    tracing::info!(scaler = scaler.name(), policy = ?opts.policy, interval = ?opts.interval, "autoscaler started");
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let t = now.duration_since(start).as_secs_f64();
+        let (sample, settled, ready, shards) = {
+            let c = core.lock().unwrap_or_else(|e| e.into_inner());
+            (c.sample(t, now), c.settled(now), c.worker_count(), c.assignable_shards())
+        };
+        window.push(sample);
+        if !settled || last_decision.is_some_and(|d| now.duration_since(d) < opts.interval) {
+            continue;
+        }
+        last_decision = Some(now);
+        let current = match scaler.current().await {
+            Ok(Some(n)) => n,
+            Ok(None) => ready,
+            Err(e) => {
+                tracing::warn!(scaler = scaler.name(), "cannot read the replica count (no decision this time): {e}");
+                metrics::counter!(names::AUTOSCALE_ERRORS_TOTAL).increment(1);
+                let mut c = core.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(a) = c.autoscale.as_mut() {
+                    a.error = Some(e.to_string());
+                }
+                continue;
+            }
+        };
+        let inputs = window.inputs(&opts.policy, t, current, ready, shards);
+        let (d, next) = decide(&opts.policy, &state, &inputs);
+        state = next;
+        metrics::gauge!(names::DESIRED_REPLICAS).set(f64::from(d.desired));
+        metrics::counter!(names::AUTOSCALE_DECISIONS_TOTAL, "direction" => d.direction()).increment(1);
+        if let Some(r) = inputs.per_replica_rate {
+            metrics::gauge!(names::AUTOSCALE_PER_REPLICA_RATE).set(r);
+        }
+        metrics::gauge!(names::AUTOSCALE_INPUT_RATE).set(inputs.input_rate);
+        let mut error = None;
+        if d.desired != d.current {
+            tracing::info!(scaler = scaler.name(), from = d.current, to = d.desired, input_rate = inputs.input_rate, lag_records = inputs.lag_records, per_replica_rate = ?inputs.per_replica_rate, "autoscale: {}", d.reason);
+            if let Err(e) = scaler.scale(d.desired).await {
+                tracing::warn!(
+                    scaler = scaler.name(),
+                    "scaling to {} failed (tried again at the next decision): {e}",
+                    d.desired
+                );
+                metrics::counter!(names::AUTOSCALE_ERRORS_TOTAL).increment(1);
+                error = Some(e.to_string());
+                // The state must not believe in a change that did not happen.
+                state.last_change = None;
+            }
+        } else {
+            tracing::debug!(scaler = scaler.name(), replicas = d.current, "autoscale: {}", d.reason);
+        }
+        core.lock().unwrap_or_else(|e| e.into_inner()).set_autoscale(AutoscaleStatus {
+            scaler: scaler.name().to_string(),
+            desired: d.desired,
+            current: d.current,
+            ready,
+            direction: d.direction().to_string(),
+            reason: d.reason.clone(),
+            input_rate: inputs.input_rate,
+            throughput: inputs.throughput,
+            per_replica_rate: inputs.per_replica_rate,
+            lag_records: inputs.lag_records,
+            lag_seconds: inputs.lag_seconds,
+            sink_saturated: inputs.sink_saturated,
+            decided_at_ms: wall_ms(),
+            error,
+        });
+    }
+    scaler.shutdown().await;
+    http_stop.cancel();
 }
 
 async fn refresh(core: &Arc<Mutex<Core>>, sources: &[(String, Arc<dyn Source>)]) {
@@ -608,7 +801,7 @@ async fn refresh(core: &Arc<Mutex<Core>>, sources: &[(String, Arc<dyn Source>)])
         }
     }
     let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
-    core.set_lag(lag);
+    core.set_lag(lag, Instant::now());
     let _ = core.status("", Instant::now()); // refreshes the lag gauges
 }
 

@@ -40,6 +40,13 @@ struct Report {
     finished: Vec<String>,
     registry: Option<ShardRegistry>,
     last: HashMap<String, (Option<u64>, Instant)>,
+    /// CPU seconds, sink busy microseconds and when, at the last heartbeat.
+    last_busy: Option<(f64, u64, Instant)>,
+}
+
+/// The CPUs this process may use (cgroup quotas included).
+fn cpus() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
 }
 
 impl Report {
@@ -66,7 +73,20 @@ impl Report {
                 shards.push(ShardReport { key, committed, rate: r });
             }
         }
+        let (cpu, sink) = (crate::observe::process_cpu_seconds(), crate::observe::sink_busy_micros());
+        let (cpu_busy, sink_busy) = match self.last_busy.replace((cpu, sink, now)) {
+            Some((c0, s0, at)) => {
+                let wall = now.duration_since(at).as_secs_f64().max(1e-3);
+                (((cpu - c0) / wall / cpus()).clamp(0.0, 1.0), ((sink - s0) as f64 / 1e6 / wall).clamp(0.0, 1.0))
+            }
+            None => (0.0, 0.0),
+        };
+        let busy = cpu_busy.max(sink_busy);
+        let capacity = (rate > 0.0 && busy >= 0.05).then(|| rate / busy);
         HeartbeatRequest {
+            cpu_busy,
+            sink_busy,
+            capacity,
             worker_id: worker_id.to_string(),
             name: name.to_string(),
             applied_version: self.applied_version,

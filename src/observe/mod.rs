@@ -88,8 +88,32 @@ impl ComponentMetrics {
 
     /// Time a sink spent blocked on its destination.
     pub fn busy(&self, d: Duration) {
-        self.busy.increment(d.as_micros() as u64);
+        let us = d.as_micros() as u64;
+        self.busy.increment(us);
+        SINK_BUSY_MICROS.fetch_add(us, Ordering::Relaxed);
     }
+}
+
+static SINK_BUSY_MICROS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Microseconds every sink of this process spent blocked on its destination, all together (the
+/// worker's heartbeats report the share of each interval).
+pub fn sink_busy_micros() -> u64 {
+    SINK_BUSY_MICROS.load(Ordering::Relaxed)
+}
+
+/// CPU seconds this process has used (user and system, all threads).
+pub fn process_cpu_seconds() -> f64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage only writes the struct it is given.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } == 0 {
+            let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+            return tv(ru.ru_utime) + tv(ru.ru_stime);
+        }
+    }
+    0.0
 }
 
 /// Installs the Prometheus recorder with the fixed `pipeline` and `worker` labels.

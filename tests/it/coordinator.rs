@@ -13,23 +13,35 @@ use crate::common::sluice;
 use crate::kafka::{brokers, create, produce, topic};
 use crate::postgres::{psql, schema, url};
 
-const TOKEN: &str = "test-token-not-a-secret";
+pub(crate) const TOKEN: &str = "test-token-not-a-secret";
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-struct Cluster {
+pub(crate) struct Cluster {
     dir: PathBuf,
     pipeline: PathBuf,
-    url: String,
+    pub(crate) url: String,
     port: u16,
     coordinator: Option<Child>,
     workers: Vec<(String, Child)>,
+    /// More flags and environment for `sluice coordinator`.
+    coordinator_args: Vec<String>,
+    coordinator_env: Vec<(String, String)>,
 }
 
 impl Cluster {
     fn new(dir: &Path, pipeline_text: &str) -> Cluster {
+        Cluster::with_args(dir, pipeline_text, &[], &[])
+    }
+
+    pub(crate) fn with_args(
+        dir: &Path,
+        pipeline_text: &str,
+        coordinator_args: &[&str],
+        coordinator_env: &[(&str, &str)],
+    ) -> Cluster {
         let pipeline = dir.join("p.toml");
         std::fs::write(&pipeline, pipeline_text).unwrap();
         let port = free_port();
@@ -40,6 +52,8 @@ impl Cluster {
             port,
             coordinator: None,
             workers: Vec::new(),
+            coordinator_args: coordinator_args.iter().map(|a| a.to_string()).collect(),
+            coordinator_env: coordinator_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         c.start_coordinator();
         c
@@ -57,6 +71,8 @@ impl Cluster {
             .arg("--pipeline")
             .arg(&self.pipeline)
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(&self.coordinator_args)
+            .envs(self.coordinator_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(self.log("coordinator"))
             .spawn()
@@ -78,6 +94,14 @@ impl Cluster {
         self.workers.push((name.to_string(), child));
     }
 
+    /// SIGTERM to the coordinator (it stops the workers it started first); waits for it.
+    pub(crate) fn stop_coordinator(&mut self) -> std::process::ExitStatus {
+        let mut c = self.coordinator.take().unwrap();
+        let ok = std::process::Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+        c.wait().unwrap()
+    }
+
     fn worker_pid(&self, name: &str) -> u32 {
         self.workers.iter().find(|(n, _)| n == name).unwrap().1.id()
     }
@@ -93,7 +117,7 @@ impl Cluster {
         child.wait().unwrap()
     }
 
-    fn status(&self) -> Option<serde_json::Value> {
+    pub(crate) fn status(&self) -> Option<serde_json::Value> {
         let out = sluice()
             .env("SLUICE_COORDINATOR_TOKEN", TOKEN)
             .args(["status", "--json", "--coordinator", &self.url])
@@ -143,7 +167,7 @@ impl Cluster {
         }
     }
 
-    fn logs(&self, name: &str) -> String {
+    pub(crate) fn logs(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
 }
@@ -161,7 +185,7 @@ impl Drop for Cluster {
     }
 }
 
-fn pg_pipeline(name: &str, t: &str, table: &str) -> String {
+pub(crate) fn pg_pipeline(name: &str, t: &str, table: &str) -> String {
     pipeline(name, t, &pg_pipeline_sink(table))
 }
 
@@ -238,7 +262,7 @@ impl Producer {
     }
 }
 
-fn count(table: &str) -> i64 {
+pub(crate) fn count(table: &str) -> i64 {
     if psql(&format!("SELECT to_regclass('{table}') IS NOT NULL")) != "t" {
         return 0;
     }

@@ -75,7 +75,7 @@ impl Drop for FaultProxy {
 }
 
 fn every(k: usize, n: usize) -> bool {
-    k > 0 && n % k == 0
+    k > 0 && n.is_multiple_of(k)
 }
 
 async fn serve(

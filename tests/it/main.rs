@@ -1,6 +1,7 @@
 //! End-to-end tests: real pipelines over real files, output read back with the Parquet and Arrow
 //! readers. One test binary (modules below) so the whole tree links once.
 
+mod autoscale;
 mod cli;
 mod common;
 mod coordinator;
