@@ -237,6 +237,7 @@ pub fn decide(p: &Policy, state: &State, i: &Inputs) -> (Decision, State) {
             None if i.lag_seconds > p.catch_up_window && i.ready_replicas >= current => {
                 (current + 1, format!("no rate measured yet and the lag is {:.0} s: one more", i.lag_seconds))
             }
+            None if idle => (floor, "no rate measured yet, and no input and no lag".to_string()),
             None => (current, "no rate measured yet".to_string()),
         }
     };

@@ -68,8 +68,8 @@ pub struct HeartbeatRequest {
     /// Share of the interval its sinks were blocked on their destinations (0 to 1).
     #[serde(default)]
     pub sink_busy: f64,
-    /// Records per second it could process: `rate / max(cpu_busy, sink_busy)`, when it was
-    /// busy enough (5%) for that to mean something.
+    /// Records per second it could process: `rate / max(cpu_busy, sink_busy, 0.05)`, when it
+    /// processed anything.
     #[serde(default)]
     pub capacity: Option<f64>,
 }

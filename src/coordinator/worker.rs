@@ -82,7 +82,9 @@ impl Report {
             None => (0.0, 0.0),
         };
         let busy = cpu_busy.max(sink_busy);
-        let capacity = (rate > 0.0 && busy >= 0.05).then(|| rate / busy);
+        // A nearly idle worker counts as 5% busy: its capacity is then a lower bound (20 times
+        // its rate), not an extrapolation from noise.
+        let capacity = (rate > 0.0).then(|| rate / busy.max(0.05));
         HeartbeatRequest {
             cpu_busy,
             sink_busy,
