@@ -35,6 +35,24 @@ ensure_python_env() {
   echo "$want" > "$stamp"
 }
 
+# docker-compose v1 in a virtualenv of its own ($SLUICE_CACHE/compose-venv), for validating
+# deploy/docker-compose.yml; no container engine is needed for `docker-compose config`.
+export SLUICE_COMPOSE_VENV="${SLUICE_COMPOSE_VENV:-$SLUICE_CACHE/compose-venv}"
+ensure_compose_env() {
+  local req=scripts/requirements-compose.txt stamp="$SLUICE_COMPOSE_VENV/.requirements.sha"
+  local want
+  want="$(sha256sum "$req" | cut -d' ' -f1)"
+  if [ -x "$SLUICE_COMPOSE_VENV/bin/docker-compose" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    return
+  fi
+  python3 -m venv "$SLUICE_COMPOSE_VENV"
+  local pip=("$SLUICE_COMPOSE_VENV/bin/pip" install --quiet --disable-pip-version-check)
+  "${pip[@]}" "cython==0.29.37" "setuptools==65.5.0" "wheel==0.48.0"
+  "${pip[@]}" --no-build-isolation "pyyaml==5.4.1"
+  "${pip[@]}" -r "$req"
+  echo "$want" > "$stamp"
+}
+
 # Prebuilt test-server binaries (tansu, garage) are copied from $SLUICE_PREBUILT_BIN when it holds
 # them (CI and the team's machines: ../shared/bin beside the clone); otherwise they are built from
 # crates.io once (about 15 minutes each) and cached in $SLUICE_CACHE/bin.

