@@ -167,6 +167,11 @@ enum Command {
         /// Worker name (default: the host name, i.e. the pod name).
         #[arg(long, env = "SLUICE_WORKER")]
         worker: Option<String>,
+        /// CPUs this worker may use, in millicores, for the busy share its heartbeats report
+        /// (default: the CPUs the process sees, cgroup limits included; set it from the CPU
+        /// request when there is no CPU limit, as the Helm chart does).
+        #[arg(long, env = "SLUICE_CPU_MILLICORES", value_parser = clap::value_parser!(u32).range(1..))]
+        cpu_millicores: Option<u32>,
     },
     /// Show the coordinator's workers and shards: owners, epochs, lag and rates.
     Status {
@@ -216,8 +221,9 @@ fn main() -> ExitCode {
                     sluice::coordinator::server::Timing { lease_timeout, heartbeat_interval, refresh_interval };
                 coordinator(pipeline, listen, timing, autoscale, cli.log_format).await
             }
-            Command::Worker { pipeline, coordinator, metrics_addr, worker } => {
-                worker_mode(pipeline, &coordinator, metrics_addr, worker).await
+            Command::Worker { pipeline, coordinator, metrics_addr, worker, cpu_millicores } => {
+                let cpus = cpu_millicores.map(|m| f64::from(m) / 1000.0);
+                worker_mode(pipeline, &coordinator, metrics_addr, worker, cpus).await
             }
             Command::Status { coordinator, json } => status(&coordinator, json).await,
         }
@@ -458,7 +464,7 @@ async fn autoscaler(
     };
     policy.validate().map_err(|e| format!("autoscaling: {e}"))?;
     let scaler: std::sync::Arc<dyn Scaler> = match a.scaler {
-        ScalerKind::None => std::sync::Arc::new(NoneScaler),
+        ScalerKind::None => std::sync::Arc::new(NoneScaler::default()),
         ScalerKind::Kube => {
             let Some(d) = a.kube_deployment.as_deref() else {
                 return Err("--scaler kube needs --kube-deployment (the worker Deployment's name)".into());
@@ -553,7 +559,13 @@ async fn coordinator(
     }
 }
 
-async fn worker_mode(path: PathBuf, url: &str, metrics_addr: Option<SocketAddr>, worker: Option<String>) -> u8 {
+async fn worker_mode(
+    path: PathBuf,
+    url: &str,
+    metrics_addr: Option<SocketAddr>,
+    worker: Option<String>,
+    cpus: Option<f64>,
+) -> u8 {
     let token = match token() {
         Ok(t) => t,
         Err(c) => return c,
@@ -593,7 +605,7 @@ async fn worker_mode(path: PathBuf, url: &str, metrics_addr: Option<SocketAddr>,
     tokio::spawn(watch_signals(stop.clone()));
     let result = sluice::coordinator::worker::run(
         loaded,
-        sluice::coordinator::worker::WorkerOptions { client, name, health, stop },
+        sluice::coordinator::worker::WorkerOptions { client, name, health, stop, cpus },
     )
     .await;
     server_stop.cancel();

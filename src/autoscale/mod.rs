@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 
 pub use policy::{decide, Decision, Inputs, Policy, State};
 
+/// Sinks count as saturated when the workers' sinks were blocked on their destinations this
+/// share of the time, on average.
+pub const SINK_SATURATED: f64 = 0.9;
+
 /// One measurement, taken every refresh by the coordinator (every second by the simulator).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Sample {

@@ -8,9 +8,9 @@
 //! then raised until the worker holding the hottest shard fits (shards are spread by count, so a
 //! hot partition or a shard count that does not divide evenly overloads one worker first),
 //! clamped to `[min_replicas, max_replicas]` and to the shard count. Scale-ups are limited to
-//! `max(max_step_up, current)` replicas at a time (at most doubling, as the HPA does) and are held
-//! while the sinks are saturated and the last scale-up did not raise the throughput (more workers
-//! would only queue on the sink). Scale-downs wait until the last change is
+//! `max(max_step_up, 2 × current)` replicas at a time, need two decisions in a row, go one replica
+//! at a time while the sinks are saturated and stop when the last one did not raise the
+//! throughput (more workers would only queue on the sink). Scale-downs wait until the last change is
 //! `scale_down_stabilization` old and then go to the highest recommendation of that period, in
 //! one step. With `scale_to_zero`, no input and no lag for `idle_period` scales to zero.
 
@@ -161,23 +161,35 @@ impl Decision {
     }
 }
 
-/// Replicas needed so that the worker holding the hottest shard stays within `capacity`, when
-/// shards are spread by count: that worker holds `ceil(shards / n)` shards, the hottest and
-/// average ones for the rest. `None` when the hottest shard alone is more than one replica can do.
-fn replicas_for_hot_shard(demand: &[f64], capacity: f64, upper: u32) -> Option<u32> {
-    let s = demand.len();
-    if s == 0 || capacity <= 0.0 {
-        return Some(0);
+/// What the hottest shard needs, when shards are spread by count: the worker holding it holds
+/// `ceil(shards / n)` shards, the hottest and average ones for the rest.
+enum HotShard {
+    /// This many replicas let that worker keep up.
+    Fits(u32),
+    /// The hottest shard alone is more than one replica can do.
+    TooHot,
+    /// Even `upper` replicas leave that worker behind.
+    AboveCap,
+}
+
+fn replicas_for_hot_shard(rates: &[f64], capacity: f64, upper: u32) -> HotShard {
+    let s = rates.len();
+    let hottest = rates.iter().copied().fold(0.0, f64::max);
+    if s == 0 || hottest <= 0.0 {
+        return HotShard::Fits(0);
     }
-    let hottest = demand.iter().copied().fold(0.0, f64::max);
     if hottest > capacity {
-        return None;
+        return HotShard::TooHot;
     }
-    let rest = if s > 1 { (demand.iter().sum::<f64>() - hottest) / (s - 1) as f64 } else { 0.0 };
-    (1..=upper.max(1)).find(|&n| {
-        let per_worker = s.div_ceil(n as usize);
-        hottest + (per_worker.saturating_sub(1)) as f64 * rest <= capacity
-    })
+    let rest = if s > 1 { (rates.iter().sum::<f64>() - hottest) / (s - 1) as f64 } else { 0.0 };
+    (1..=upper.max(1))
+        .find(|&n| hottest + (s.div_ceil(n as usize).saturating_sub(1)) as f64 * rest <= capacity)
+        .map_or(HotShard::AboveCap, HotShard::Fits)
+}
+
+/// A scale-up not judged within this long (its replicas never all came up, say) is forgotten.
+fn pending_timeout(p: &Policy) -> f64 {
+    (4.0 * p.window).max(120.0)
 }
 
 /// The decision for `inputs`, and the state to pass to the next one.
@@ -186,7 +198,8 @@ pub fn decide(p: &Policy, state: &State, i: &Inputs) -> (Decision, State) {
     let now = i.now;
     let current = i.current_replicas;
     let upper = p.max_replicas.min(i.shards.max(1));
-    let floor = p.min_replicas.min(upper);
+    // Zero only by scale-to-zero after the idle period, whatever --min-replicas says.
+    let floor = p.min_replicas.max(1).min(upper);
     let idle = i.input_rate <= 1e-9 && i.lag_records <= 0.0;
     s.idle_since = if idle { Some(state.idle_since.unwrap_or(now)) } else { None };
     let last_change = *s.last_change.get_or_insert(now);
@@ -214,20 +227,25 @@ pub fn decide(p: &Policy, state: &State, i: &Inputs) -> (Decision, State) {
                 // The worker with the hottest shard needs only keep up: its headroom is the
                 // other workers'.
                 let n = match replicas_for_hot_shard(&i.shard_rates, rate, upper) {
-                    Some(hot) if hot > by_total => {
-                        why.push_str(&format!("; {hot} so that the worker with the hottest shard fits"));
+                    HotShard::Fits(hot) if hot > by_total => {
+                        why.push_str(&format!("; {hot} so that the worker with the hottest shard keeps up"));
                         hot
                     }
-                    Some(_) => by_total,
-                    None => {
+                    HotShard::Fits(_) => by_total,
+                    HotShard::TooHot => {
                         why.push_str(
                             "; the hottest shard alone needs more than one replica: more replicas do not help it",
                         );
                         by_total
                     }
+                    HotShard::AboveCap => {
+                        why.push_str(&format!("; the worker with the hottest shard falls behind even with {upper}"));
+                        upper
+                    }
                 };
                 (n, why)
             }
+            None if idle => (floor, "no rate measured yet, and no input and no lag".to_string()),
             // Nothing measured yet (no worker ran): one replica for any work, one more while the
             // lag is older than the catch-up window.
             None if current == 0 => {
@@ -237,11 +255,10 @@ pub fn decide(p: &Policy, state: &State, i: &Inputs) -> (Decision, State) {
             None if i.lag_seconds > p.catch_up_window && i.ready_replicas >= current => {
                 (current + 1, format!("no rate measured yet and the lag is {:.0} s: one more", i.lag_seconds))
             }
-            None if idle => (floor, "no rate measured yet, and no input and no lag".to_string()),
             None => (current, "no rate measured yet".to_string()),
         }
     };
-    let lower = if idle_long { 0 } else { floor.max(u32::from(!idle)) };
+    let lower = if idle_long { 0 } else { floor };
     let clamped = recommended.clamp(lower.min(upper), upper);
     if clamped != recommended {
         why.push_str(&format!("; clamped to {clamped} (min {floor}, max {}, {} shards)", p.max_replicas, i.shards));
@@ -260,15 +277,20 @@ pub fn decide(p: &Policy, state: &State, i: &Inputs) -> (Decision, State) {
         }
         if up.gain.is_none() && up.from > 0 && up.ready_at.is_some_and(|t| now - t >= p.window) {
             let expected = up.throughput_before * (f64::from(up.to) / f64::from(up.from) - 1.0);
-            if expected > 0.0 {
-                up.gain = Some((i.throughput - up.throughput_before) / expected);
-            }
+            // Nothing to compare with (no throughput before): counted as a scale-up that helped.
+            up.gain = Some(if expected > 0.0 { (i.throughput - up.throughput_before) / expected } else { 1.0 });
         }
+    }
+    if s.last_scale_up.as_ref().is_some_and(|u| u.gain.is_none() && now - u.at > pending_timeout(p)) {
+        s.last_scale_up = None;
     }
     let ineffective =
         s.last_scale_up.as_ref().and_then(|u| u.gain.map(|g| (g, u))).filter(|(g, _)| *g < p.min_scale_up_gain);
 
-    let (desired, reason) = if recommended > current {
+    let (desired, reason) = if current > upper {
+        // Above the cap (lowered max, fewer shards): no stabilization, straight to the cap.
+        (upper, format!("{why}: {current} is above the cap of {upper}: scale down to it"))
+    } else if recommended > current {
         let pending = s.last_scale_up.as_ref().filter(|u| u.gain.is_none() && u.from > 0);
         match ineffective {
             _ if i.sink_saturated && pending.is_some() => (
@@ -418,7 +440,7 @@ mod tests {
         i.input_rate = 18_000.0;
         let (d, _) = decide(&p, &State::default(), &i);
         assert_eq!(d.recommended, 3, "{}", d.reason);
-        assert!(d.reason.contains("hottest shard fits"), "{}", d.reason);
+        assert!(d.reason.contains("hottest shard keeps up"), "{}", d.reason);
         // A shard hotter than a replica: no help from more replicas, said so.
         i.shard_rates[0] = 12_000.0;
         let (d, _) = decide(&p, &State::default(), &i);
@@ -506,8 +528,9 @@ mod tests {
     }
 
     /// Seeded random inputs: never above the shard count or max, never below min (unless scaled
-    /// to zero when allowed and idle), no scale-down within the stabilization period after a
-    /// change, and a scale-down never below a recommendation of that period.
+    /// to zero when allowed and idle), scale-ups within the step limit, no scale-down within the
+    /// stabilization period after a change, and a scale-down never below a recommendation of
+    /// that period (except down to a lowered cap).
     #[test]
     fn property_bounds_and_stabilization_hold_for_random_inputs() {
         let mut rng = SmallRng::seed_from_u64(7);
@@ -547,15 +570,20 @@ mod tests {
                 };
                 let (d, next) = decide(&p, &s, &i);
                 let upper = p.max_replicas.min(shards);
-                assert!(d.desired <= upper.max(current), "case {case}: {d:?}");
+                let floor = p.min_replicas.max(1).min(upper);
+                assert!(d.desired <= upper, "case {case}: above the cap: {d:?}");
                 if d.desired != current {
-                    assert!(d.desired <= upper, "case {case}: above the cap: {d:?}");
                     assert!(
-                        d.desired >= p.min_replicas.min(upper) || (p.scale_to_zero && d.desired == 0 && idle),
+                        d.desired >= floor || (p.scale_to_zero && d.desired == 0 && idle),
                         "case {case}: below min: {d:?}"
                     );
                 }
-                if d.desired < current {
+                if d.desired > current {
+                    // The step limit (one at a time with saturated sinks), never below the floor.
+                    let step = if i.sink_saturated { 1 } else { p.max_step_up.max(2 * current).max(1) };
+                    assert!(d.desired <= (current + step).max(floor), "case {case}: step: {d:?}");
+                }
+                if d.desired < current && current <= upper {
                     let last = *changes.last().unwrap();
                     assert!(
                         t - last >= p.scale_down_stabilization,

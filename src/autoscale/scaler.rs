@@ -32,8 +32,13 @@ fn scaler_error(scaler: &str, message: String) -> Error {
     Error::Internal { component: format!("{scaler} scaler"), message }
 }
 
-/// `--scaler none`.
-pub struct NoneScaler;
+/// `--scaler none`: keeps the last count it was asked for, like a Deployment nobody else
+/// scales, so the published `sluice_desired_replicas` holds between decisions instead of falling
+/// back to the running workers (an HPA driven by it could never scale down otherwise).
+#[derive(Default)]
+pub struct NoneScaler {
+    desired: Mutex<Option<u32>>,
+}
 
 #[async_trait]
 impl Scaler for NoneScaler {
@@ -41,9 +46,10 @@ impl Scaler for NoneScaler {
         "none"
     }
     async fn current(&self) -> Result<Option<u32>> {
-        Ok(None)
+        Ok(*self.desired.lock().unwrap_or_else(|e| e.into_inner()))
     }
-    async fn scale(&self, _replicas: u32) -> Result<()> {
+    async fn scale(&self, replicas: u32) -> Result<()> {
+        *self.desired.lock().unwrap_or_else(|e| e.into_inner()) = Some(replicas);
         Ok(())
     }
 }
@@ -219,8 +225,11 @@ impl Scaler for ProcessScaler {
         for c in &all {
             sigterm(c);
         }
+        // One deadline for all of them (they drain in parallel), then SIGKILL.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         for c in &mut all {
-            if tokio::time::timeout(Duration::from_secs(30), c.wait()).await.is_err() {
+            if tokio::time::timeout_at(deadline, c.wait()).await.is_err() {
+                tracing::warn!(pid = c.id(), "a worker process did not stop within 30 s: killed");
                 let _ = c.kill().await;
             }
         }

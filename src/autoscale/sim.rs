@@ -14,6 +14,9 @@
 //!   rebalance; sluice's handover drains cost the same here).
 //! - Measured lag is what committed offsets show: the backlog plus what was processed but not yet
 //!   committed (a seeded share of up to `commit_interval` seconds of throughput per shard).
+//! - The policy's inputs are measured as the coordinator measures them: the capacity of a replica
+//!   as all records over all busy time (the larger of the CPU and sink busy shares, at least 5%
+//!   per worker, ±5% noise), sinks saturated at 90% busy.
 //!
 //! KEDA as deployed: every 15 s (the HPA's sync period) the scaler reports the total committed lag
 //! (capped at `lagThreshold × partitions`, since idle consumers are not allowed by default); the
@@ -155,6 +158,8 @@ pub fn simulate(trace: &Trace, scaler: &Scaler) -> Outcome {
     let weights: Vec<f64> = trace.weights.iter().map(|x| x / total_w).collect();
     let mut noise = SmallRng::seed_from_u64(0x51u64 ^ trace.name.len() as u64);
     let mut commit_noise = SmallRng::seed_from_u64(0xc0);
+    // Measurement noise has a generator of its own: the arrivals are the same for every scaler.
+    let mut measure_noise = SmallRng::seed_from_u64(0x3e);
     let mut shards: Vec<Shard> = (0..w.partitions)
         .map(|_| Shard { queue: VecDeque::new(), backlog: 0.0, processed: 0.0, arrived: 0.0 })
         .collect();
@@ -226,17 +231,17 @@ pub fn simulate(trace: &Trace, scaler: &Scaler) -> Outcome {
         }
         let oldest = shards.iter().filter_map(|s| s.queue.front().map(|q| t - q.0)).fold(0.0, f64::max);
         let sink_busy = processed / w.sink_capacity;
+        // As the coordinator measures it: all records over all busy time, a worker less than 5%
+        // busy counting as 5%, with ±5% noise on each worker's busy share.
         let per_replica_rate = {
-            let measured: Vec<f64> = per_pod
-                .iter()
-                .filter(|p| **p > 0.0)
-                .map(|p| {
-                    let busy = (p / w.replica_capacity).max(sink_busy).min(1.0);
-                    p / busy * (1.0 + noise.random_range(-0.05..0.05))
-                })
-                .filter(|_| true)
-                .collect();
-            (!measured.is_empty()).then(|| measured.iter().sum::<f64>() / measured.len() as f64)
+            let (mut rate, mut busy) = (0.0, 0.0);
+            for p in per_pod.iter().filter(|p| **p > 0.0) {
+                rate += p;
+                let b =
+                    (p / w.replica_capacity).max(sink_busy).min(1.0) * (1.0 + measure_noise.random_range(-0.05..0.05));
+                busy += b.max(0.05);
+            }
+            (busy > 0.0).then(|| rate / busy)
         };
         // Decisions.
         let ready = running as u32;
@@ -250,7 +255,7 @@ pub fn simulate(trace: &Trace, scaler: &Scaler) -> Outcome {
                     lag_records,
                     lag_seconds: oldest,
                     shards: per_shard,
-                    sink_saturated: sink_busy >= 0.95,
+                    sink_saturated: sink_busy >= super::SINK_SATURATED,
                 });
                 if t > 0.0 && (t % interval).abs() < 1e-9 {
                     let inputs = window.inputs(policy, t, desired, ready, w.partitions as u32);
@@ -431,7 +436,7 @@ pub fn markdown(rows: &[Row]) -> String {
         ] {
             let _ = writeln!(
                 s,
-                "| {} ({}) | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
+                "| {} ({}) | {name} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {} |",
                 r.trace,
                 r.description,
                 o.catch_up_seconds,

@@ -177,14 +177,20 @@ impl Core {
             input_rate += s.input_rate;
             shards.insert(key.clone(), (s.input_rate, st.lag_records.unwrap_or(0) as f64));
         }
-        let capacities: Vec<f64> = self.workers.values().filter_map(|w| w.capacity).collect();
+        // One replica's capacity: all the workers' records over all their busy time (a mean of
+        // per-worker estimates would let nearly idle workers, whose estimate is a lower bound,
+        // drag it down).
+        let (rate, busy) = self
+            .workers
+            .values()
+            .filter(|w| w.capacity.is_some() && w.rate > 0.0)
+            .fold((0.0, 0.0), |(r, b), w| (r + w.rate, b + w.cpu_busy.max(w.sink_busy).max(0.05)));
         let n = self.workers.len().max(1) as f64;
         crate::autoscale::Sample {
             at,
             input_rate,
             throughput: self.workers.values().map(|w| w.rate).sum(),
-            per_replica_rate: (!capacities.is_empty())
-                .then(|| capacities.iter().sum::<f64>() / capacities.len() as f64),
+            per_replica_rate: (busy > 0.0).then(|| rate / busy),
             lag_records: shards.values().map(|(_, l)| l).sum(),
             lag_seconds: status.shards.iter().filter_map(|s| s.lag_seconds).fold(0.0, f64::max),
             shards,
@@ -518,9 +524,7 @@ impl Core {
     }
 }
 
-/// Sinks count as saturated when the workers' sinks were blocked on their destinations this
-/// share of the time, on average.
-pub const SINK_SATURATED: f64 = 0.9;
+use crate::autoscale::SINK_SATURATED;
 
 #[derive(Clone)]
 struct App {
@@ -692,6 +696,8 @@ async fn autoscale_loop(
     http_stop: CancellationToken,
 ) {
     use crate::autoscale::{decide, State, Window};
+    // The server stops even if this loop panics.
+    let _stop_server = http_stop.drop_guard();
     let start = Instant::now();
     let mut window = Window::default();
     let mut state = State::default();
@@ -715,7 +721,12 @@ async fn autoscale_loop(
             continue;
         }
         last_decision = Some(now);
-        let current = match scaler.current().await {
+        // A scaler call that hangs (an unreachable API server) must not hold up a shutdown.
+        let current = tokio::select! {
+            _ = stop.cancelled() => break,
+            c = scaler.current() => c,
+        };
+        let current = match current {
             Ok(Some(n)) => n,
             Ok(None) => ready,
             Err(e) => {
@@ -730,7 +741,6 @@ async fn autoscale_loop(
         };
         let inputs = window.inputs(&opts.policy, t, current, ready, shards);
         let (d, next) = decide(&opts.policy, &state, &inputs);
-        state = next;
         metrics::gauge!(names::DESIRED_REPLICAS).set(f64::from(d.desired));
         metrics::counter!(names::AUTOSCALE_DECISIONS_TOTAL, "direction" => d.direction()).increment(1);
         if let Some(r) = inputs.per_replica_rate {
@@ -740,19 +750,29 @@ async fn autoscale_loop(
         let mut error = None;
         if d.desired != d.current {
             tracing::info!(scaler = scaler.name(), from = d.current, to = d.desired, input_rate = inputs.input_rate, lag_records = inputs.lag_records, per_replica_rate = ?inputs.per_replica_rate, "autoscale: {}", d.reason);
-            if let Err(e) = scaler.scale(d.desired).await {
-                tracing::warn!(
-                    scaler = scaler.name(),
-                    "scaling to {} failed (tried again at the next decision): {e}",
-                    d.desired
-                );
-                metrics::counter!(names::AUTOSCALE_ERRORS_TOTAL).increment(1);
-                error = Some(e.to_string());
-                // The state must not believe in a change that did not happen.
-                state.last_change = None;
+            let scaled = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = scaler.scale(d.desired) => r,
+            };
+            match scaled {
+                Ok(()) => state = next,
+                Err(e) => {
+                    tracing::warn!(
+                        scaler = scaler.name(),
+                        "scaling to {} failed (tried again at the next decision): {e}",
+                        d.desired
+                    );
+                    metrics::counter!(names::AUTOSCALE_ERRORS_TOTAL).increment(1);
+                    error = Some(e.to_string());
+                    // The state must not believe in a change that did not happen: only the
+                    // recommendation history moves on.
+                    state.recommendations = next.recommendations;
+                    state.idle_since = next.idle_since;
+                }
             }
         } else {
-            tracing::debug!(scaler = scaler.name(), replicas = d.current, "autoscale: {}", d.reason);
+            state = next;
+            tracing::info!(scaler = scaler.name(), replicas = d.current, "autoscale: {}", d.reason);
         }
         core.lock().unwrap_or_else(|e| e.into_inner()).set_autoscale(AutoscaleStatus {
             scaler: scaler.name().to_string(),
@@ -772,7 +792,6 @@ async fn autoscale_loop(
         });
     }
     scaler.shutdown().await;
-    http_stop.cancel();
 }
 
 async fn refresh(core: &Arc<Mutex<Core>>, sources: &[(String, Arc<dyn Source>)]) {

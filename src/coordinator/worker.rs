@@ -30,6 +30,8 @@ pub struct WorkerOptions {
     pub health: Health,
     /// Fired by SIGTERM: drain, commit, leave, return.
     pub stop: CancellationToken,
+    /// CPUs the worker may use (default: what the process sees).
+    pub cpus: Option<f64>,
 }
 
 /// What the heartbeat reports, updated by the generation loop.
@@ -42,10 +44,12 @@ struct Report {
     last: HashMap<String, (Option<u64>, Instant)>,
     /// CPU seconds, sink busy microseconds and when, at the last heartbeat.
     last_busy: Option<(f64, u64, Instant)>,
+    /// CPUs the worker may use.
+    cpus: f64,
 }
 
-/// The CPUs this process may use (cgroup quotas included).
-fn cpus() -> f64 {
+/// The CPUs this process sees (cgroup CPU limits included).
+fn visible_cpus() -> f64 {
     std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
 }
 
@@ -77,7 +81,7 @@ impl Report {
         let (cpu_busy, sink_busy) = match self.last_busy.replace((cpu, sink, now)) {
             Some((c0, s0, at)) => {
                 let wall = now.duration_since(at).as_secs_f64().max(1e-3);
-                (((cpu - c0) / wall / cpus()).clamp(0.0, 1.0), ((sink - s0) as f64 / 1e6 / wall).clamp(0.0, 1.0))
+                (((cpu - c0) / wall / self.cpus).clamp(0.0, 1.0), ((sink - s0) as f64 / 1e6 / wall).clamp(0.0, 1.0))
             }
             None => (0.0, 0.0),
         };
@@ -117,7 +121,8 @@ pub async fn run(loaded: LoadedPipeline, opts: WorkerOptions) -> Result<()> {
     drop(crate::runtime::build(&loaded).await?);
     tracing::info!(worker = %worker_id, coordinator = %opts.client.base(), "worker starting");
 
-    let report = Arc::new(Mutex::new(Report::default()));
+    let cpus = opts.cpus.filter(|c| *c > 0.0).unwrap_or_else(visible_cpus);
+    let report = Arc::new(Mutex::new(Report { cpus, ..Report::default() }));
     let (latest_tx, mut latest) = watch::channel::<Option<HeartbeatResponse>>(None);
     let lease_lost = Arc::new(Notify::new());
     let beat_now = Arc::new(Notify::new());

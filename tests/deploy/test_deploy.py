@@ -533,6 +533,8 @@ class ChartTest(unittest.TestCase):
             "unknown autoscaling key": {"autoscaling": {"targetLag": 100}},
             "duration in words": {"coordinator": {"leaseTimeout": "ten seconds"}},
             "duration without unit": {"autoscaling": {"catchUpWindow": "60"}},
+            "zero catch-up window": {"autoscaling": {"catchUpWindow": "0s"}},
+            "zero decision interval": {"autoscaling": {"scaleInterval": "0s"}},
             "unknown log format": {"logFormat": "yaml"},
             "unknown pull policy": {"image": {"pullPolicy": "Sometimes"}},
             "port out of range": {"coordinator": {"port": 70000}},
@@ -551,6 +553,7 @@ class ChartTest(unittest.TestCase):
             "heartbeatInterval": {"coordinator": {"leaseTimeout": "10s", "heartbeatInterval": "5s"}},
             "maxReplicas": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
             "scaleToZero": {"autoscaling": {"scaleToZero": True, "minReplicas": 1}},
+            "serviceAccount": {"serviceAccount": {"create": False, "name": ""}},
         }
         for needle, overrides in cases.items():
             with self.subTest(needle):
@@ -688,6 +691,20 @@ class ChartCliContractTest(unittest.TestCase):
 
     def test_worker_flags_exist_in_the_cli(self):
         self.check_flags("worker", "worker")
+
+    def test_workers_plan_with_their_cpu_request(self):
+        # Without a CPU limit the process sees every CPU of the node; the chart passes the request.
+        help_text = self.help_text("worker")
+        self.assertIn("SLUICE_CPU_MILLICORES", help_text, "worker --help lacks the variable the chart sets")
+        for name, rendered in self.renders.items():
+            with self.subTest(values=name):
+                env = {e["name"]: e for e in rendered.container("worker").get("env", [])}
+                self.assertIn("SLUICE_CPU_MILLICORES", env, name)
+                self.assertEqual(
+                    env["SLUICE_CPU_MILLICORES"]["valueFrom"]["resourceFieldRef"],
+                    {"containerName": "worker", "resource": "requests.cpu", "divisor": "1m"},
+                    name,
+                )
 
     def test_log_format_is_a_global_option(self):
         help_text = self.help_text()

@@ -65,6 +65,9 @@ async fn scale_endpoint(
         api.violations.lock().unwrap().push(m.clone());
         m
     };
+    if ns != "data" {
+        violation(format!("{method} in namespace {ns}, not the one configured (data)"));
+    }
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
     if auth != Some(&format!("Bearer {KUBE_TOKEN}")) {
         let m = violation(format!("{method} without the bearer token: {auth:?}"));
@@ -203,7 +206,7 @@ fn the_coordinator_scales_the_deployment_through_a_kubeconfig_and_explains_why()
         ),
     )
     .unwrap();
-    // Three input files: three shards, no lag the policy could see, so it asks for
+    // Three input files: three shards, no input or lag the policy could see, so it asks for
     // --min-replicas.
     let data = dir.path().join("in");
     std::fs::create_dir(&data).unwrap();
@@ -250,7 +253,7 @@ inputs = ["orders"]
     };
     assert_eq!(status["autoscale"]["scaler"], "kube");
     let reason = status["autoscale"]["reason"].as_str().unwrap().to_string();
-    assert!(reason.contains("clamped to 2 (min 2"), "{reason}");
+    assert!(reason.contains("no input and no lag"), "{reason}");
     let table = crate::common::sluice()
         .env("SLUICE_COORDINATOR_TOKEN", TOKEN)
         .args(["status", "--coordinator", &cluster.url])
@@ -338,6 +341,16 @@ fn the_process_scaler_adds_workers_for_a_backlog_and_removes_them_once_it_draine
     assert_eq!((count(&table), distinct), (n as i64, n as i64), "every record once");
     let log = cluster.logs("coordinator");
     assert!(log.contains("started a worker process") && log.contains("stopping a worker process"), "{log}");
+    // Every change of the count, from the coordinator's log (the status polls could miss one):
+    // up, then down, never back up.
+    let changes: Vec<u32> = log
+        .lines()
+        .filter(|l| l.contains("autoscale:"))
+        .filter_map(|l| l.split(" to=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    let top = changes.iter().position(|r| r == changes.iter().max().unwrap()).unwrap();
+    assert!(changes[..=top].windows(2).all(|w| w[0] < w[1]), "{changes:?}");
+    assert!(changes[top..].windows(2).all(|w| w[0] > w[1]) && changes.last() == Some(&1), "{changes:?}");
     // The stopped workers drained and left instead of timing out.
     assert!(log.matches("worker left").count() >= seen.iter().max().unwrap().saturating_sub(1) as usize, "{log}");
     // Stopping the coordinator stops the worker it still runs.
