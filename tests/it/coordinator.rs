@@ -338,7 +338,17 @@ fn workers_share_a_topic_and_survive_kill_join_coordinator_and_rolling_restarts_
     eprintln!("w5 joined: balanced in {took:?}");
     assert_eq!(moved(&with4, &with5), 3, "one from each: {with4:?} -> {with5:?}");
 
-    // The coordinator restarts (kill -9): data keeps flowing, and nothing moves.
+    // The coordinator restarts (kill -9): data keeps flowing, and nothing moves. First wait
+    // until rows flow again after the join's handover (the new generations are running).
+    let start = Instant::now();
+    loop {
+        let a = count(&table);
+        std::thread::sleep(Duration::from_millis(300));
+        if count(&table) > a {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no rows flowing after w5 joined");
+    }
     let before = count(&table);
     let mut coord = c.coordinator.take().unwrap();
     coord.kill().unwrap();
