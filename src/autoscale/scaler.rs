@@ -235,3 +235,19 @@ impl Scaler for ProcessScaler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_none_scaler_holds_its_last_target_for_the_next_decision() {
+        let s = NoneScaler::default();
+        // Before any decision: the running workers count (None).
+        assert_eq!(s.current().await.unwrap(), None);
+        s.scale(4).await.unwrap();
+        assert_eq!(s.current().await.unwrap(), Some(4));
+        s.scale(2).await.unwrap();
+        assert_eq!(s.current().await.unwrap(), Some(2));
+    }
+}
