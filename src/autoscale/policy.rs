@@ -259,7 +259,7 @@ pub fn decide(p: &Policy, state: &State, i: &Inputs) -> (Decision, State) {
         }
     };
     let lower = if idle_long { 0 } else { floor };
-    let clamped = recommended.clamp(lower.min(upper), upper);
+    let clamped = recommended.clamp(lower, upper);
     if clamped != recommended {
         why.push_str(&format!("; clamped to {clamped} (min {floor}, max {}, {} shards)", p.max_replicas, i.shards));
         recommended = clamped;

@@ -239,7 +239,7 @@ pub fn simulate(trace: &Trace, scaler: &Scaler) -> Outcome {
                 rate += p;
                 let b =
                     (p / w.replica_capacity).max(sink_busy).min(1.0) * (1.0 + measure_noise.random_range(-0.05..0.05));
-                busy += b.max(0.05);
+                busy += b.max(crate::coordinator::MIN_BUSY);
             }
             (busy > 0.0).then(|| rate / busy)
         };

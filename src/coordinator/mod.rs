@@ -62,16 +62,38 @@ pub struct HeartbeatRequest {
     pub shards: Vec<ShardReport>,
     /// Records (positions) per second over the last heartbeat interval, all shards together.
     pub rate: f64,
+    /// How busy it was: what the autoscaler measures a replica's capacity from.
+    #[serde(flatten)]
+    pub load: Load,
+}
+
+/// A worker less than this busy counts as this busy: its capacity is then a lower bound.
+pub const MIN_BUSY: f64 = 0.05;
+
+/// How busy a worker was over its last heartbeat interval (flattened into the heartbeat and the
+/// status JSON as `cpu_busy`, `sink_busy`, `capacity`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Load {
     /// Share of the interval the process used the CPUs it may use (0 to 1).
-    #[serde(default)]
     pub cpu_busy: f64,
     /// Share of the interval its sinks were blocked on their destinations (0 to 1).
-    #[serde(default)]
     pub sink_busy: f64,
-    /// Records per second it could process: `rate / max(cpu_busy, sink_busy, 0.05)`, when it
-    /// processed anything.
-    #[serde(default)]
+    /// Records per second it could process: `rate / busy()`, when it processed anything.
     pub capacity: Option<f64>,
+}
+
+impl Load {
+    pub fn new(rate: f64, cpu_busy: f64, sink_busy: f64) -> Self {
+        let mut l = Load { cpu_busy, sink_busy, capacity: None };
+        l.capacity = (rate > 0.0).then(|| rate / l.busy());
+        l
+    }
+
+    /// The busy share that bounds its rate: CPU or sinks, at least [`MIN_BUSY`].
+    pub fn busy(&self) -> f64 {
+        self.cpu_busy.max(self.sink_busy).max(MIN_BUSY)
+    }
 }
 
 /// What a worker reports of one shard.
@@ -147,12 +169,8 @@ pub struct WorkerStatus {
     pub last_heartbeat_ms_ago: u64,
     pub version: u64,
     pub applied_version: u64,
-    #[serde(default)]
-    pub cpu_busy: f64,
-    #[serde(default)]
-    pub sink_busy: f64,
-    #[serde(default)]
-    pub capacity: Option<f64>,
+    #[serde(flatten)]
+    pub load: Load,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -14,8 +14,8 @@ use indexmap::IndexMap;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    assign, shard_key, AutoscaleStatus, Grant, HeartbeatRequest, HeartbeatResponse, LeaveRequest, ShardStatus, Status,
-    WorkerStatus,
+    assign, shard_key, AutoscaleStatus, Grant, HeartbeatRequest, HeartbeatResponse, LeaveRequest, Load, ShardStatus,
+    Status, WorkerStatus,
 };
 use crate::batch::ShardInfo;
 use crate::observe::{names, Health};
@@ -75,9 +75,7 @@ struct WorkerState {
     version: u64,
     applied: u64,
     rate: f64,
-    cpu_busy: f64,
-    sink_busy: f64,
-    capacity: Option<f64>,
+    load: Load,
 }
 
 /// The coordinator's state machine, without any I/O (the HTTP handlers and the timer drive it).
@@ -183,8 +181,8 @@ impl Core {
         let (rate, busy) = self
             .workers
             .values()
-            .filter(|w| w.capacity.is_some() && w.rate > 0.0)
-            .fold((0.0, 0.0), |(r, b), w| (r + w.rate, b + w.cpu_busy.max(w.sink_busy).max(0.05)));
+            .filter(|w| w.rate > 0.0)
+            .fold((0.0, 0.0), |(r, b), w| (r + w.rate, b + w.load.busy()));
         let n = self.workers.len().max(1) as f64;
         crate::autoscale::Sample {
             at,
@@ -195,7 +193,7 @@ impl Core {
             lag_seconds: status.shards.iter().filter_map(|s| s.lag_seconds).fold(0.0, f64::max),
             shards,
             sink_saturated: !self.workers.is_empty()
-                && self.workers.values().map(|w| w.sink_busy).sum::<f64>() / n >= SINK_SATURATED,
+                && self.workers.values().map(|w| w.load.sink_busy).sum::<f64>() / n >= SINK_SATURATED,
         }
     }
 
@@ -241,9 +239,7 @@ impl Core {
                     version,
                     applied: 0,
                     rate: 0.0,
-                    cpu_busy: 0.0,
-                    sink_busy: 0.0,
-                    capacity: None,
+                    load: Load::default(),
                 },
             );
             for g in &req.held {
@@ -255,9 +251,7 @@ impl Core {
             w.last_seen = now;
             w.applied = w.applied.max(req.applied_version);
             w.rate = req.rate;
-            w.cpu_busy = req.cpu_busy;
-            w.sink_busy = req.sink_busy;
-            w.capacity = req.capacity;
+            w.load = req.load;
         }
         let applied = self.workers[&id].applied;
         // Shards moved away are released once the owner applied the assignment without them.
@@ -507,9 +501,7 @@ impl Core {
                     last_heartbeat_ms_ago: now.duration_since(w.last_seen).as_millis() as u64,
                     version: w.version,
                     applied_version: w.applied,
-                    cpu_busy: w.cpu_busy,
-                    sink_busy: w.sink_busy,
-                    capacity: w.capacity,
+                    load: w.load,
                 }
             })
             .collect();

@@ -85,14 +85,8 @@ impl Report {
             }
             None => (0.0, 0.0),
         };
-        let busy = cpu_busy.max(sink_busy);
-        // A nearly idle worker counts as 5% busy: its capacity is then a lower bound (20 times
-        // its rate), not an extrapolation from noise.
-        let capacity = (rate > 0.0).then(|| rate / busy.max(0.05));
         HeartbeatRequest {
-            cpu_busy,
-            sink_busy,
-            capacity,
+            load: super::Load::new(rate, cpu_busy, sink_busy),
             worker_id: worker_id.to_string(),
             name: name.to_string(),
             applied_version: self.applied_version,
