@@ -302,7 +302,8 @@ def cmd_duckdb_job(a):
 
     con = duckdb.connect()
     con.execute(f"SET threads={a.threads}")
-    cols = "{" + ", ".join(f"'{c}': '{t}'" for c, t in ORDERS_DUCKDB.items()) + "}"
+    columns = dict(ORDERS_DUCKDB, **({"note": "VARCHAR"} if a.with_note else {}))
+    cols = "{" + ", ".join(f"'{c}': '{t}'" for c, t in columns.items()) + "}"
     path = a.data.replace("'", "''")
     out = a.out.replace("'", "''")
     t0 = time.perf_counter()
@@ -741,6 +742,7 @@ def main():
 
     d = sub.add_parser("duckdb-job", help="one DuckDB run (used by compare)")
     d.add_argument("--data", required=True)
+    d.add_argument("--with-note", action="store_true", help="the records have a `note` column (benches/suite.py)")
     d.add_argument("--out", required=True)
     d.add_argument("--query", required=True)
     d.add_argument("--threads", type=int, default=1)

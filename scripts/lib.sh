@@ -21,18 +21,31 @@ ensure_rust() {
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 }
 
-# A virtualenv with the Python tools tests and benches use (pyarrow to read output, duckdb as the
-# benchmark baseline). Reinstalled only when scripts/requirements.txt changes.
-ensure_python_env() {
-  local req=scripts/requirements.txt stamp="$SLUICE_VENV/.requirements.sha"
-  local want
-  want="$(sha256sum "$req" | cut -d' ' -f1)"
-  if [ -x "$SLUICE_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+# ensure_venv DIR REQUIREMENTS...: a virtualenv at DIR with the requirements files installed;
+# reinstalled only when one of the files changes.
+ensure_venv() {
+  local dir=$1 stamp="$1/.requirements.sha" want
+  shift
+  want="$(cat "$@" | sha256sum | cut -d' ' -f1)"
+  if [ -x "$dir/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     return
   fi
-  python3 -m venv "$SLUICE_VENV"
-  "$SLUICE_VENV/bin/pip" install --quiet --disable-pip-version-check -r "$req"
+  python3 -m venv "$dir"
+  "$dir/bin/pip" install --quiet --disable-pip-version-check -r "${@: -1}"
   echo "$want" > "$stamp"
+}
+
+# A virtualenv with the Python tools tests and benches use (pyarrow to read output, duckdb as the
+# benchmark baseline).
+ensure_python_env() {
+  ensure_venv "$SLUICE_VENV" scripts/requirements.txt
+}
+
+# The benchmark suite's virtualenv: the tests' tools plus the baselines and the chart (Quix
+# Streams, matplotlib), kept apart so that the test suite does not install them.
+export SLUICE_BENCH_VENV="${SLUICE_BENCH_VENV:-$SLUICE_CACHE/bench-venv}"
+ensure_bench_env() {
+  ensure_venv "$SLUICE_BENCH_VENV" scripts/requirements.txt scripts/requirements-bench.txt
 }
 
 # docker-compose v1 in a virtualenv of its own ($SLUICE_CACHE/compose-venv), for validating

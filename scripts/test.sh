@@ -54,9 +54,15 @@ ensure_compose_env
 SLUICE_DOCKER_COMPOSE="$SLUICE_COMPOSE_VENV/bin/docker-compose" SLUICE_BIN_PATH="$CARGO_TARGET_DIR/debug/sluice" \
   python tests/deploy/test_deploy.py
 
-step "README quickstart: run it and read the Parquet back with pyarrow"
+step "benchmark suite, smoke run: every scenario and baseline on a tiny dataset (debug build), outputs checked"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
+BENCH_PROFILE=debug BENCH_SKIP_BUILD=1 BENCH_RECORDS=3000 BENCH_RUNS=1 BENCH_LATENCY_RATE=200 \
+  BENCH_LATENCY_SECONDS=8 BENCH_MEMORY_COUNTS=2000,20000 BENCH_MEMORY_RUNS=1 BENCH_RESULTS_DIR="$out/suite" \
+  benches/suite.sh
+test -s "$out/suite/suite.md" && test -s "$out/suite/suite.png"
+
+step "README quickstart: run it and read the Parquet back with pyarrow"
 SLUICE_OUT="$out" "$CARGO_TARGET_DIR/debug/sluice" run --no-progress pipelines/quickstart.toml
 python scripts/check_quickstart.py "$out/quickstart"
 

@@ -25,7 +25,7 @@ def client():
         endpoint_url=os.environ["SLUICE_TEST_S3_ENDPOINT"],
         aws_access_key_id=os.environ["SLUICE_TEST_S3_KEY_ID"],
         aws_secret_access_key=os.environ["SLUICE_TEST_S3_SECRET"],
-        region_name="garage",
+        region_name=os.environ.get("SLUICE_TEST_S3_REGION", "garage"),
     )
 
 

@@ -482,7 +482,7 @@ async fn run_sink(
     abort: CancellationToken,
     halted: Arc<AtomicBool>,
 ) -> Result<()> {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(crate::sink::TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = async {
         loop {

@@ -989,7 +989,11 @@ pub struct SourceContext {
 
 impl ClientContext for SourceContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error, KafkaError::PartitionEOF(_)) {
+        // End of a partition (an empty one at start too): expected, the poll loop sees it.
+        if matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        ) {
             return;
         }
         tracing::warn!(source = %self.source, "Kafka client error: {error}: {reason}");

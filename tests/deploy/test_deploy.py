@@ -33,6 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "sluice"
 COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
+BENCH_OVERLAY = ROOT / "deploy" / "docker-compose.bench.yml"
 PIPELINES = ROOT / "pipelines"
 
 KUBE_VERSION = "1.33"
@@ -898,6 +899,35 @@ class ComposeTest(unittest.TestCase):
             got = args_map(self.services[worker]["command"])
             self.assertEqual(got["--coordinator"], "http://coordinator:7070", worker)
             self.assertEqual(got["--worker"], worker)
+
+    def test_bench_overlay_publishes_the_services_for_the_suite_on_localhost_only(self):
+        result = run([self.compose, "-f", COMPOSE_FILE, "-f", BENCH_OVERLAY, "config"], env=clean_env())
+        self.assertEqual(result.returncode, 0, describe(result))
+        services = yaml.safe_load(result.stdout)["services"]
+
+        def published(service):
+            out = []
+            for port in service.get("ports", []):
+                if isinstance(port, str):
+                    host_ip, host_port, target = port.split("/")[0].split(":")
+                else:
+                    host_ip, host_port, target = port.get("host_ip", ""), port["published"], port["target"]
+                out.append((host_ip, int(host_port), int(target)))
+            return out
+
+        for name, service in services.items():
+            for host_ip, _, _ in published(service):
+                self.assertEqual(host_ip, "127.0.0.1", f"{name} is published beyond this machine")
+        self.assertIn(("127.0.0.1", 29092, 29092), published(services["kafka"]))
+        self.assertIn(("127.0.0.1", 25432, 5432), published(services["postgres"]))
+        self.assertIn(("127.0.0.1", 29000, 9000), published(services["minio"]))
+        kafka = services["kafka"]["environment"]
+        self.assertIn("HOST://127.0.0.1:29092", kafka["KAFKA_ADVERTISED_LISTENERS"].split(","))
+        self.assertIn("PLAINTEXT://kafka:9092", kafka["KAFKA_ADVERTISED_LISTENERS"].split(","), "the stack's own listener")
+        self.assertIn("HOST://:29092", kafka["KAFKA_LISTENERS"].split(","))
+        self.assertIn("HOST:PLAINTEXT", kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+        # Everything else is the base file's.
+        self.assertEqual(services["coordinator"], self.services["coordinator"])
 
     def mounted_pipelines(self):
         """(service, pipeline path in the repo, path in the container) for every sluice service."""
