@@ -8,7 +8,7 @@
 #   BENCH_PARTITIONS     Kafka partitions (default 12)
 #   BENCH_RUNS           timed runs per contender, alternating (default 3)
 #   BENCH_ONLY           comma-separated scenarios (default: all; see benches/suite.py --help)
-#   BENCH_LATENCY_RATE, BENCH_LATENCY_SECONDS   the steady-rate run (default 5000 records/s, 30 s)
+#   BENCH_LATENCY_RATE, BENCH_LATENCY_SECONDS   the steady-rate run (default 1000 records/s, 30 s)
 #   BENCH_MEMORY_COUNTS  generator record counts for the memory table (default 1000000,10000000)
 #   BENCH_MEMORY_RUNS    runs per count (default 2)
 #   BENCH_RESULTS_DIR    where the report goes (default benches/results)
