@@ -96,14 +96,10 @@ def pipeline(name, *parts):
 
 
 def parquet_check(d):
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    """(rows, sum(order_id)) of the Parquet files under d."""
+    import postgres_bench
 
-    n, s = 0, 0
-    for f in sorted(p for p in Path(d).rglob("*.parquet") if not p.name.startswith(".")):
-        col = pq.read_table(f, columns=["order_id"]).column(0)
-        n, s = n + len(col), s + (pc.sum(col).as_py() or 0)
-    return n, s
+    return postgres_bench.parquet_check(d)
 
 
 def s3_check(a, prefix):
