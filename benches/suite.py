@@ -43,8 +43,6 @@ import kafka_bench  # noqa: E402
 
 QUERY = harness.DEFAULT_QUERY
 SCHEMA = kafka_bench.SCHEMA
-PG_TYPES = {"order_id": "bigint", "customer_id": "text", "amount": "numeric(12,2)", "currency": "text",
-            "country": "text", "status": "text", "quantity": "integer", "ts": "timestamp", "note": "text"}
 SCENARIOS = ["kafka-blackhole", "kafka-parquet", "kafka-s3", "kafka-postgres", "postgres-parquet",
              "file-parquet", "generator-parquet"]
 ROWS_PER_FILE = 1_000_000
@@ -143,8 +141,10 @@ def psql(a, sql, capture=False):
 
 
 def pg_table_ddl(table):
-    cols = [f"{c} {PG_TYPES[c]}{' not null' if 'not null' in t else ''}" for c, t in SCHEMA]
-    return f"CREATE TABLE {table} ({', '.join(cols)}, primary key (order_id))"
+    """The records' table with order_id as primary key (postgres_bench's DDL)."""
+    import postgres_bench
+
+    return postgres_bench.ddl(table, key=True)
 
 
 def pg_check(a, table):

@@ -46,8 +46,7 @@ pub trait Sink: Send {
 }
 
 /// How often the runtime calls [`Sink::tick`]. Time-based limits (`rotate.max_age`, the postgres
-/// sink's `flush_interval`) are kept to within this; at one second, a record waited up to
-/// `max_age` + 1 s (the latency run of benches/suite.sh measured p90 2.1 s at `max_age = "1s"`).
+/// sink's `flush_interval`) are overshot by at most this (at one second, by up to a second).
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Runs blocking destination I/O without stalling other tasks of a multi-threaded runtime.
