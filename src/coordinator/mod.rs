@@ -62,6 +62,11 @@ pub struct HeartbeatRequest {
     pub shards: Vec<ShardReport>,
     /// Records (positions) per second over the last heartbeat interval, all shards together.
     pub rate: f64,
+    /// The worker got SIGTERM and is draining to leave: no shard is granted to it any more
+    /// (otherwise a shard freed by another leaver could land on it between its signal and its
+    /// leave, and be drained twice).
+    #[serde(default)]
+    pub leaving: bool,
     /// How busy it was: what the autoscaler measures a replica's capacity from.
     #[serde(flatten)]
     pub load: Load,

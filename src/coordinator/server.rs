@@ -76,6 +76,8 @@ struct WorkerState {
     applied: u64,
     rate: f64,
     load: Load,
+    /// Draining to leave: keeps what it holds until it leaves, is granted nothing.
+    leaving: bool,
 }
 
 /// The coordinator's state machine, without any I/O (the HTTP handlers and the timer drive it).
@@ -240,6 +242,7 @@ impl Core {
                     applied: 0,
                     rate: 0.0,
                     load: Load::default(),
+                    leaving: false,
                 },
             );
             for g in &req.held {
@@ -252,6 +255,10 @@ impl Core {
             w.applied = w.applied.max(req.applied_version);
             w.rate = req.rate;
             w.load = req.load;
+            if req.leaving && !w.leaving {
+                tracing::info!(worker = %id, "worker is draining to leave: nothing more is granted to it");
+            }
+            w.leaving |= req.leaving;
         }
         let applied = self.workers[&id].applied;
         // Shards moved away are released once the owner applied the assignment without them.
@@ -354,7 +361,9 @@ impl Core {
         if now.duration_since(self.started) < lease || !self.listed_once {
             return;
         }
-        let mut workers: Vec<String> = self.workers.keys().cloned().collect();
+        // A worker draining to leave gets nothing; what it holds moves once it has left.
+        let mut workers: Vec<String> =
+            self.workers.iter().filter(|(_, w)| !w.leaving).map(|(k, _)| k.clone()).collect();
         workers.sort();
         let eligible: Vec<String> =
             self.shards.iter().filter(|(_, s)| s.listed && !s.finished).map(|(k, _)| k.clone()).collect();
@@ -868,6 +877,40 @@ mod tests {
         for g in &b.assignment {
             assert!(g.epoch > old[&g.key()], "the new owner's epoch is newer");
         }
+    }
+
+    /// Three workers get SIGTERM at once (the process scaler stops several): a's leave frees its
+    /// shards while b and c still drain; they must go to d, never to b or c.
+    #[test]
+    fn shards_freed_by_a_leaver_go_only_to_workers_that_are_not_draining() {
+        let t0 = Instant::now();
+        let mut c = Core::new(T, t0);
+        c.set_shards((0..8).map(shard).collect(), t0);
+        let t1 = t0 + Duration::from_secs(11);
+        let mut held: HashMap<&str, HeartbeatResponse> = HashMap::new();
+        for _ in 0..3 {
+            for w in ["a", "b", "c", "d"] {
+                let prev = held.get(w).map_or((0, Vec::new()), |r| (r.version, r.assignment.clone()));
+                held.insert(w, c.heartbeat(&hb(w, prev.0, &prev.1), t1));
+            }
+        }
+        assert!(held.values().all(|r| r.assignment.len() == 2), "balanced first: {held:?}");
+        for w in ["a", "b", "c"] {
+            let r = &held[w];
+            let req = HeartbeatRequest { leaving: true, ..hb(w, r.version, &r.assignment) };
+            c.heartbeat(&req, t1);
+        }
+        assert!(c.leave("a", t1));
+        let d = c.heartbeat(&hb("d", held["d"].version, &held["d"].assignment), t1);
+        for w in ["b", "c"] {
+            let r = &held[w];
+            let again = c.heartbeat(&HeartbeatRequest { leaving: true, ..hb(w, r.version, &r.assignment) }, t1);
+            assert!(again.assignment.len() <= 2, "{w} is granted nothing new: {again:?}");
+            for g in &again.assignment {
+                assert!(r.assignment.iter().any(|h| h.key() == g.key()), "{w} got {g:?} while draining");
+            }
+        }
+        assert_eq!(d.assignment.len(), 4, "d has its own two and a's two: {d:?}");
     }
 
     #[test]

@@ -46,6 +46,8 @@ struct Report {
     last_busy: Option<(f64, u64, Instant)>,
     /// CPUs the worker may use.
     cpus: f64,
+    /// SIGTERM came: draining to leave.
+    leaving: bool,
 }
 
 /// The CPUs this process sees (cgroup CPU limits included).
@@ -94,6 +96,7 @@ impl Report {
             finished: self.finished.clone(),
             shards,
             rate,
+            leaving: self.leaving,
         }
     }
 }
@@ -199,6 +202,8 @@ pub async fn run(loaded: LoadedPipeline, opts: WorkerOptions) -> Result<()> {
                     tracing::info!(worker = %worker_id, "stopping: draining the shards before leaving");
                     leaving = true;
                     gen_stop.cancel();
+                    report.lock().unwrap_or_else(|e| e.into_inner()).leaving = true;
+                    beat_now.notify_one();
                 }
                 c = latest.changed(), if !stopping => {
                     if c.is_err() { gen_stop.cancel(); stopping = true; continue; }
