@@ -10,12 +10,24 @@
 "order-<id>" and a header "source: test", record i to partition i % N. With --bad-every K every
 K-th record is bad, alternating broken JSON and a wrong-typed amount. --manifest writes what was
 produced: {"good": {id: amount_cents}, "bad": [ids], "count": C}.
+
+`--format avro` writes the same orders as Avro binary bodies (fastavro, schema ORDER_V1, amount a
+decimal(12,2)); `--format confluent` in the Confluent wire format (magic 0, 4-byte big-endian
+schema id, body), every third record with the evolved writer schema ORDER_V2 (id 2, an extra
+field) and the rest with ORDER_V1 (id 1). Bad Avro records alternate a truncated body and, for
+`confluent`, a schema id (99) no registry has or a wrong magic byte. --schemas-out writes
+{"reader": ORDER_V1, "ids": {"1": ..., "2": ...}} for the test's reader schema file and registry.
 """
 
 import argparse
+import decimal
+import io
 import json
+import struct
 import sys
 import time
+
+import fastavro
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -48,7 +60,43 @@ def create(a):
     sys.exit(f"topic {a.topic} did not appear with {a.partitions} partitions")
 
 
-def record(i, bad_every):
+ORDER_V1 = {
+    "type": "record", "name": "Order", "namespace": "sluice.test",
+    "fields": [
+        {"name": "order_id", "type": "long"},
+        {"name": "customer", "type": "string"},
+        {"name": "amount", "type": {"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 2}},
+        {"name": "status", "type": ["null", "string"], "default": None},
+    ],
+}
+ORDER_V2 = dict(ORDER_V1, fields=ORDER_V1["fields"] + [{"name": "coupon", "type": "string", "default": ""}])
+PARSED = {1: fastavro.parse_schema(ORDER_V1), 2: fastavro.parse_schema(ORDER_V2)}
+
+
+def avro_record(i, bad_every, framing):
+    """(value bytes, good amount in cents or None), Avro-encoded."""
+    cents = (i * 7919) % 100000 + 1
+    schema_id = 2 if framing == "confluent" and i % 3 == 0 else 1
+    value = {"order_id": i, "customer": "Zoë ünïcode" if i % 11 == 0 else f"c{i % 97}",
+             "amount": decimal.Decimal(cents).scaleb(-2), "status": STATUSES[i % len(STATUSES)],
+             "coupon": f"SAVE{i % 5}"}
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, PARSED[schema_id], value)
+    body = buf.getvalue()
+    header = b"\x00" + struct.pack(">I", schema_id) if framing == "confluent" else b""
+    if bad_every and i % bad_every == 0:
+        kind = (i // bad_every) % 3 if framing == "confluent" else 0
+        if kind == 0:
+            return header + body[:3], None
+        if kind == 1:
+            return b"\x00" + struct.pack(">I", 99) + body, None
+        return b"\x07" + header[1:] + body, None
+    return header + body, cents
+
+
+def record(i, bad_every, fmt="json"):
+    if fmt != "json":
+        return avro_record(i, bad_every, fmt)
     """(value bytes, good amount in cents or None)."""
     cents = (i * 7919) % 100000 + 1
     status = STATUSES[i % len(STATUSES)]
@@ -81,7 +129,7 @@ def produce(a):
     last = a.start + a.count - 1
     good, bad = {}, []
     for i in range(a.start, a.start + a.count):
-        value, cents = record(i, a.bad_every)
+        value, cents = record(i, a.bad_every, a.format)
         if cents is None:
             bad.append(i)
         else:
@@ -108,6 +156,10 @@ def produce(a):
     if a.manifest:
         with open(a.manifest, "w") as f:
             json.dump({"good": good, "bad": bad, "count": a.count}, f)
+    if a.schemas_out:
+        with open(a.schemas_out, "w") as f:
+            json.dump({"reader": json.dumps(ORDER_V1),
+                       "ids": {"1": json.dumps(ORDER_V1), "2": json.dumps(ORDER_V2)}}, f)
     print(json.dumps({"produced": a.count, "bad": len(bad)}))
 
 
@@ -171,6 +223,8 @@ def main():
             s.add_argument("--start", type=int, default=1)
             s.add_argument("--bad-every", type=int, default=0)
             s.add_argument("--manifest")
+            s.add_argument("--format", choices=["json", "avro", "confluent"], default="json")
+            s.add_argument("--schemas-out")
         if name == "read":
             s.add_argument("--timeout", type=float, default=120)
             s.add_argument("--expect", type=int, required=True)

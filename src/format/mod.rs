@@ -4,6 +4,7 @@
 //! decoded in one call (the fast path); only when that fails is the chunk bisected to find the bad
 //! records, which are returned with their error while every good record is still decoded in bulk.
 
+pub mod avro;
 pub mod csv;
 pub mod json;
 
@@ -45,11 +46,29 @@ impl LineChunk {
     /// Appends one record with its key.
     pub fn push_keyed(&mut self, record: &[u8], position: u64, key: Option<&[u8]>) {
         self.push(record, position);
+        self.push_key(key);
+    }
+
+    /// The key of the record pushed last.
+    fn push_key(&mut self, key: Option<&[u8]>) {
         self.key_spans.resize(self.positions.len() - 1, None);
         self.key_spans.push(key.map(|k| {
             self.key_buf.extend_from_slice(k);
             (self.key_buf.len() - k.len(), self.key_buf.len())
         }));
+    }
+
+    /// Appends one binary record as it is (no line terminator: see [`record_raw`](Self::record_raw)).
+    pub fn push_keyed_raw(&mut self, record: &[u8], position: u64, key: Option<&[u8]>) {
+        self.buf.extend_from_slice(record);
+        self.starts.push(self.buf.len());
+        self.positions.push(position);
+        self.push_key(key);
+    }
+
+    /// The bytes of record `i` exactly as pushed with [`push_keyed_raw`](Self::push_keyed_raw).
+    pub fn record_raw(&self, i: usize) -> &[u8] {
+        self.slice(i..i + 1)
     }
 
     /// The key of record `i`, when it has one.

@@ -2,6 +2,7 @@
 //! readers. One test binary (modules below) so the whole tree links once.
 
 mod autoscale;
+mod avro;
 mod cli;
 mod common;
 mod coordinator;
