@@ -34,7 +34,8 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext, Statistics};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
-use tokio::sync::{mpsc, OnceCell};
+use tokio::sync::{mpsc, watch, OnceCell};
+use tokio_util::sync::CancellationToken;
 
 use super::file::{NoOptions, SchemaSpec};
 use super::{Produced, ShardContext, Source};
@@ -42,6 +43,7 @@ use crate::batch::{PositionCommitter, ShardInfo, ShardKind};
 use crate::config::types::schema_from_columns;
 use crate::config::HumanDuration;
 use crate::dead_letter::{BadRecord, Stage};
+use crate::format::avro::{AvroDecoder, AvroOptions};
 use crate::format::csv::{CsvDecoder, CsvOptions};
 use crate::format::json::JsonDecoder;
 use crate::format::{decode_chunk, ChunkDecoder, LineChunk};
@@ -105,6 +107,9 @@ pub enum Assignment {
     /// coordinator hands out.
     #[default]
     Assign,
+    /// Kafka's consumer group with the cooperative-sticky assignor: several `sluice run`
+    /// processes with the same `group_id` share the partitions, without a coordinator.
+    Group,
 }
 
 /// `start = "earliest" | "latest" | "<RFC 3339 time>"`.
@@ -155,7 +160,7 @@ impl fmt::Display for StartAt {
     }
 }
 
-/// `format = { type = "json" | "csv" | "string" | "bytes" }`.
+/// `format = { type = "json" | "csv" | "avro" | "string" | "bytes" }`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum KafkaFormat {
@@ -163,6 +168,9 @@ pub enum KafkaFormat {
     Json(NoOptions),
     /// One CSV record per message.
     Csv(CsvOptions),
+    /// One Avro record per message: a plain binary body, or the Confluent wire format with a
+    /// schema registry.
+    Avro(AvroOptions),
     /// The value as one UTF-8 text column `value`.
     String(NoOptions),
     /// The value as one binary column `value`.
@@ -214,7 +222,9 @@ pub struct KafkaSource {
     connection: Connection,
     client_config: ClientConfig,
     format: KafkaFormat,
+    assignment: Assignment,
     decoder: Option<Arc<dyn ChunkDecoder>>,
+    avro: Option<Arc<AvroDecoder>>,
     schema: SchemaRef,
     metadata: Vec<MetadataField>,
     max_wait: Duration,
@@ -259,8 +269,21 @@ impl KafkaSource {
                 return Err(("metadata", format!("`{m:?}` is listed twice")));
             }
         }
-        let key_binary = matches!(config.format, KafkaFormat::Bytes(_));
+        let key_binary = matches!(config.format, KafkaFormat::Bytes(_) | KafkaFormat::Avro(_));
+        let mut avro = None;
         let (payload, decoder): (SchemaRef, Option<Arc<dyn ChunkDecoder>>) = match (&config.format, &config.schema) {
+            (KafkaFormat::Avro(_), Some(_)) => {
+                return Err((
+                    "schema",
+                    "Avro values take their columns from `format.schema_file` (the reader schema); remove [sources.ID.schema]".into(),
+                ))
+            }
+            (KafkaFormat::Avro(o), None) => {
+                let d = Arc::new(AvroDecoder::new(o, None)?);
+                let s = d.schema();
+                avro = Some(d);
+                (s, None)
+            }
             (KafkaFormat::String(_) | KafkaFormat::Bytes(_), Some(_)) => {
                 return Err(("schema", "`string` and `bytes` values are one column `value`; remove `schema`".into()))
             }
@@ -303,6 +326,12 @@ impl KafkaSource {
             }
             fields.push(f);
         }
+        if config.assignment == Assignment::Group && config.partitions.is_some() {
+            return Err((
+                "partitions",
+                "with assignment = \"group\" the consumer group assigns the partitions; remove `partitions`".into(),
+            ));
+        }
         if let Some(p) = &config.partitions {
             if p.is_empty() || p.iter().any(|p| *p < 0) {
                 return Err(("partitions", "list partition numbers (0, 1, ...), or leave it out for all".into()));
@@ -316,7 +345,9 @@ impl KafkaSource {
             connection,
             client_config,
             format: config.format.clone(),
+            assignment: config.assignment,
             decoder,
+            avro,
             schema: Arc::new(Schema::new(fields)),
             metadata: config.metadata.clone(),
             max_wait: config.max_wait.map_or(DEFAULT_MAX_WAIT, |d| d.0),
@@ -341,8 +372,9 @@ impl KafkaSource {
         let source = self.id.clone();
         let committer = self.committer.clone();
         let interval = self.commit_interval;
+        let group = self.assignment == Assignment::Group;
         let result = tokio::task::spawn_blocking(move || {
-            Session::open(&source, client_config, &topics, only.as_deref(), start, committer, interval)
+            Session::open(&source, client_config, &topics, only.as_deref(), start, committer, interval, group)
         })
         .await
         .map_err(|e| self.error(e.to_string()))?;
@@ -359,7 +391,7 @@ impl KafkaSource {
             (self.client_config.clone(), self.topics.clone(), self.partitions.clone(), self.id.clone());
         let result = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32, i64)>, String> {
             let consumer: BaseConsumer<SourceContext> = config
-                .create_with_context(SourceContext { source: source.clone() })
+                .create_with_context(SourceContext { source: source.clone(), group: None })
                 .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
             let parts = resolve_partitions(&source, &consumer, &topics, only.as_deref(), to, false)?;
             let mut tpl = TopicPartitionList::new();
@@ -382,7 +414,7 @@ impl KafkaSource {
         }
         let c: BaseConsumer<SourceContext> = self
             .client_config
-            .create_with_context(SourceContext { source: self.id.clone() })
+            .create_with_context(SourceContext { source: self.id.clone(), group: None })
             .map_err(|e| self.error(format!("cannot create the Kafka consumer: {e}")))?;
         Ok(self.probe.get_or_init(|| Arc::new(c)).clone())
     }
@@ -405,13 +437,18 @@ impl KafkaSource {
         meta: &ChunkMeta,
         mut bad: Vec<BadRecord>,
     ) -> Result<(RecordBatch, Vec<u64>, Vec<BadRecord>)> {
-        let (payload, positions) = match &self.decoder {
-            Some(d) => {
+        let (payload, positions) = match (&self.avro, &self.decoder) {
+            (Some(d), _) => {
+                let decoded = d.decode_chunk(chunk).map_err(|e| self.error(e))?;
+                bad.extend(decoded.bad);
+                (decoded.batch, decoded.positions)
+            }
+            (None, Some(d)) => {
                 let decoded = decode_chunk(d.as_ref(), chunk).map_err(|e| self.error(e.to_string()))?;
                 bad.extend(decoded.bad);
                 (decoded.batch, decoded.positions)
             }
-            None => {
+            (None, None) => {
                 let mut positions = Vec::with_capacity(chunk.len());
                 let col: ArrayRef = match self.format {
                     KafkaFormat::Bytes(_) => {
@@ -459,7 +496,7 @@ impl KafkaSource {
             .map(|p| chunk.positions.binary_search(p).expect("every decoded position comes from the chunk"))
             .collect();
         let mut columns = payload.columns().to_vec();
-        let key_binary = matches!(self.format, KafkaFormat::Bytes(_));
+        let key_binary = matches!(self.format, KafkaFormat::Bytes(_) | KafkaFormat::Avro(_));
         for m in &self.metadata {
             columns.push(meta.column(*m, &rows, chunk, key_binary));
         }
@@ -614,6 +651,9 @@ impl Source for KafkaSource {
             return Err(self.error(format!("shard {} is not a Kafka partition", ctx.shard.id)));
         };
         let (topic, partition) = (topic.clone(), *partition);
+        if let Some(group) = &session.group {
+            return self.read_group_partition(&ctx, group, topic, partition).await;
+        }
         let Some(range) = session.partitions.iter().find(|p| p.topic == topic && p.partition == partition).cloned()
         else {
             return Err(self.error(format!("partition {topic}/{partition} was not assigned to this worker")));
@@ -623,12 +663,90 @@ impl Source for KafkaSource {
             tracing::debug!(source = %self.id, topic, partition, "nothing to read up to the end offset");
             return Ok(());
         }
+        self.read_from(&ctx, topic, partition, range.start, end, ctx.cancel.clone()).await
+    }
+}
+
+impl KafkaSource {
+    /// `assignment = "group"`: reads the partition whenever the group gives it to this member,
+    /// from the group's committed offset, until the group takes it away (then waits for it again)
+    /// or the run stops.
+    async fn read_group_partition(
+        &self,
+        ctx: &ShardContext,
+        group: &Arc<GroupState>,
+        topic: String,
+        partition: i32,
+    ) -> Result<()> {
+        if ctx.bounded {
+            return Err(self.error(
+                "`sluice run --bounded` reads every partition to its end, which assignment = \"group\" cannot promise (the group moves partitions); use assignment = \"assign\" for bounded runs",
+            ));
+        }
+        if crate::fence::active() {
+            return Err(self.error(
+                "assignment = \"group\" cannot run under the coordinator, which assigns the partitions itself; use assignment = \"assign\"",
+            ));
+        }
+        let key = (topic.clone(), partition);
+        group.progress.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), ctx.progress.clone());
+        let mut changes = group.changed.subscribe();
+        loop {
+            let revoked = loop {
+                if let Some(t) = group.reading.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+                    break t.clone();
+                }
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return Ok(()) },
+                    _ = ctx.cancel.cancelled() => return Ok(()),
+                }
+            };
+            // From the group's committed offset: the previous owner committed before it let go.
+            let probe = self.probe()?;
+            let (source, t, start) = (self.id.clone(), topic.clone(), self.start);
+            let begin = tokio::task::spawn_blocking(move || {
+                resolve_partitions(&source, &probe, &[t], Some(&[partition]), start, true)
+            })
+            .await
+            .map_err(|e| self.error(e.to_string()))?
+            .map_err(|m| self.error(m))?
+            .first()
+            .map_or(0, |p| p.start);
+            tracing::info!(source = %self.id, topic, partition, from = begin, "reading a partition the group assigned");
+            let stop = CancellationToken::new();
+            let (s, c, r) = (stop.clone(), ctx.cancel.clone(), revoked.clone());
+            let relay = tokio::spawn(async move {
+                tokio::select! {
+                    _ = c.cancelled() => {}
+                    _ = r.cancelled() => {}
+                }
+                s.cancel();
+            });
+            let result = self.read_from(ctx, topic.clone(), partition, begin, None, stop).await;
+            relay.abort();
+            result?;
+            if ctx.cancel.is_cancelled() {
+                return Ok(());
+            }
+            tracing::info!(source = %self.id, topic, partition, "the group took the partition away: stopped reading it");
+        }
+    }
+
+    /// Reads `topic/partition` from `start` (to `end`, when bounded) until `cancel`.
+    async fn read_from(
+        &self,
+        ctx: &ShardContext,
+        topic: String,
+        partition: i32,
+        start: i64,
+        end: Option<i64>,
+        cancel: CancellationToken,
+    ) -> Result<()> {
         let consumer = {
             let (config, source, topic) = (self.client_config.clone(), self.id.clone(), topic.clone());
-            let start = range.start;
             tokio::task::spawn_blocking(move || -> Result<BaseConsumer<SourceContext>, String> {
                 let c: BaseConsumer<SourceContext> = config
-                    .create_with_context(SourceContext { source })
+                    .create_with_context(SourceContext { source, group: None })
                     .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition_offset(&topic, partition, Offset::Offset(start)).map_err(|e| e.to_string())?;
@@ -647,11 +765,13 @@ impl Source for KafkaSource {
         let pauses = metrics::counter!(names::KAFKA_PAUSES_TOTAL, &labels);
 
         let (tx, mut rx) = mpsc::channel::<Result<(LineChunk, ChunkMeta, Vec<BadRecord>)>>(1);
-        let cancel = ctx.cancel.clone();
+        let stop = cancel.clone();
         let batch_size = ctx.batch_size.max(1);
         let max_wait = self.max_wait;
         let want_headers = self.metadata.contains(&MetadataField::Headers);
-        let key_utf8 = self.metadata.contains(&MetadataField::Key) && !matches!(self.format, KafkaFormat::Bytes(_));
+        let key_utf8 = self.metadata.contains(&MetadataField::Key)
+            && !matches!(self.format, KafkaFormat::Bytes(_) | KafkaFormat::Avro(_));
+        let raw_values = self.avro.is_some();
         let reader_consumer = consumer.clone();
         let (topic_r, component) = (topic.clone(), self.id.clone());
         let reader = tokio::task::spawn_blocking(move || {
@@ -736,7 +856,11 @@ impl Source for KafkaSource {
                                     key: key.map(<[u8]>::to_vec),
                                 });
                             } else {
-                                chunk.push_keyed(payload.unwrap_or_default(), position, key);
+                                if raw_values {
+                                    chunk.push_keyed_raw(payload.unwrap_or_default(), position, key);
+                                } else {
+                                    chunk.push_keyed(payload.unwrap_or_default(), position, key);
+                                }
                                 meta.timestamps.push(ts);
                                 let from = meta.headers.len();
                                 if want_headers {
@@ -775,7 +899,7 @@ impl Source for KafkaSource {
         loop {
             let item = tokio::select! {
                 item = rx.recv() => item,
-                _ = ctx.cancel.cancelled() => break,
+                _ = stop.cancelled() => break,
             };
             let (chunk, meta, bad) = match item {
                 Some(Ok(x)) => x,
@@ -789,6 +913,12 @@ impl Source for KafkaSource {
             let last = chunk.positions.last().copied().into_iter().chain(bad.iter().filter_map(|b| b.position)).max();
             let (Some(first), Some(last)) = (first, last) else { continue };
             let raw_bytes = chunk.buf.len();
+            if let Some(avro) = &self.avro {
+                if let Err(e) = avro.prepare(&chunk).await {
+                    result = Err(self.error(e));
+                    break;
+                }
+            }
             let (data, positions, mut bad) = match self.decode(&chunk, &meta, bad) {
                 Ok(x) => x,
                 Err(e) => {
@@ -843,6 +973,8 @@ struct PartitionRange {
 /// The connected consumer of one source.
 struct Session {
     partitions: Vec<PartitionRange>,
+    /// `assignment = "group"`: what the group gives this member.
+    group: Option<Arc<GroupState>>,
     stop: Arc<AtomicBool>,
     poller: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -865,16 +997,29 @@ impl Session {
         start: StartAt,
         committer: Arc<KafkaCommitter>,
         commit_interval: Duration,
+        group: bool,
     ) -> Result<Session, String> {
-        let context = SourceContext { source: source.to_string() };
+        let group = group.then(|| Arc::new(GroupState::new(source, committer.clone())));
+        let mut client_config = client_config;
+        if group.is_some() {
+            client_config.set("partition.assignment.strategy", "cooperative-sticky");
+        }
+        let context = SourceContext { source: source.to_string(), group: group.clone() };
         let consumer: BaseConsumer<SourceContext> =
             client_config.create_with_context(context).map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
         let consumer = Arc::new(consumer);
         let partitions = resolve_partitions(source, &consumer, topics, only, start, true)?;
         committer.attach(consumer.clone());
+        if let Some(g) = &group {
+            committer.gate(g.committable.clone());
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&names).map_err(|e| format!("cannot join consumer group for {names:?}: {e}"))?;
+            tracing::info!(source, topics = ?names, "joined the consumer group (cooperative-sticky)");
+        }
         let stop = Arc::new(AtomicBool::new(false));
         // This consumer reads nothing: it commits the group's offsets, and is polled for the
-        // commit results.
+        // commit results (and, as a group member, for rebalances; the partitions it is given are
+        // paused at once and read by per-partition consumers).
         let poller = {
             let (consumer, stop, committer) = (consumer.clone(), stop.clone(), committer.clone());
             let source = source.to_string();
@@ -883,8 +1028,9 @@ impl Session {
                 .spawn(move || {
                     let mut last_commit = Instant::now();
                     while !stop.load(Ordering::SeqCst) {
-                        if let Some(Err(e)) = consumer.poll(POLL_SLICE) {
-                            tracing::warn!(source = %source, "Kafka client: {e}");
+                        match consumer.poll(POLL_SLICE) {
+                            Some(Err(KafkaError::PartitionEOF(_))) | Some(Ok(_)) | None => {}
+                            Some(Err(e)) => tracing::warn!(source = %source, "Kafka client: {e}"),
                         }
                         if last_commit.elapsed() >= commit_interval {
                             if let Err(e) = committer.commit_pending(CommitMode::Async) {
@@ -896,7 +1042,7 @@ impl Session {
                 })
                 .map_err(|e| format!("cannot start the Kafka poll thread: {e}"))?
         };
-        Ok(Session { partitions, stop, poller: Mutex::new(Some(poller)) })
+        Ok(Session { partitions, group, stop, poller: Mutex::new(Some(poller)) })
     }
 }
 
@@ -982,9 +1128,118 @@ fn resolve_partitions(
     Ok(partitions)
 }
 
+/// Longest a revoked partition waits for its records in flight to become durable (and be
+/// committed) before the group may give it to another member; past it, the new owner reads them
+/// again (at-least-once).
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the consumer group (`assignment = "group"`) gives this member, shared between the
+/// member's rebalance callbacks and the per-partition readers.
+pub struct GroupState {
+    source: String,
+    /// Partitions to read now, each with the token its revocation cancels.
+    reading: Mutex<std::collections::HashMap<(String, i32), CancellationToken>>,
+    /// Partitions whose offsets may be committed: those read, and those being revoked until
+    /// their last commit.
+    committable: Arc<Mutex<std::collections::HashSet<(String, i32)>>>,
+    /// Each partition's acknowledgement tracker (records in flight).
+    progress: Mutex<std::collections::HashMap<(String, i32), Arc<crate::batch::ShardProgress>>>,
+    /// Bumped on every assignment change.
+    changed: watch::Sender<u64>,
+    committer: Arc<KafkaCommitter>,
+}
+
+impl GroupState {
+    fn new(source: &str, committer: Arc<KafkaCommitter>) -> Self {
+        GroupState {
+            source: source.to_string(),
+            reading: Mutex::default(),
+            committable: Arc::default(),
+            progress: Mutex::default(),
+            changed: watch::channel(0).0,
+            committer,
+        }
+    }
+
+    fn keys(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+        tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect()
+    }
+
+    fn owned(&self) -> usize {
+        self.reading.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// After the group assigned `tpl`: the member itself fetches nothing (paused); the readers
+    /// start.
+    fn assigned(&self, consumer: &BaseConsumer<SourceContext>, tpl: &TopicPartitionList) {
+        if let Err(e) = consumer.pause(tpl) {
+            tracing::warn!(source = %self.source, "pausing the group member's own fetch failed: {e}");
+        }
+        let keys = Self::keys(tpl);
+        {
+            let mut reading = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+            let mut committable = self.committable.lock().unwrap_or_else(|e| e.into_inner());
+            for k in &keys {
+                committable.insert(k.clone());
+                reading.entry(k.clone()).or_insert_with(CancellationToken::new);
+            }
+        }
+        metrics::counter!(names::KAFKA_REBALANCES_TOTAL, "component" => self.source.clone(), "kind" => "assign")
+            .increment(1);
+        metrics::gauge!(names::KAFKA_GROUP_PARTITIONS, "component" => self.source.clone()).set(self.owned() as f64);
+        tracing::info!(source = %self.source, partitions = ?keys, owned = self.owned(), "the group assigned partitions");
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Before the group takes `tpl` away: stop reading them, wait (up to [`REVOKE_TIMEOUT`]) for
+    /// their records in flight to become durable, commit, and only then let go.
+    fn revoking(&self, tpl: &TopicPartitionList) {
+        let keys = Self::keys(tpl);
+        if keys.is_empty() {
+            return;
+        }
+        {
+            let mut reading = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+            for k in &keys {
+                if let Some(t) = reading.remove(k) {
+                    t.cancel();
+                }
+            }
+        }
+        self.changed.send_modify(|v| *v += 1);
+        let started = Instant::now();
+        let busy = || {
+            let progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            keys.iter().filter(|k| progress.get(*k).is_some_and(|p| p.in_flight() > 0)).count()
+        };
+        while busy() > 0 && started.elapsed() < REVOKE_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left = busy();
+        if left > 0 {
+            tracing::warn!(source = %self.source, partitions = left, "revoked partitions still had records in flight after {REVOKE_TIMEOUT:?}: their new owner reads them again");
+        }
+        if let Err(e) = self.committer.commit_pending(CommitMode::Sync) {
+            tracing::warn!(source = %self.source, "committing the offsets of revoked partitions failed (their new owner reads from the last commit): {e}");
+        }
+        {
+            let mut committable = self.committable.lock().unwrap_or_else(|e| e.into_inner());
+            for k in &keys {
+                committable.remove(k);
+            }
+        }
+        metrics::counter!(names::KAFKA_REBALANCES_TOTAL, "component" => self.source.clone(), "kind" => "revoke")
+            .increment(1);
+        metrics::gauge!(names::KAFKA_GROUP_PARTITIONS, "component" => self.source.clone()).set(self.owned() as f64);
+        tracing::info!(source = %self.source, partitions = ?keys, drained_ms = started.elapsed().as_millis() as u64, "gave partitions back to the group");
+    }
+}
+
 /// Client callbacks: librdkafka errors, commit results and statistics into logs and metrics.
 pub struct SourceContext {
     source: String,
+    /// Set on the group member of `assignment = "group"`.
+    group: Option<Arc<GroupState>>,
 }
 
 impl ClientContext for SourceContext {
@@ -1014,6 +1269,22 @@ impl ClientContext for SourceContext {
 }
 
 impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+        if let (Some(g), rdkafka::consumer::Rebalance::Revoke(tpl)) = (&self.group, rebalance) {
+            g.revoking(tpl);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+        match (&self.group, rebalance) {
+            (Some(g), rdkafka::consumer::Rebalance::Assign(tpl)) => g.assigned(consumer, tpl),
+            (Some(_), rdkafka::consumer::Rebalance::Error(e)) => {
+                tracing::warn!(source = %self.source, "consumer group rebalance failed: {e}")
+            }
+            _ => {}
+        }
+    }
+
     fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
         match result {
             Ok(()) => {
@@ -1047,6 +1318,9 @@ pub struct KafkaCommitter {
     /// asynchronous commit of an older offset could otherwise reach the broker after `flush`'s
     /// synchronous one and move the group's position back (records read again on the next run).
     sent: Mutex<IndexMap<(String, i32), i64>>,
+    /// `assignment = "group"`: only these partitions' offsets are committed (a partition the group
+    /// gave to another member is that member's to commit).
+    gate: std::sync::OnceLock<Arc<Mutex<std::collections::HashSet<(String, i32)>>>>,
 }
 
 impl KafkaCommitter {
@@ -1056,11 +1330,16 @@ impl KafkaCommitter {
             consumer: std::sync::OnceLock::new(),
             pending: Mutex::new(IndexMap::new()),
             sent: Mutex::new(IndexMap::new()),
+            gate: std::sync::OnceLock::new(),
         }
     }
 
     fn attach(&self, consumer: Arc<BaseConsumer<SourceContext>>) {
         let _ = self.consumer.set(consumer);
+    }
+
+    fn gate(&self, committable: Arc<Mutex<std::collections::HashSet<(String, i32)>>>) {
+        let _ = self.gate.set(committable);
     }
 
     /// Commits what is pending; returns the error of a synchronous commit.
@@ -1087,6 +1366,14 @@ impl KafkaCommitter {
                     tracing::warn!(source = %self.source, "not committing offset {o} of {t}/{p}: fenced: {why}");
                     false
                 }
+            })
+            .filter(|((t, p), o)| {
+                let Some(gate) = self.gate.get() else { return true };
+                let ok = gate.lock().unwrap_or_else(|e| e.into_inner()).contains(&(t.clone(), *p));
+                if !ok {
+                    tracing::warn!(source = %self.source, "not committing offset {o} of {t}/{p}: the group gave the partition to another member");
+                }
+                ok
             })
             .collect();
         if batch.is_empty() {

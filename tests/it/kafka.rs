@@ -47,24 +47,41 @@ pub(crate) fn produce(
     bad_every: usize,
     dir: &Path,
 ) -> Manifest {
+    produce_with(topic, partitions, count, start, bad_every, dir, &[])
+}
+
+/// [`produce`] with more arguments of `kafka_tool.py produce` (`--format avro`, ...).
+pub(crate) fn produce_with(
+    topic: &str,
+    partitions: usize,
+    count: usize,
+    start: usize,
+    bad_every: usize,
+    dir: &Path,
+    extra: &[&str],
+) -> Manifest {
     let manifest = dir.join(format!("manifest-{start}.json"));
-    tool(&[
+    let (b, p, c, s, e) =
+        (brokers(), partitions.to_string(), count.to_string(), start.to_string(), bad_every.to_string());
+    let mut args = vec![
         "produce",
         "--brokers",
-        &brokers(),
+        &b,
         "--topic",
         topic,
         "--partitions",
-        &partitions.to_string(),
+        &p,
         "--count",
-        &count.to_string(),
+        &c,
         "--start",
-        &start.to_string(),
+        &s,
         "--bad-every",
-        &bad_every.to_string(),
+        &e,
         "--manifest",
         manifest.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    tool(&args);
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
     Manifest {
         good: v["good"].as_object().unwrap().iter().map(|(k, c)| (k.parse().unwrap(), c.as_i64().unwrap())).collect(),
@@ -432,6 +449,39 @@ inputs = ["k"]
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("schema") && err.contains("need a schema"), "{err}");
 
+    // Avro: a reader schema that is not there; a `schema` table beside it; group with partitions.
+    let base = "[pipeline]\nname = \"v\"\n\n[sinks.out]\ntype = \"blackhole\"\ninputs = [\"k\"]\n\n[sources.k]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:1\"\ntopics = [\"t\"]\n";
+    let avsc = dir.path().join("o.avsc");
+    std::fs::write(&avsc, r#"{"type":"record","name":"O","fields":[{"name":"a","type":"long"}]}"#).unwrap();
+    let cases = [
+        (
+            "format = { type = \"avro\", schema_file = \"/nonexistent/o.avsc\" }\n".to_string(),
+            "cannot read the Avro schema `/nonexistent/o.avsc`",
+        ),
+        (
+            format!(
+                "format = {{ type = \"avro\", schema_file = \"{}\" }}\nschema = {{ a = \"bigint\" }}\n",
+                avsc.display()
+            ),
+            "take their columns from `format.schema_file`",
+        ),
+        (
+            "assignment = \"group\"\npartitions = [0]\nformat = { type = \"string\" }\n".to_string(),
+            "the consumer group assigns the partitions",
+        ),
+    ];
+    for (extra, want) in cases {
+        std::fs::write(&p, format!("{base}{extra}")).unwrap();
+        let out = sluice().arg("validate").arg(&p).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra}: {err}");
+        assert!(err.contains(want), "{extra}: {err}");
+    }
+    std::fs::write(&p, format!("{base}format = {{ type = \"avro\", schema_file = \"{}\" }}\n", avsc.display()))
+        .unwrap();
+    let out = sluice().arg("validate").arg(&p).output().unwrap();
+    assert!(out.status.success(), "a valid Avro source: {}", String::from_utf8_lossy(&out.stderr));
+
     // Unreachable brokers: a clear runtime error, exit 3, not a hang.
     std::fs::write(
         &p,
@@ -474,4 +524,93 @@ fn sigterm_mid_stream_commits_what_was_written_so_a_rerun_has_no_duplicates() {
     let expected = m.good.keys().filter(|id| *id % 4 != 2).count();
     assert_eq!(distinct.len(), expected, "nothing lost");
     assert_eq!(got.len(), expected, "no duplicates: everything read before the stop was committed");
+}
+
+/// Kills (SIGKILL) processes still running when a test fails.
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for pid in &self.0 {
+                let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            }
+        }
+    }
+}
+
+/// Runs `pipeline` unbounded with its log in `log`.
+fn spawn_logged(pipeline: &Path, log: &Path) -> std::process::Child {
+    let f = std::fs::File::create(log).unwrap();
+    sluice().args(["run", "--no-progress"]).arg(pipeline).env("RUST_LOG", "info").stderr(f).spawn().unwrap()
+}
+
+fn wait_for(what: &str, limit: Duration, context: &dyn Fn() -> String, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}:\n{}", context());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn stop(child: &mut std::process::Child, log: &Path) {
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert_eq!(exit.code(), Some(0), "a graceful stop exits 0:\n{}", std::fs::read_to_string(log).unwrap());
+}
+
+/// `assignment = "group"`: one run takes every partition; a second run with the same group joins,
+/// the cooperative-sticky assignor moves some partitions to it (the first run commits and lets
+/// go), and the records produced after the join are split between the two, none lost or doubled.
+#[test]
+fn group_assignment_shares_the_partitions_between_runs_and_hands_over_on_a_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = topic("grp");
+    create(&t, 6);
+    let group = format!("{t}-g");
+    let mut pipelines = Vec::new();
+    for w in ["a", "b"] {
+        let out = dir.path().join(w);
+        std::fs::create_dir_all(&out).unwrap();
+        let text = order_pipeline(&t, &group, &out, "rotate = { max_rows = 500, max_age = \"1s\" }")
+            .replace("format = { type = \"json\" }", "assignment = \"group\"\nformat = { type = \"json\" }");
+        let p = out.join("p.toml");
+        std::fs::write(&p, text).unwrap();
+        pipelines.push((p, out.join("log.txt"), out.join("lake")));
+    }
+    let (tr, gr) = (&t, &group);
+    let all_committed = |want: i64| {
+        move || {
+            let o = offsets(tr, gr);
+            o.values().all(|(c, end)| c == end) && o.values().map(|(_, e)| e).sum::<i64>() == want
+        }
+    };
+    let first = produce(&t, 6, 3000, 1, 0, dir.path());
+    let log = |i: usize| std::fs::read_to_string(&pipelines[i].1).unwrap_or_default();
+    let logs = || format!("first run:\n{}\nsecond run:\n{}", log(0), log(1));
+    let mut a = spawn_logged(&pipelines[0].0, &pipelines[0].1);
+    let _kill_a = KillOnDrop(vec![a.id()]);
+    wait_for("the first run to commit everything", Duration::from_secs(120), &logs, all_committed(3000));
+    let mut b = spawn_logged(&pipelines[1].0, &pipelines[1].1);
+    let _kill_b = KillOnDrop(vec![b.id()]);
+    wait_for("the second run to be given partitions", Duration::from_secs(120), &logs, || {
+        log(1).contains("the group assigned partitions")
+    });
+    assert!(log(0).contains("gave partitions back to the group"), "the first run let partitions go:\n{}", log(0));
+    let second = produce(&t, 6, 3000, 3001, 0, dir.path());
+    wait_for("both runs to commit everything", Duration::from_secs(120), &logs, all_committed(6000));
+    stop(&mut a, &pipelines[0].1);
+    stop(&mut b, &pipelines[1].1);
+
+    let (rows_a, rows_b) = (lake_rows(&pipelines[0].2), lake_rows(&pipelines[1].2));
+    let kept = |m: &Manifest| m.good.keys().filter(|id| *id % 4 != 2).copied().collect::<Vec<i64>>();
+    let mut expected: Vec<i64> = kept(&first).into_iter().chain(kept(&second)).collect();
+    expected.sort_unstable();
+    let mut got: Vec<i64> = rows_a.iter().chain(&rows_b).map(|(id, _, _)| *id).collect();
+    got.sort_unstable();
+    assert_eq!(got, expected, "every record once, across the two runs");
+    assert!(!rows_b.is_empty(), "the second run read some partitions");
+    assert!(rows_b.iter().all(|(id, _, _)| *id > 3000), "the second run joined after the first batch was committed");
+    assert!(rows_a.iter().any(|(id, _, _)| *id > 3000), "the first run kept some partitions");
 }
