@@ -989,6 +989,7 @@ impl Drop for Session {
 }
 
 impl Session {
+    #[allow(clippy::too_many_arguments)]
     fn open(
         source: &str,
         client_config: ClientConfig,
@@ -1133,6 +1134,9 @@ fn resolve_partitions(
 /// again (at-least-once).
 const REVOKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A set of (topic, partition), shared.
+type PartitionSet = Arc<Mutex<std::collections::HashSet<(String, i32)>>>;
+
 /// What the consumer group (`assignment = "group"`) gives this member, shared between the
 /// member's rebalance callbacks and the per-partition readers.
 pub struct GroupState {
@@ -1141,7 +1145,7 @@ pub struct GroupState {
     reading: Mutex<std::collections::HashMap<(String, i32), CancellationToken>>,
     /// Partitions whose offsets may be committed: those read, and those being revoked until
     /// their last commit.
-    committable: Arc<Mutex<std::collections::HashSet<(String, i32)>>>,
+    committable: PartitionSet,
     /// Each partition's acknowledgement tracker (records in flight).
     progress: Mutex<std::collections::HashMap<(String, i32), Arc<crate::batch::ShardProgress>>>,
     /// Bumped on every assignment change.
@@ -1181,7 +1185,7 @@ impl GroupState {
             let mut committable = self.committable.lock().unwrap_or_else(|e| e.into_inner());
             for k in &keys {
                 committable.insert(k.clone());
-                reading.entry(k.clone()).or_insert_with(CancellationToken::new);
+                reading.entry(k.clone()).or_default();
             }
         }
         metrics::counter!(names::KAFKA_REBALANCES_TOTAL, "component" => self.source.clone(), "kind" => "assign")
@@ -1320,7 +1324,7 @@ pub struct KafkaCommitter {
     sent: Mutex<IndexMap<(String, i32), i64>>,
     /// `assignment = "group"`: only these partitions' offsets are committed (a partition the group
     /// gave to another member is that member's to commit).
-    gate: std::sync::OnceLock<Arc<Mutex<std::collections::HashSet<(String, i32)>>>>,
+    gate: std::sync::OnceLock<PartitionSet>,
 }
 
 impl KafkaCommitter {
@@ -1338,7 +1342,7 @@ impl KafkaCommitter {
         let _ = self.consumer.set(consumer);
     }
 
-    fn gate(&self, committable: Arc<Mutex<std::collections::HashSet<(String, i32)>>>) {
+    fn gate(&self, committable: PartitionSet) {
         let _ = self.gate.set(committable);
     }
 

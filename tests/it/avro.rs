@@ -39,20 +39,24 @@ fn schemas(path: &Path) -> Schemas {
     }
 }
 
+/// (path, problems with the request).
+type Request = (String, Vec<String>);
+type RequestLog = Arc<Mutex<Vec<Request>>>;
+
 /// A schema-registry test server: `GET /schemas/ids/{id}` with the registry's media type,
 /// basic auth, 404 with error code 40403 for unknown ids, and 503 for the first `fail_first`
 /// requests (a registry restarting). Every request is recorded with what was wrong with it.
 struct Registry {
     url: String,
     /// (path, problems with the request).
-    requests: Arc<Mutex<Vec<(String, Vec<String>)>>>,
+    requests: RequestLog,
 }
 
 impl Registry {
     fn start(schemas: HashMap<u32, String>, fail_first: usize) -> Registry {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let requests: Arc<Mutex<Vec<(String, Vec<String>)>>> = Arc::default();
+        let requests: RequestLog = Arc::default();
         let log = requests.clone();
         let schemas = Arc::new(schemas);
         std::thread::spawn(move || {
@@ -65,18 +69,13 @@ impl Registry {
         Registry { url, requests }
     }
 
-    fn requests(&self) -> Vec<(String, Vec<String>)> {
+    fn requests(&self) -> Vec<Request> {
         self.requests.lock().unwrap().clone()
     }
 }
 
 /// Answers the requests of one (keep-alive) connection.
-fn serve(
-    conn: std::net::TcpStream,
-    schemas: &HashMap<u32, String>,
-    log: &Mutex<Vec<(String, Vec<String>)>>,
-    fail_first: usize,
-) {
+fn serve(conn: std::net::TcpStream, schemas: &HashMap<u32, String>, log: &Mutex<Vec<Request>>, fail_first: usize) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut out = conn;
     let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}")));
