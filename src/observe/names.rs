@@ -23,6 +23,7 @@ pub const KAFKA_GROUP_PARTITIONS: &str = "sluice_kafka_group_partitions";
 pub const KAFKA_COMMIT_ERRORS_TOTAL: &str = "sluice_kafka_commit_errors_total";
 pub const KAFKA_PRODUCED_RECORDS_TOTAL: &str = "sluice_kafka_produced_records_total";
 pub const KAFKA_DELIVERY_ERRORS_TOTAL: &str = "sluice_kafka_delivery_errors_total";
+pub const KAFKA_TRANSACTIONS_TOTAL: &str = "sluice_kafka_transactions_total";
 pub const S3_PARTS_UPLOADED_TOTAL: &str = "sluice_s3_parts_uploaded_total";
 pub const S3_BYTES_UPLOADED_TOTAL: &str = "sluice_s3_bytes_uploaded_total";
 pub const S3_SPILLED_BYTES_TOTAL: &str = "sluice_s3_spilled_bytes_total";

@@ -398,6 +398,59 @@ path = "{out}/dead"
     assert_eq!(lines.lines().count(), 300 - long);
 }
 
+/// tansu 0.6 implements InitProducerId but not EndTxn: a transactional sink must stop at its first
+/// commit with an error that says so, and commit none of the input.
+#[test]
+fn a_transactional_sink_on_a_broker_without_transactions_stops_and_commits_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (topic("txn-in"), topic("txn-out"));
+    create(&input, 2);
+    create(&output, 1);
+    produce(&input, 2, 2000, 1, 0, dir.path());
+    let group = format!("{input}-g");
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"
+[pipeline]
+name = "txn"
+batch_size = 500
+
+[sources.orders]
+type = "kafka"
+brokers = "{b}"
+topics = ["{input}"]
+group_id = "{group}"
+format = {{ type = "string" }}
+
+[sinks.out]
+type = "kafka"
+inputs = ["orders"]
+brokers = "{b}"
+topic = "{output}"
+format = "string"
+transactional_id = "it-{output}"
+transaction_interval = "200ms"
+"#,
+            b = brokers()
+        ),
+    )
+    .unwrap();
+    let out = sluice().args(["run", "--bounded", "--no-progress"]).arg(&pipeline).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "a runtime failure: {err}");
+    assert!(
+        err.contains("component `out`")
+            && err.contains(&format!("transactional_id `it-{output}`"))
+            && err.contains("do not support Kafka transactions"),
+        "{err}"
+    );
+    for (p, (committed, end)) in offsets(&input, &group) {
+        assert!(committed < 1, "partition {p}: offset {committed} of {end} committed past a failed transaction");
+    }
+}
+
 #[test]
 fn validate_explains_kafka_settings() {
     let dir = tempfile::tempdir().unwrap();
@@ -476,6 +529,19 @@ inputs = ["k"]
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{extra}: {err}");
         assert!(err.contains(want), "{extra}: {err}");
+    }
+    // Transactions: need the idempotent producer, and a name.
+    let sink = "[pipeline]\nname = \"v\"\n\n[sources.g]\ntype = \"generator\"\nshape = \"orders\"\ncount = 1\n\n[sinks.k]\ntype = \"kafka\"\ninputs = [\"g\"]\nbrokers = \"127.0.0.1:1\"\ntopic = \"t\"\n";
+    for (extra, want) in [
+        ("transactional_id = \"t1\"\nidempotent = false\n", "transactions need the idempotent producer"),
+        ("transactional_id = \" \"\n", "transactional_id"),
+        ("transaction_interval = \"1s\"\n", "applies only with `transactional_id`"),
+    ] {
+        std::fs::write(&p, format!("{sink}{extra}")).unwrap();
+        let out = sluice().arg("validate").arg(&p).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra}: {err}");
+        assert!(err.contains(want) && err.contains("sinks.k"), "{extra}: {err}");
     }
     std::fs::write(&p, format!("{base}format = {{ type = \"avro\", schema_file = \"{}\" }}\n", avsc.display()))
         .unwrap();
