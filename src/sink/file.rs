@@ -206,9 +206,18 @@ impl Destination for LocalFile {
 
     fn commit(mut self: Box<Self>) -> Result<()> {
         let f = self.file.take().expect("open until commit or abort");
-        let f = f.into_inner().map_err(|e| Error::io("cannot write", &self.tmp, e.into_error()))?;
-        f.sync_all().map_err(|e| Error::io("cannot sync", &self.tmp, e))?;
-        fs::rename(&self.tmp, &self.target).map_err(|e| Error::io("cannot rename into place", &self.target, e))?;
+        let placed = f
+            .into_inner()
+            .map_err(|e| Error::io("cannot write", &self.tmp, e.into_error()))
+            .and_then(|f| f.sync_all().map_err(|e| Error::io("cannot sync", &self.tmp, e)))
+            .and_then(|()| {
+                fs::rename(&self.tmp, &self.target).map_err(|e| Error::io("cannot rename into place", &self.target, e))
+            });
+        if let Err(e) = placed {
+            // The last bytes did not fit (a full disk, say): nothing half-written stays behind.
+            let _ = fs::remove_file(&self.tmp);
+            return Err(e);
+        }
         // Make the rename itself durable, and any folder created for the file.
         let parents = self.new_dirs.iter().filter_map(|d| d.parent()).filter(|p| !p.as_os_str().is_empty());
         for d in std::iter::once(self.dir.as_path()).chain(parents) {
