@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 step "toolchain"
-ensure_debian_packages libssl-dev pkg-config
+ensure_debian_packages libssl-dev pkg-config openssl
 ensure_rust
 ensure_python_env
 export PATH="$SLUICE_VENV/bin:$PATH"
@@ -35,6 +35,8 @@ export SLUICE_KAFKA_PORT="${SLUICE_KAFKA_PORT:-19092}"
 # tests/kafka_tool.py, which sends the last record of each partition in a batch of its own.
 start_tansu "$SLUICE_KAFKA_PORT" memory
 export SLUICE_TEST_KAFKA="127.0.0.1:$SLUICE_KAFKA_PORT"
+# tests/it/security.rs starts brokers of its own (SASL users, behind a TLS proxy).
+export SLUICE_TEST_TANSU="$SLUICE_BIN/tansu"
 # An S3-compatible server (Garage) with a test key; its id and secret go to the tests through the
 # environment only.
 export SLUICE_S3_PORT="${SLUICE_S3_PORT:-13900}"

@@ -17,12 +17,15 @@ schema id, body), every third record with the evolved writer schema ORDER_V2 (id
 field) and the rest with ORDER_V1 (id 1). Bad Avro records alternate a truncated body and, for
 `confluent`, a schema id (99) no registry has or a wrong magic byte. --schemas-out writes
 {"reader": ORDER_V1, "ids": {"1": ..., "2": ...}} for the test's reader schema file and registry.
+
+KAFKA_TOOL_CONFIG (JSON) adds client settings to every client, e.g. TLS and SASL.
 """
 
 import argparse
 import decimal
 import io
 import json
+import os
 import struct
 import sys
 import time
@@ -37,6 +40,9 @@ STATUSES = ["paid", "shipped", "cancelled", "refunded"]
 
 def conf(brokers, **extra):
     c = {"bootstrap.servers": brokers}
+    # Security settings (TLS, SASL) come through the environment, so that no password is on a
+    # command line: KAFKA_TOOL_CONFIG='{"security.protocol": "SASL_SSL", ...}'.
+    c.update(json.loads(os.environ.get("KAFKA_TOOL_CONFIG", "{}")))
     c.update(extra)
     return c
 

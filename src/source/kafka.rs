@@ -391,7 +391,7 @@ impl KafkaSource {
             (self.client_config.clone(), self.topics.clone(), self.partitions.clone(), self.id.clone());
         let result = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32, i64)>, String> {
             let consumer: BaseConsumer<SourceContext> = config
-                .create_with_context(SourceContext { source: source.clone(), group: None })
+                .create_with_context(SourceContext::new(source.clone(), None))
                 .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
             let parts = resolve_partitions(&source, &consumer, &topics, only.as_deref(), to, false)?;
             let mut tpl = TopicPartitionList::new();
@@ -414,7 +414,7 @@ impl KafkaSource {
         }
         let c: BaseConsumer<SourceContext> = self
             .client_config
-            .create_with_context(SourceContext { source: self.id.clone(), group: None })
+            .create_with_context(SourceContext::new(self.id.clone(), None))
             .map_err(|e| self.error(format!("cannot create the Kafka consumer: {e}")))?;
         Ok(self.probe.get_or_init(|| Arc::new(c)).clone())
     }
@@ -583,9 +583,10 @@ impl Source for KafkaSource {
         let listed = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32)>, String> {
             let mut out = Vec::new();
             for topic in &topics {
-                let md = consumer
-                    .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
-                    .map_err(|e| format!("cannot read the metadata of topic `{topic}` from the brokers: {e}"))?;
+                let md = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(|e| {
+                    let last = consumer.context().last_error();
+                    format!("cannot read the metadata of topic `{topic}` from the brokers: {e}{last}")
+                })?;
                 let Some(t) = md.topics().iter().find(|t| t.name() == topic && t.error().is_none()) else {
                     return Err(format!("topic `{topic}` does not exist on the brokers"));
                 };
@@ -746,7 +747,7 @@ impl KafkaSource {
             let (config, source, topic) = (self.client_config.clone(), self.id.clone(), topic.clone());
             tokio::task::spawn_blocking(move || -> Result<BaseConsumer<SourceContext>, String> {
                 let c: BaseConsumer<SourceContext> = config
-                    .create_with_context(SourceContext { source, group: None })
+                    .create_with_context(SourceContext::new(source, None))
                     .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition_offset(&topic, partition, Offset::Offset(start)).map_err(|e| e.to_string())?;
@@ -1005,7 +1006,7 @@ impl Session {
         if group.is_some() {
             client_config.set("partition.assignment.strategy", "cooperative-sticky");
         }
-        let context = SourceContext { source: source.to_string(), group: group.clone() };
+        let context = SourceContext::new(source.to_string(), group.clone());
         let consumer: BaseConsumer<SourceContext> =
             client_config.create_with_context(context).map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
         let consumer = Arc::new(consumer);
@@ -1059,9 +1060,10 @@ fn resolve_partitions(
 ) -> Result<Vec<PartitionRange>, String> {
     let mut wanted = Vec::new();
     for topic in topics {
-        let md = consumer
-            .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
-            .map_err(|e| format!("cannot read the metadata of topic `{topic}` from the brokers: {e}"))?;
+        let md = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(|e| {
+            let last = consumer.context().last_error();
+            format!("cannot read the metadata of topic `{topic}` from the brokers: {e}{last}")
+        })?;
         let t = md.topics().iter().find(|t| t.name() == topic);
         let Some(t) = t.filter(|t| t.error().is_none() && !t.partitions().is_empty()) else {
             let why = t.and_then(|t| t.error()).map(|e| format!(" ({e:?})")).unwrap_or_default();
@@ -1244,9 +1246,41 @@ pub struct SourceContext {
     source: String,
     /// Set on the group member of `assignment = "group"`.
     group: Option<Arc<GroupState>>,
+    /// The last error librdkafka logged or reported (a failed TLS handshake, a refused login):
+    /// added to errors such as a metadata timeout, which alone do not say why.
+    last_error: Mutex<Option<String>>,
+}
+
+impl SourceContext {
+    fn new(source: String, group: Option<Arc<GroupState>>) -> Self {
+        SourceContext { source, group, last_error: Mutex::new(None) }
+    }
+
+    /// `"; the last client error: ..."`, or nothing.
+    fn last_error(&self) -> String {
+        let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref().map(|e| format!("; the last client error: {e}")).unwrap_or_default()
+    }
+
+    fn remember(&self, error: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+    }
 }
 
 impl ClientContext for SourceContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", source = %self.source, "librdkafka: {fac} {message}");
+                self.remember(message.to_string());
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", source = %self.source, "librdkafka: {fac} {message}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         // End of a partition (an empty one at start too): expected, the poll loop sees it.
         if matches!(
@@ -1256,6 +1290,7 @@ impl ClientContext for SourceContext {
             return;
         }
         tracing::warn!(source = %self.source, "Kafka client error: {error}: {reason}");
+        self.remember(format!("{error}: {reason}"));
     }
 
     fn stats(&self, statistics: Statistics) {

@@ -79,9 +79,16 @@ pub fn sluice() -> std::process::Command {
 
 /// Runs a Python helper under tests/ with the test virtualenv's Python; returns its stdout.
 pub fn python_tool(script: &str, args: &[&str]) -> String {
+    python_tool_env(script, args, &[])
+}
+
+/// [`python_tool`] with more environment variables (kept off its command line).
+pub fn python_tool_env(script: &str, args: &[&str], env: &[(&str, &str)]) -> String {
     let python = std::env::var("SLUICE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script);
-    let out = std::process::Command::new(python).arg(path).args(args).output().expect("python runs");
+    let mut command = std::process::Command::new(python);
+    command.arg(path).args(args).envs(env.iter().copied());
+    let out = command.output().expect("python runs");
     assert!(
         out.status.success(),
         "{script} {args:?} failed:\n{}{}",

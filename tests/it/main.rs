@@ -15,4 +15,5 @@ mod messy;
 mod pipelines;
 mod postgres;
 mod s3;
+mod security;
 mod transform_errors;
