@@ -6,6 +6,7 @@ mod avro;
 mod cli;
 mod common;
 mod coordinator;
+mod crash_loop;
 mod disk_full;
 mod fault_proxy;
 mod file_sink;
