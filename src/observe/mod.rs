@@ -162,7 +162,13 @@ pub async fn serve(
         .await
         .map_err(|e| Error::Metrics { addr: addr.to_string(), message: format!("cannot listen: {e}") })?;
     let app = axum::Router::new()
-        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route(
+            "/metrics",
+            get(move || {
+                record_process_gauges();
+                std::future::ready(handle.render())
+            }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
@@ -221,10 +227,31 @@ pub fn spawn_progress(
 
 /// The process's peak resident memory (Linux `VmHWM`), when the platform reports it.
 pub fn peak_rss_bytes() -> Option<u64> {
+    status_field("VmHWM:").map(|kib| kib * 1024)
+}
+
+/// A number from a line of `/proc/self/status` (`VmRSS:`, `Threads:`): the first field after it.
+fn status_field(name: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    let line = status.lines().find(|l| l.starts_with(name))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Sets the process gauges (resident memory, open file descriptors, threads, live Tokio tasks)
+/// just before each scrape, so a soak run can tell a leak from a plateau.
+fn record_process_gauges() {
+    if let Some(kib) = status_field("VmRSS:") {
+        metrics::gauge!(names::PROCESS_RESIDENT_MEMORY_BYTES).set((kib * 1024) as f64);
+    }
+    if let Some(n) = status_field("Threads:") {
+        metrics::gauge!(names::PROCESS_THREADS).set(n as f64);
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!(names::PROCESS_OPEN_FDS).set(fds.count() as f64);
+    }
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        metrics::gauge!(names::RUNTIME_ALIVE_TASKS).set(rt.metrics().num_alive_tasks() as f64);
+    }
 }
 
 /// `1234567` → `1.2 MiB`.

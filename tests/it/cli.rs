@@ -168,6 +168,15 @@ fn sigterm_stops_gracefully_with_complete_files_and_metrics_are_served() {
     };
     assert!(metrics.contains("pipeline=\"endless\""), "{metrics}");
     assert!(metrics.contains("component=\"g\""), "{metrics}");
+    // Process gauges, set at each scrape: plausible values, not just names.
+    let gauge = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}: {metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let rss = gauge("sluice_process_resident_memory_bytes");
+    assert!((1e6..4e9).contains(&rss), "resident memory {rss}");
+    assert!(gauge("sluice_process_open_fds") >= 3.0 && gauge("sluice_process_threads") >= 2.0, "{metrics}");
+    assert!(gauge("sluice_runtime_alive_tasks") >= 1.0, "{metrics}");
     assert_eq!(http_get(port, "/healthz").unwrap().0, 200);
     assert_eq!(http_get(port, "/readyz").unwrap().0, 200);
     std::thread::sleep(Duration::from_millis(1500));
