@@ -49,7 +49,15 @@ start_postgres
 export SLUICE_TEST_PG_URL="${SLUICE_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/sluice_test}"
 
 step "cargo test"
+# Every sluice process the tests run keeps a copy of its output here (tests/tee_output.sh).
+SLUICE_TEST_LOG_DIR="$(mktemp -d)"
+export SLUICE_TEST_LOG_DIR
+trap 'rm -rf "$SLUICE_TEST_LOG_DIR"' EXIT
 cargo test --locked --all-targets 2>&1 | tee "$SLUICE_CACHE/last-test.log"
+
+step "no test secret in any output: every sluice log line and error of the suite, and cargo test's output"
+python scripts/check_secrets.py --self-test
+python scripts/check_secrets.py --logs "$SLUICE_TEST_LOG_DIR" --file "$SLUICE_CACHE/last-test.log"
 
 step "deploy: Helm chart (rendered, linted, validated), Dockerfile (hadolint), docker-compose config"
 ensure_compose_env
@@ -58,7 +66,7 @@ SLUICE_DOCKER_COMPOSE="$SLUICE_COMPOSE_VENV/bin/docker-compose" SLUICE_BIN_PATH=
 
 step "benchmark suite, smoke run: every scenario and baseline on a tiny dataset (debug build), outputs checked"
 out="$(mktemp -d)"
-trap 'rm -rf "$out"' EXIT
+trap 'rm -rf "$out" "$SLUICE_TEST_LOG_DIR"' EXIT
 BENCH_PROFILE=debug BENCH_SKIP_BUILD=1 BENCH_RECORDS=3000 BENCH_RUNS=1 BENCH_LATENCY_RATE=200 \
   BENCH_LATENCY_SECONDS=8 BENCH_MEMORY_COUNTS=2000,20000 BENCH_MEMORY_RUNS=1 BENCH_RESULTS_DIR="$out/suite" \
   benches/suite.sh

@@ -70,9 +70,19 @@ pub fn rows(batches: &[(PathBuf, RecordBatch)]) -> usize {
     batches.iter().map(|(_, b)| b.num_rows()).sum()
 }
 
-/// The sluice binary built for these tests.
+/// A command running the sluice binary built for these tests. With `SLUICE_TEST_LOG_DIR` set (scripts/test.sh sets it)
+/// its output is also kept there (tests/tee_output.sh), and scripts/check_secrets.py checks that
+/// no test secret appears in any of it.
 pub fn sluice() -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    let bin = env!("CARGO_BIN_EXE_sluice");
+    let mut c = match std::env::var_os("SLUICE_TEST_LOG_DIR") {
+        Some(_) => {
+            let mut c = std::process::Command::new("bash");
+            c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tee_output.sh")).arg(bin);
+            c
+        }
+        None => std::process::Command::new(bin),
+    };
     c.env("RUST_LOG", "warn");
     c
 }

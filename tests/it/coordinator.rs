@@ -14,6 +14,7 @@ use crate::kafka::{brokers, create, produce, topic};
 use crate::postgres::{psql, schema, url};
 
 pub(crate) const TOKEN: &str = "test-token-not-a-secret";
+const WRONG_TOKEN: &str = "wrong-token-4f2a";
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -505,7 +506,7 @@ fn calls_without_the_token_are_refused() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    for token in ["", "wrong-token"] {
+    for token in ["", WRONG_TOKEN] {
         let out = sluice()
             .env("SLUICE_COORDINATOR_TOKEN", if token.is_empty() { " " } else { token })
             .args(["status", "--coordinator", &c.url])
@@ -530,7 +531,7 @@ fn calls_without_the_token_are_refused() {
     let logs = c.logs("coordinator");
     assert!(logs.contains("refused a call with no bearer token"), "{logs}");
     assert!(logs.contains("refused a call with a wrong bearer token"), "{logs}");
-    assert!(!logs.contains("wrong-token") && !logs.contains(TOKEN), "a token in the logs:\n{logs}");
+    assert!(!logs.contains(WRONG_TOKEN) && !logs.contains(TOKEN), "a token in the logs:\n{logs}");
     let st = c.status().unwrap();
     assert!(st["workers"].as_array().unwrap().is_empty(), "the intruder registered: {st}");
     // Probes and metrics need no token.

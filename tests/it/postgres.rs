@@ -16,6 +16,9 @@ pub(crate) fn url() -> String {
         .expect("SLUICE_TEST_PG_URL is not set: run the tests with scripts/test.sh, which starts PostgreSQL")
 }
 
+/// The password of an unreachable server's URL: it must appear in no output.
+const PG_PASSWORD: &str = "hunter2secret";
+
 /// Runs SQL with psql; returns its unaligned, tuples-only output.
 pub(crate) fn psql(sql: &str) -> String {
     let out = std::process::Command::new("psql")
@@ -356,7 +359,7 @@ order_id = "bigint not null"
 [sinks.pg]
 type = "postgres"
 inputs = ["orders"]
-url = "postgres://sluice:hunter2secret@127.0.0.1:1/db?connect_timeout=2"
+url = "postgres://sluice:{PG_PASSWORD}@127.0.0.1:1/db?connect_timeout=2"
 table = "t"
 "#,
             input = input.display()
@@ -368,7 +371,7 @@ table = "t"
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30));
     assert!(err.contains("127.0.0.1:1/db"), "{err}");
-    assert!(!err.contains("hunter2secret"), "the password leaked: {err}");
+    assert!(!err.contains(PG_PASSWORD), "the password leaked: {err}");
 }
 
 #[test]
