@@ -160,6 +160,18 @@ impl AvroDecoder {
         Ok(())
     }
 
+    /// Makes writer schema `id` known without asking the registry (the fuzz targets, which run
+    /// without one).
+    ///
+    /// # Errors
+    /// When `json` does not resolve to the reader schema.
+    pub fn insert_writer_schema(&self, id: u32, json: &str) -> Result<(), String> {
+        let writer = AvroSchema::new(json.to_string());
+        self.resolver(id, &writer)?;
+        self.writers.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Ok(writer));
+        Ok(())
+    }
+
     /// Checks that `writer` resolves to the reader schema.
     fn resolver(&self, id: u32, writer: &AvroSchema) -> Result<(), String> {
         let mut store = SchemaStore::new_with_type(FingerprintAlgorithm::Id);
@@ -228,9 +240,9 @@ impl AvroDecoder {
 
     /// Feeds one record; `Err` when it is bad (the decoder may then hold part of it). Rows the
     /// decoder flushes first (when the record's writer schema differs) go to `flushed`.
-    fn feed(&self, dec: &mut Decoder, rec: &[u8], flushed: &mut Vec<RecordBatch>) -> Result<(), String> {
+    fn feed(&self, dec: &mut Decoder, rec: &[u8], flushed: &mut Vec<RecordBatch>) -> Result<(), FeedError> {
         if let Some(e) = self.frame_error(rec) {
-            return Err(e);
+            return Err(e.into());
         }
         let rows = |d: &Decoder| d.batch_size() - d.capacity();
         let mut before = rows(dec);
@@ -246,7 +258,7 @@ impl AvroDecoder {
                 // A new writer schema: the decoder took the header and wants the rows so far
                 // flushed (it marks itself full) before it decodes the body.
                 off = 5;
-                if let Some(b) = dec.flush().map_err(|e| e.to_string())? {
+                if let Some(b) = dec.flush().map_err(|e| FeedError::Flush(e.to_string()))? {
                     flushed.push(b);
                 }
                 before = 0;
@@ -254,9 +266,11 @@ impl AvroDecoder {
             }
             let grown = rows(dec) > before;
             match r {
-                Err(_) if grown => return Err(trailing(off)),
+                Err(_) if grown => return Err(trailing(off).into()),
                 Err(e) => {
-                    return Err(format!("the value does not decode with the writer schema: {}", clean(&e.to_string())))
+                    return Err(
+                        format!("the value does not decode with the writer schema: {}", clean(&e.to_string())).into()
+                    )
                 }
                 Ok(n) => {
                     off += n;
@@ -264,12 +278,13 @@ impl AvroDecoder {
                         break;
                     }
                     if grown {
-                        return Err(trailing(off));
+                        return Err(trailing(off).into());
                     }
                     return Err(format!(
                         "the value ends before the Avro record does ({} bytes; the writer schema needs more)",
                         rec.len()
-                    ));
+                    )
+                    .into());
                 }
             }
         }
@@ -278,8 +293,9 @@ impl AvroDecoder {
             0 => Err(format!(
                 "the value ends before the Avro record does ({} bytes; the writer schema needs more)",
                 rec.len()
-            )),
-            _ => Err("the value holds more than one Avro record".into()),
+            )
+            .into()),
+            _ => Err(String::from("the value holds more than one Avro record").into()),
         }
     }
 
@@ -304,7 +320,10 @@ impl AvroDecoder {
             }
             match fed {
                 Ok(()) => pending.push(i),
-                Err(error) => {
+                // An earlier record held something only the flush checks (a string that is not
+                // UTF-8): which one, only records decoded one by one tell.
+                Err(FeedError::Flush(_)) => return self.decode_one_by_one(chunk),
+                Err(FeedError::Bad(error)) => {
                     bad.push(BadRecord {
                         position: Some(chunk.positions[i]),
                         stage: Stage::Decode,
@@ -317,22 +336,62 @@ impl AvroDecoder {
                     let mut again = Vec::new();
                     for &j in &pending {
                         let mut flushed = Vec::new();
-                        self.feed(&mut dec, chunk.record_raw(j), &mut flushed)
-                            .map_err(|e| format!("a record that decoded before did not decode again: {e}"))?;
+                        if self.feed(&mut dec, chunk.record_raw(j), &mut flushed).is_err() {
+                            return self.decode_one_by_one(chunk);
+                        }
                         again.extend(flushed);
                     }
                     batches.extend(again);
-                    if let Some(b) = dec.flush().map_err(|e| e.to_string())? {
-                        batches.push(b);
+                    match dec.flush() {
+                        Ok(Some(b)) => batches.push(b),
+                        Ok(None) => {}
+                        Err(_) => return self.decode_one_by_one(chunk),
                     }
                     positions.extend(pending.drain(..).map(|j| chunk.positions[j]));
                 }
             }
         }
-        if let Some(b) = dec.flush().map_err(|e| e.to_string())? {
-            batches.push(b);
+        match dec.flush() {
+            Ok(Some(b)) => batches.push(b),
+            Ok(None) => {}
+            Err(_) => return self.decode_one_by_one(chunk),
         }
         positions.extend(pending.drain(..).map(|j| chunk.positions[j]));
+        self.assemble(batches, positions, bad)
+    }
+
+    /// [`decode_chunk`](Self::decode_chunk) record by record, each decoded and flushed alone: the
+    /// slow path for a chunk whose flush failed.
+    fn decode_one_by_one(&self, chunk: &LineChunk) -> Result<Decoded, String> {
+        let (mut batches, mut positions, mut bad) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..chunk.len() {
+            let mut dec = self.build(1)?;
+            let mut flushed = Vec::new();
+            let one = match self.feed(&mut dec, chunk.record_raw(i), &mut flushed) {
+                Ok(()) => dec.flush().map_err(|e| {
+                    (Stage::Convert, format!("the value does not convert to Arrow: {}", clean(&e.to_string())))
+                }),
+                Err(FeedError::Bad(e) | FeedError::Flush(e)) => Err((Stage::Decode, e)),
+            };
+            match one {
+                Ok(Some(b)) if b.num_rows() == 1 => {
+                    batches.push(b);
+                    positions.push(chunk.positions[i]);
+                }
+                Ok(_) => return Err(format!("record {i} decoded alone did not give one row")),
+                Err((stage, error)) => bad.push(BadRecord {
+                    position: Some(chunk.positions[i]),
+                    stage,
+                    error,
+                    raw: chunk.record_raw(i).to_vec(),
+                    key: chunk.key(i),
+                }),
+            }
+        }
+        self.assemble(batches, positions, bad)
+    }
+
+    fn assemble(&self, batches: Vec<RecordBatch>, positions: Vec<u64>, bad: Vec<BadRecord>) -> Result<Decoded, String> {
         let columns: Vec<RecordBatch> = batches
             .into_iter()
             .map(|b| RecordBatch::try_new(self.arrow_schema.clone(), b.columns().to_vec()))
@@ -341,6 +400,20 @@ impl AvroDecoder {
         let batch = arrow::compute::concat_batches(&self.arrow_schema, &columns).map_err(|e| e.to_string())?;
         debug_assert_eq!(batch.num_rows(), positions.len());
         Ok(Decoded { batch, positions, bad })
+    }
+}
+
+/// Why [`AvroDecoder::feed`] refused a record.
+enum FeedError {
+    /// The record is bad.
+    Bad(String),
+    /// Flushing the rows before it failed (one of them holds what only the flush checks).
+    Flush(String),
+}
+
+impl From<String> for FeedError {
+    fn from(e: String) -> Self {
+        FeedError::Bad(e)
     }
 }
 
