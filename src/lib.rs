@@ -9,6 +9,7 @@ pub mod dead_letter;
 pub mod error;
 pub mod fence;
 pub mod format;
+pub mod fuzzing;
 pub mod kafka;
 pub mod observe;
 pub mod postgres;

@@ -10,6 +10,7 @@ mod crash_loop;
 mod disk_full;
 mod fault_proxy;
 mod file_sink;
+mod fuzz_corpora;
 mod kafka;
 mod memory;
 mod messy;
