@@ -1,6 +1,10 @@
 //! A fault-injecting TCP proxy for tests: sits between sluice and a real service and, on chosen
 //! connections, cuts the response part-way, answers an HTTP request with `503 SlowDown` instead of
 //! forwarding it, or delays every chunk. Counts what it did, so a test can check faults happened.
+//!
+//! Faults a test switches on while traffic flows, for any TCP protocol (Kafka, PostgreSQL, S3),
+//! through [`FaultProxy::control`]: drop every open connection, stall all forwarding, refuse new
+//! connections for a while (a service that is down), add a delay, or cut the next response.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -25,6 +29,90 @@ pub struct Faults {
     pub delay: Duration,
 }
 
+/// Faults switched on at run time (see [`FaultProxy::control`]).
+#[derive(Debug)]
+pub struct Control {
+    /// Bumped by [`Control::drop_all`]: every connection open then is closed.
+    generation: tokio::sync::watch::Sender<u64>,
+    /// Nothing is forwarded, either way, until this instant (as micros since `epoch`).
+    stalled_until: AtomicU64,
+    /// New connections are closed at once until this instant.
+    refused_until: AtomicU64,
+    /// Extra delay before forwarding each chunk, in micros.
+    delay_micros: AtomicU64,
+    /// The next response chunk (from the service) is cut after this many bytes + 1 and its
+    /// connection closed; 0 = no cut armed.
+    cut_next: AtomicU64,
+    epoch: std::time::Instant,
+    pub dropped: AtomicUsize,
+    pub refused: AtomicUsize,
+}
+
+impl Control {
+    fn new() -> Control {
+        Control {
+            generation: tokio::sync::watch::Sender::new(0),
+            stalled_until: AtomicU64::new(0),
+            refused_until: AtomicU64::new(0),
+            delay_micros: AtomicU64::new(0),
+            cut_next: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+            dropped: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// Closes every connection open now (both sides see a reset-like EOF mid-stream).
+    pub fn drop_all(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Forwards nothing, either way, for `d` (connections stay open: a network partition).
+    pub fn stall(&self, d: Duration) {
+        self.stalled_until.store(self.now() + d.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Drops every connection and closes new ones at once for `d` (the service is down).
+    pub fn refuse(&self, d: Duration) {
+        self.refused_until.store(self.now() + d.as_micros() as u64, Ordering::SeqCst);
+        self.drop_all();
+    }
+
+    /// Delays every chunk by `d` from now on (zero to stop).
+    pub fn delay(&self, d: Duration) {
+        self.delay_micros.store(d.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Cuts the next chunk the service sends after `bytes` bytes and closes that connection.
+    pub fn cut_next_response(&self, bytes: u64) {
+        self.cut_next.store(bytes + 1, Ordering::SeqCst);
+    }
+
+    fn refusing(&self) -> bool {
+        self.now() < self.refused_until.load(Ordering::SeqCst)
+    }
+
+    /// Waits out a stall and the run-time delay before a chunk is forwarded.
+    async fn hold(&self) {
+        loop {
+            let until = self.stalled_until.load(Ordering::SeqCst);
+            let now = self.now();
+            if now >= until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(until - now)).await;
+        }
+        let d = self.delay_micros.load(Ordering::SeqCst);
+        if d > 0 {
+            tokio::time::sleep(Duration::from_micros(d)).await;
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Stats {
     pub connections: AtomicUsize,
@@ -37,6 +125,7 @@ pub struct Stats {
 pub struct FaultProxy {
     pub addr: SocketAddr,
     pub stats: Arc<Stats>,
+    pub control: Arc<Control>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -47,18 +136,28 @@ impl FaultProxy {
         let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
         let stats = Arc::new(Stats::default());
-        let s = stats.clone();
+        let control = Arc::new(Control::new());
+        let (s, c) = (stats.clone(), control.clone());
         runtime.spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else { return };
+                if c.refusing() {
+                    c.refused.fetch_add(1, Ordering::SeqCst);
+                    drop(client);
+                    continue;
+                }
                 let n = s.connections.fetch_add(1, Ordering::SeqCst) + 1;
-                let (faults, s) = (faults.clone(), s.clone());
+                let (faults, s, c) = (faults.clone(), s.clone(), c.clone());
+                let mut generation = c.generation.subscribe();
                 tokio::spawn(async move {
-                    let _ = serve(client, upstream, n, &faults, &s).await;
+                    tokio::select! {
+                        _ = serve(client, upstream, n, &faults, &s, &c) => {}
+                        _ = generation.changed() => { c.dropped.fetch_add(1, Ordering::SeqCst); }
+                    }
                 });
             }
         });
-        FaultProxy { addr, stats, runtime: Some(runtime) }
+        FaultProxy { addr, stats, control, runtime: Some(runtime) }
     }
 
     pub fn url(&self) -> String {
@@ -84,6 +183,7 @@ async fn serve(
     n: usize,
     faults: &Faults,
     stats: &Stats,
+    control: &Control,
 ) -> std::io::Result<()> {
     if every(faults.slowdown_every, n) {
         // Read the request head, answer 503 and close.
@@ -119,6 +219,7 @@ async fn serve(
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
+            control.hold().await;
             sw.write_all(&buf[..r]).await?;
         }
     };
@@ -135,7 +236,15 @@ async fn serve(
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
+            control.hold().await;
             let chunk = &buf[..r];
+            let armed = control.cut_next.swap(0, Ordering::SeqCst);
+            if armed > 0 {
+                let take = ((armed - 1) as usize).min(r);
+                cw.write_all(&chunk[..take]).await?;
+                stats.cut.fetch_add(1, Ordering::SeqCst);
+                return Ok(());
+            }
             if cutting.is_none() {
                 // Responses start with the status line (S3 answers to writes are small, so a
                 // body that happens to hold these bytes is not a concern here).

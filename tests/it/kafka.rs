@@ -30,7 +30,11 @@ pub(crate) fn topic(prefix: &str) -> String {
 }
 
 pub(crate) fn create(topic: &str, partitions: usize) {
-    tool(&["create", "--brokers", &brokers(), "--topic", topic, "--partitions", &partitions.to_string()]);
+    create_on(&brokers(), topic, partitions);
+}
+
+pub(crate) fn create_on(brokers: &str, topic: &str, partitions: usize) {
+    tool(&["create", "--brokers", brokers, "--topic", topic, "--partitions", &partitions.to_string()]);
 }
 
 pub(crate) struct Manifest {
@@ -60,13 +64,27 @@ pub(crate) fn produce_with(
     dir: &Path,
     extra: &[&str],
 ) -> Manifest {
+    produce_to(&brokers(), topic, partitions, count, start, bad_every, dir, extra)
+}
+
+/// [`produce_with`] to another broker than the test script's.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn produce_to(
+    brokers: &str,
+    topic: &str,
+    partitions: usize,
+    count: usize,
+    start: usize,
+    bad_every: usize,
+    dir: &Path,
+    extra: &[&str],
+) -> Manifest {
     let manifest = dir.join(format!("manifest-{start}.json"));
-    let (b, p, c, s, e) =
-        (brokers(), partitions.to_string(), count.to_string(), start.to_string(), bad_every.to_string());
+    let (p, c, s, e) = (partitions.to_string(), count.to_string(), start.to_string(), bad_every.to_string());
     let mut args = vec![
         "produce",
         "--brokers",
-        &b,
+        brokers,
         "--topic",
         topic,
         "--partitions",

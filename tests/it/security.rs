@@ -32,14 +32,14 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA, a server certificate for 127.0.0.1/localhost and a client certificate it signed, and a
 /// second CA that signed nothing the broker has.
-struct Certs {
-    ca: PathBuf,
-    other_ca: PathBuf,
-    server: (PathBuf, PathBuf),
-    client: (PathBuf, PathBuf),
+pub(crate) struct Certs {
+    pub ca: PathBuf,
+    pub other_ca: PathBuf,
+    pub server: (PathBuf, PathBuf),
+    pub client: (PathBuf, PathBuf),
 }
 
-fn make_certs(dir: &Path) -> Certs {
+pub(crate) fn make_certs(dir: &Path) -> Certs {
     for ca in ["ca", "other-ca"] {
         openssl(
             dir,
@@ -174,7 +174,7 @@ impl Drop for TlsProxy {
 }
 
 /// A tansu of this test's own (sqlite engine, in `dir`), killed on drop.
-struct Tansu(Child);
+pub(crate) struct Tansu(Child);
 
 impl Drop for Tansu {
     fn drop(&mut self) {
@@ -188,8 +188,12 @@ fn tansu_bin() -> String {
         .expect("SLUICE_TEST_TANSU is not set: run the tests with scripts/test.sh, which installs tansu")
 }
 
-fn start_tansu(dir: &Path, port: u16, advertised: SocketAddr, authentication: bool) -> Tansu {
-    let log = std::fs::File::create(dir.join(format!("tansu-{authentication}.log"))).unwrap();
+pub(crate) fn start_tansu(dir: &Path, port: u16, advertised: SocketAddr, authentication: bool) -> Tansu {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("tansu-{authentication}.log")))
+        .unwrap();
     let mut c = Command::new(tansu_bin());
     c.args(["broker", "--listener-url", &format!("tcp://127.0.0.1:{port}")])
         .args(["--advertised-listener-url", &format!("tcp://{advertised}")])
@@ -376,4 +380,106 @@ fn kafka_over_mutual_tls_with_sasl_scram_reads_and_writes_and_refuses_wrong_cred
         }
     }
     assert!(proxy.refused.load(Ordering::SeqCst) > refused_before, "the proxy refused the run without a certificate");
+}
+
+/// PostgreSQL over TLS against a private server with certificates made here: the server takes
+/// TCP connections over TLS only. The sink writes and the source reads back over TLS (the server's
+/// log shows each sluice connection with its TLS protocol); a URL without `sslmode` is refused by
+/// the server, and a CA that did not sign its certificate is refused by sluice.
+#[test]
+fn postgres_over_tls_with_test_made_certificates_and_plaintext_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let cluster = crate::pg_cluster::PgCluster::start(Some((&certs.server.0, &certs.server.1)));
+    let input = dir.path().join("in.ndjson");
+    std::fs::write(&input, (1..=500).map(|i| format!("{{\"order_id\": {i}, \"note\": \"n{i}\"}}\n")).collect::<String>())
+        .unwrap();
+    let base = cluster.url_via(cluster.port);
+    let pipeline = |url: &str, ca: &Path, out: &Path| {
+        format!(
+            r#"
+[pipeline]
+name = "pg-tls-private"
+
+[sources.orders]
+type = "file"
+path = "{input}"
+format = {{ type = "json" }}
+schema = {{ order_id = "bigint not null", note = "varchar" }}
+
+[sinks.pg]
+type = "postgres"
+inputs = ["orders"]
+url = "{url}"
+table = "public.orders"
+create_table = true
+tls = {{ ca_file = "{ca}" }}
+
+[dead_letter]
+type = "file"
+path = "{out}"
+"#,
+            input = input.display(),
+            ca = ca.display(),
+            out = out.display()
+        )
+    };
+    let p = dir.path().join("ok.toml");
+    std::fs::write(&p, pipeline(&format!("{base}?sslmode=require"), &certs.ca, &dir.path().join("dl"))).unwrap();
+    let out = sluice().args(["run", "--no-progress"]).arg(&p).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(cluster.psql("SELECT count(*), sum(order_id) FROM public.orders"), "500|125250");
+    // Read back over TLS with the source.
+    let back = dir.path().join("back.toml");
+    std::fs::write(
+        &back,
+        format!(
+            r#"
+[pipeline]
+name = "pg-tls-read"
+
+[sources.t]
+type = "postgres"
+url = "{base}?sslmode=require"
+table = "public.orders"
+tls = {{ ca_file = "{ca}" }}
+
+[sinks.out]
+type = "file"
+inputs = ["t"]
+path = "{out}"
+format = "parquet"
+"#,
+            ca = certs.ca.display(),
+            out = dir.path().join("back").display()
+        ),
+    )
+    .unwrap();
+    let out = sluice().args(["run", "--no-progress"]).arg(&back).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ids: i64 = read_parquet(&dir.path().join("back"))
+        .iter()
+        .map(|(_, b)| b.column_by_name("order_id").unwrap().as_primitive::<Int64Type>().iter().flatten().sum::<i64>())
+        .sum();
+    assert_eq!(ids, 125250, "every row read back over TLS");
+    let log = cluster.server_log();
+    let tls_connections = log.lines().filter(|l| l.contains("application_name=sluice") && l.contains("SSL enabled")).count();
+    let clear = log.lines().filter(|l| l.contains("application_name=sluice") && !l.contains("SSL enabled") && l.contains("connection authorized")).count();
+    assert!(tls_connections >= 2 && clear == 0, "sluice's connections use TLS: {tls_connections} over TLS, {clear} in clear\n{log}");
+
+    // No sslmode: TLS off, and the server refuses plaintext.
+    let case = |url: String, ca: &Path, name: &str| {
+        let p = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&p, pipeline(&url, ca, &dir.path().join(name))).unwrap();
+        let out = sluice().args(["run", "--no-progress"]).arg(&p).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(3), "{name}: {err}");
+        assert!(err.contains(&format!("127.0.0.1:{}/postgres", cluster.port)), "{name}: the error names the server: {err}");
+        err
+    };
+    let err = case(base.clone(), &certs.ca, "plaintext");
+    assert!(err.contains("no encryption") || err.contains("pg_hba.conf"), "plaintext refused by the server: {err}");
+    let err = case(format!("{base}?sslmode=require"), &certs.other_ca, "wrong-ca");
+    assert!(err.to_lowercase().contains("certificate"), "a certificate the CA did not sign is refused: {err}");
+    assert_eq!(cluster.psql("SELECT count(*) FROM public.orders"), "500", "the refused runs wrote nothing");
 }

@@ -1,0 +1,309 @@
+//! Faults between sluice and its services, with the fault proxy ([`FaultProxy`]) in front of a
+//! server of the test's own: connections dropped, traffic stalled, connections refused (the
+//! service is down), every chunk delayed, responses cut part-way, and the server itself killed
+//! and restarted mid-run. Each pipeline runs unbounded through all of it, by itself, and its sink
+//! ends with every record exactly once. Recovery times are printed (`--nocapture`) and asserted
+//! to stay within a bound.
+//!
+//! Each phase freezes sluice (SIGSTOP) while its records are produced, thaws it and strikes at
+//! once, so the fault always meets a backlog in flight, never an idle pipeline.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::common::sluice;
+use crate::fault_proxy::{Control, FaultProxy, Faults};
+use crate::kafka::{create, create_on, produce_to, topic, Manifest};
+use crate::pg_cluster::PgCluster;
+use crate::security::start_tansu;
+
+/// Records per phase.
+const PER_PHASE: usize = 3000;
+/// How long the sink may take to hold a phase's records once its fault is over.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(60);
+
+/// A fault: its name, and what it does (returns when the fault is over).
+type Fault<'a> = (&'static str, Box<dyn Fn() + Sync + 'a>);
+
+/// The proxy faults every service gets.
+fn proxy_faults(c: &Control) -> Vec<Fault<'_>> {
+    vec![
+        ("none (baseline)", Box::new(|| {})),
+        (
+            "every connection dropped, 5 times 500 ms apart",
+            Box::new(move || {
+                for _ in 0..5 {
+                    c.drop_all();
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }),
+        ),
+        (
+            "all traffic stalled for 5 s",
+            Box::new(move || {
+                c.stall(Duration::from_secs(5));
+                std::thread::sleep(Duration::from_secs(5));
+            }),
+        ),
+        (
+            "connections refused for 3 s",
+            Box::new(move || {
+                c.refuse(Duration::from_secs(3));
+                std::thread::sleep(Duration::from_secs(3));
+            }),
+        ),
+        (
+            "every chunk delayed 100 ms for 4 s",
+            Box::new(move || {
+                c.delay(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_secs(4));
+                c.delay(Duration::ZERO);
+            }),
+        ),
+        (
+            "a response cut after 20 bytes, 5 times 300 ms apart",
+            Box::new(move || {
+                for _ in 0..5 {
+                    c.cut_next_response(20);
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            }),
+        ),
+    ]
+}
+
+struct Recovery {
+    fault: &'static str,
+    /// From the thaw to the end of the fault.
+    fault_took: Duration,
+    /// From the end of the fault to the sink holding every record of the phase.
+    caught_up_after: Duration,
+}
+
+/// Sends SIGSTOP or SIGCONT.
+fn signal(child: &std::process::Child, sig: &str) {
+    let ok = std::process::Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill {sig}");
+}
+
+/// Runs each fault as a phase: freeze sluice, produce the phase's records (`produce(start)` returns
+/// their manifest), thaw, strike; then wait until `count()` reaches every good record so far.
+fn run_phases(
+    child: &mut std::process::Child,
+    faults: &[Fault],
+    produce: &dyn Fn(usize) -> Manifest,
+    count: &dyn Fn() -> Option<i64>,
+    log: &Path,
+) -> (Vec<Recovery>, Manifest) {
+    let mut all = Manifest { good: Default::default(), bad: Vec::new() };
+    let mut recoveries = Vec::new();
+    for (i, (name, fault)) in faults.iter().enumerate() {
+        signal(child, "-STOP");
+        let m = produce(1 + i * PER_PHASE);
+        all.good.extend(m.good);
+        signal(child, "-CONT");
+        let thawed = Instant::now();
+        fault();
+        let fault_took = thawed.elapsed();
+        let ended = Instant::now();
+        let expected = all.good.len() as i64;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("sluice exited ({status}) during the fault \"{name}\":\n{}", std::fs::read_to_string(log).unwrap());
+            }
+            let n = count();
+            if n == Some(expected) {
+                break;
+            }
+            assert!(
+                n.is_none_or(|n| n <= expected),
+                "the sink holds {n:?} rows, more than the {expected} produced, after \"{name}\""
+            );
+            assert!(
+                ended.elapsed() < RECOVERY_LIMIT,
+                "no recovery {RECOVERY_LIMIT:?} after \"{name}\": the sink holds {n:?} of {expected} rows\n{}",
+                std::fs::read_to_string(log).unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        recoveries.push(Recovery { fault: name, fault_took, caught_up_after: ended.elapsed() });
+    }
+    (recoveries, all)
+}
+
+fn report(service: &str, recoveries: &[Recovery]) {
+    eprintln!("faults between sluice and {service} ({PER_PHASE} records a phase):");
+    for r in recoveries {
+        eprintln!(
+            "  {:<55} fault {:>6.2} s, every record in the sink {:>6.2} s after it",
+            r.fault,
+            r.fault_took.as_secs_f64(),
+            r.caught_up_after.as_secs_f64()
+        );
+    }
+}
+
+fn spawn(pipeline: &Path, log: &Path) -> std::process::Child {
+    let f = std::fs::File::create(log).unwrap();
+    sluice().args(["run", "--no-progress"]).arg(pipeline).env("RUST_LOG", "warn").stderr(f).spawn().unwrap()
+}
+
+/// Stops sluice with SIGTERM; it must exit 0.
+fn stop(mut child: std::process::Child, log: &Path) {
+    signal(&child, "-TERM");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "a graceful stop exits 0:\n{}", std::fs::read_to_string(log).unwrap());
+}
+
+/// Kills the child if the test fails before its stop.
+struct KillOnPanic(u32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = std::process::Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+        }
+    }
+}
+
+fn source(brokers: &str, topic: &str) -> String {
+    format!(
+        r#"
+[sources.orders]
+type = "kafka"
+brokers = "{brokers}"
+topics = ["{topic}"]
+group_id = "{topic}-g"
+format = {{ type = "json" }}
+schema = {{ order_id = "bigint not null", customer = "varchar", amount = "decimal(10,2) not null", status = "varchar" }}
+"#
+    )
+}
+
+fn sink(url: &str, table: &str) -> String {
+    format!(
+        r#"
+[sinks.table]
+type = "postgres"
+inputs = ["orders"]
+url = "{url}"
+table = "{table}"
+create_table = true
+exactly_once = true
+batch_rows = 500
+flush_interval = "100ms"
+"#
+    )
+}
+
+/// Checks the table holds every good record once, with the right amounts.
+fn check_exactly_once(psql: &dyn Fn(&str) -> String, table: &str, m: &Manifest) {
+    let n = m.good.len();
+    assert_eq!(
+        psql(&format!("SELECT count(*), count(DISTINCT order_id) FROM {table}")),
+        format!("{n}|{n}"),
+        "every record exactly once"
+    );
+    let cents: i64 = m.good.values().sum();
+    assert_eq!(psql(&format!("SELECT (sum(amount) * 100)::bigint FROM {table}")), cents.to_string());
+}
+
+#[test]
+fn kafka_source_recovers_from_every_fault_and_a_broker_restart_with_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    // A broker of this test's own (sqlite engine: it keeps its data over a restart), advertising
+    // the proxy, so every connection sluice makes to it, after bootstrap too, goes through it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], port)), Faults::default());
+    let broker = Mutex::new(Some(start_tansu(dir.path(), port, proxy.addr, false)));
+    let brokers = proxy.addr.to_string();
+    let t = topic("faults-kafka");
+    create_on(&brokers, &t, 4);
+    let s = crate::postgres::schema("faults_kafka");
+    let table = format!("{s}.orders");
+    let p = dir.path().join("p.toml");
+    std::fs::write(&p, format!("[pipeline]\nname = \"kafka-faults\"\n{}{}", source(&brokers, &t), sink(&crate::postgres::url(), &table)))
+        .unwrap();
+    let log = dir.path().join("sluice.log");
+    let mut child = spawn(&p, &log);
+    let _guard = KillOnPanic(child.id());
+
+    let mut faults = proxy_faults(&proxy.control);
+    faults.push((
+        "broker killed, restarted 2 s later",
+        Box::new(|| {
+            drop(broker.lock().unwrap().take());
+            std::thread::sleep(Duration::from_secs(2));
+            *broker.lock().unwrap() = Some(start_tansu(dir.path(), port, proxy.addr, false));
+        }),
+    ));
+    let produce = |start| produce_to(&brokers, &t, 4, PER_PHASE, start, 0, dir.path(), &[]);
+    let count = || {
+        let exists = crate::postgres::psql(&format!("SELECT to_regclass('{table}') IS NOT NULL")) == "t";
+        Some(if exists { crate::postgres::psql(&format!("SELECT count(*) FROM {table}")).parse().unwrap() } else { 0 })
+    };
+    let (recoveries, all) = run_phases(&mut child, &faults, &produce, &count, &log);
+    stop(child, &log);
+    report("Kafka", &recoveries);
+    check_exactly_once(&crate::postgres::psql, &table, &all);
+    let c = &proxy.control;
+    let (dropped, refused) = (c.dropped.load(std::sync::atomic::Ordering::SeqCst), c.refused.load(std::sync::atomic::Ordering::SeqCst));
+    let cut = proxy.stats.cut.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("  proxy: {dropped} connections dropped, {refused} refused, {cut} responses cut");
+    assert!(dropped >= 5 && refused >= 1 && cut >= 1, "the faults happened: {dropped} dropped, {refused} refused, {cut} cut");
+}
+
+#[test]
+fn postgres_sink_recovers_from_every_fault_and_a_server_restart_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = PgCluster::start(None);
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], cluster.port)), Faults::default());
+    let t = topic("faults-pg");
+    create(&t, 4);
+    let table = "public.orders";
+    let p = dir.path().join("p.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[pipeline]\nname = \"pg-faults\"\n{}{}",
+            source(&crate::kafka::brokers(), &t),
+            sink(&cluster.url_via(proxy.addr.port()), table)
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("sluice.log");
+    let mut child = spawn(&p, &log);
+    let _guard = KillOnPanic(child.id());
+
+    let mut faults = proxy_faults(&proxy.control);
+    faults.push((
+        "server killed (-m immediate), restarted 2 s later",
+        Box::new(|| {
+            cluster.kill();
+            std::thread::sleep(Duration::from_secs(2));
+            cluster.start_again();
+            cluster.wait_ready(Duration::from_secs(30));
+        }),
+    ));
+    let produce = |start| crate::kafka::produce(&t, 4, PER_PHASE, start, 0, dir.path());
+    let count = || {
+        let exists = cluster.try_psql(&format!("SELECT to_regclass('{table}') IS NOT NULL"))?;
+        if exists != "t" {
+            return Some(0);
+        }
+        cluster.try_psql(&format!("SELECT count(*) FROM {table}"))?.parse().ok()
+    };
+    let (recoveries, all) = run_phases(&mut child, &faults, &produce, &count, &log);
+    stop(child, &log);
+    report("PostgreSQL", &recoveries);
+    check_exactly_once(&|sql| cluster.psql(sql), table, &all);
+    let c = &proxy.control;
+    let (dropped, refused) = (c.dropped.load(std::sync::atomic::Ordering::SeqCst), c.refused.load(std::sync::atomic::Ordering::SeqCst));
+    let cut = proxy.stats.cut.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("  proxy: {dropped} connections dropped, {refused} refused, {cut} responses cut");
+    assert!(dropped >= 5 && cut >= 1, "the faults happened: {dropped} dropped, {refused} refused, {cut} cut");
+    let retries = std::fs::read_to_string(&log).unwrap().matches("retrying in").count();
+    assert!(retries > 0, "the sink retried through the faults (no retry logged)");
+}
