@@ -39,7 +39,8 @@ impl PgCluster {
         c.cmd("initdb", &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"]);
         let sock = c.dir.path().display().to_string();
         // fsync off: a restart here is a process crash, the page cache survives it.
-        let mut options = format!("-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c log_connections=on");
+        let mut options =
+            format!("-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c log_connections=on");
         if let Some((cert, key)) = tls {
             for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
                 std::fs::copy(from, data.join(to)).unwrap();
@@ -67,7 +68,12 @@ impl PgCluster {
     fn own(&self, path: &Path) {
         if is_root() {
             let out = Command::new("chown").args(["-R", "postgres:postgres"]).arg(path).output().unwrap();
-            assert!(out.status.success(), "chown postgres {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "chown postgres {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 
@@ -92,7 +98,8 @@ impl PgCluster {
     fn cmd(&self, program: &str, args: &[&str]) -> Output {
         let out = self
             .command(program)
-            .args(args)            .current_dir(self.dir.path())
+            .args(args)
+            .current_dir(self.dir.path())
             .output()
             .unwrap_or_else(|e| panic!("{program}: {e}"));
         assert!(
@@ -109,7 +116,18 @@ impl PgCluster {
         let (data, log) = (self.data(), self.dir.path().join("server.log"));
         self.cmd(
             "pg_ctl",
-            &["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-o", &self.options, "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-o",
+                &self.options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
         );
     }
 

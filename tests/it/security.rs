@@ -392,8 +392,11 @@ fn postgres_over_tls_with_test_made_certificates_and_plaintext_refused() {
     let certs = make_certs(dir.path());
     let cluster = crate::pg_cluster::PgCluster::start(Some((&certs.server.0, &certs.server.1)));
     let input = dir.path().join("in.ndjson");
-    std::fs::write(&input, (1..=500).map(|i| format!("{{\"order_id\": {i}, \"note\": \"n{i}\"}}\n")).collect::<String>())
-        .unwrap();
+    std::fs::write(
+        &input,
+        (1..=500).map(|i| format!("{{\"order_id\": {i}, \"note\": \"n{i}\"}}\n")).collect::<String>(),
+    )
+    .unwrap();
     let base = cluster.url_via(cluster.port);
     let pipeline = |url: &str, ca: &Path, out: &Path| {
         format!(
@@ -463,9 +466,18 @@ format = "parquet"
         .sum();
     assert_eq!(ids, 125250, "every row read back over TLS");
     let log = cluster.server_log();
-    let tls_connections = log.lines().filter(|l| l.contains("application_name=sluice") && l.contains("SSL enabled")).count();
-    let clear = log.lines().filter(|l| l.contains("application_name=sluice") && !l.contains("SSL enabled") && l.contains("connection authorized")).count();
-    assert!(tls_connections >= 2 && clear == 0, "sluice's connections use TLS: {tls_connections} over TLS, {clear} in clear\n{log}");
+    let tls_connections =
+        log.lines().filter(|l| l.contains("application_name=sluice") && l.contains("SSL enabled")).count();
+    let clear = log
+        .lines()
+        .filter(|l| {
+            l.contains("application_name=sluice") && !l.contains("SSL enabled") && l.contains("connection authorized")
+        })
+        .count();
+    assert!(
+        tls_connections >= 2 && clear == 0,
+        "sluice's connections use TLS: {tls_connections} over TLS, {clear} in clear\n{log}"
+    );
 
     // No sslmode: TLS off, and the server refuses plaintext.
     let case = |url: String, ca: &Path, name: &str| {
@@ -474,7 +486,10 @@ format = "parquet"
         let out = sluice().args(["run", "--no-progress"]).arg(&p).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert_eq!(out.status.code(), Some(3), "{name}: {err}");
-        assert!(err.contains(&format!("127.0.0.1:{}/postgres", cluster.port)), "{name}: the error names the server: {err}");
+        assert!(
+            err.contains(&format!("127.0.0.1:{}/postgres", cluster.port)),
+            "{name}: the error names the server: {err}"
+        );
         err
     };
     let err = case(base.clone(), &certs.ca, "plaintext");
