@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::sluice;
 use crate::fault_proxy::{Control, FaultProxy, Faults};
-use crate::kafka::{create, create_on, produce_to, topic, Manifest};
+use crate::kafka::{create, create_on, produce_to, topic, KillOnDrop, Manifest};
 use crate::pg_cluster::PgCluster;
 use crate::security::start_tansu;
 
@@ -160,15 +160,13 @@ fn stop(mut child: std::process::Child, log: &Path) {
     assert_eq!(status.code(), Some(0), "a graceful stop exits 0:\n{}", std::fs::read_to_string(log).unwrap());
 }
 
-/// Kills the child if the test fails before its stop.
-struct KillOnPanic(u32);
-
-impl Drop for KillOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let _ = std::process::Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
-        }
-    }
+/// What the proxy did: connections dropped, connections refused, responses cut (printed too).
+fn fault_counts(proxy: &FaultProxy) -> (usize, usize, usize) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (c, s) = (&proxy.control, &proxy.stats);
+    let counts = (c.dropped.load(SeqCst), c.refused.load(SeqCst), s.cut.load(SeqCst));
+    eprintln!("  proxy: {} connections dropped, {} refused, {} responses cut", counts.0, counts.1, counts.2);
+    counts
 }
 
 fn source(brokers: &str, topic: &str) -> String {
@@ -238,7 +236,7 @@ fn kafka_source_recovers_from_every_fault_and_a_broker_restart_with_nothing_lost
     .unwrap();
     let log = dir.path().join("sluice.log");
     let mut child = spawn(&p, &log);
-    let _guard = KillOnPanic(child.id());
+    let _guard = KillOnDrop(vec![child.id()]);
 
     let mut faults = proxy_faults(&proxy.control);
     faults.push((
@@ -258,11 +256,7 @@ fn kafka_source_recovers_from_every_fault_and_a_broker_restart_with_nothing_lost
     stop(child, &log);
     report("Kafka", &recoveries);
     check_exactly_once(&crate::postgres::psql, &table, &all);
-    let c = &proxy.control;
-    let (dropped, refused) =
-        (c.dropped.load(std::sync::atomic::Ordering::SeqCst), c.refused.load(std::sync::atomic::Ordering::SeqCst));
-    let cut = proxy.stats.cut.load(std::sync::atomic::Ordering::SeqCst);
-    eprintln!("  proxy: {dropped} connections dropped, {refused} refused, {cut} responses cut");
+    let (dropped, refused, cut) = fault_counts(&proxy);
     assert!(
         dropped >= 5 && refused >= 1 && cut >= 1,
         "the faults happened: {dropped} dropped, {refused} refused, {cut} cut"
@@ -289,7 +283,7 @@ fn postgres_sink_recovers_from_every_fault_and_a_server_restart_exactly_once() {
     .unwrap();
     let log = dir.path().join("sluice.log");
     let mut child = spawn(&p, &log);
-    let _guard = KillOnPanic(child.id());
+    let _guard = KillOnDrop(vec![child.id()]);
 
     let mut faults = proxy_faults(&proxy.control);
     faults.push((
@@ -313,11 +307,7 @@ fn postgres_sink_recovers_from_every_fault_and_a_server_restart_exactly_once() {
     stop(child, &log);
     report("PostgreSQL", &recoveries);
     check_exactly_once(&|sql| cluster.psql(sql), table, &all);
-    let c = &proxy.control;
-    let (dropped, refused) =
-        (c.dropped.load(std::sync::atomic::Ordering::SeqCst), c.refused.load(std::sync::atomic::Ordering::SeqCst));
-    let cut = proxy.stats.cut.load(std::sync::atomic::Ordering::SeqCst);
-    eprintln!("  proxy: {dropped} connections dropped, {refused} refused, {cut} responses cut");
+    let (dropped, refused, cut) = fault_counts(&proxy);
     // The pool opens connections lazily: a drop finds only those open at that moment.
     assert!(dropped >= 2 && cut >= 1, "the faults happened: {dropped} dropped, {refused} refused, {cut} cut");
     let retries = std::fs::read_to_string(&log).unwrap().matches("retrying in").count();

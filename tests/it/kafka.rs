@@ -611,7 +611,7 @@ fn sigterm_mid_stream_commits_what_was_written_so_a_rerun_has_no_duplicates() {
 }
 
 /// Kills (SIGKILL) processes still running when a test fails.
-struct KillOnDrop(Vec<u32>);
+pub(crate) struct KillOnDrop(pub Vec<u32>);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
