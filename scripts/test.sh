@@ -37,6 +37,8 @@ start_tansu "$SLUICE_KAFKA_PORT" memory
 export SLUICE_TEST_KAFKA="127.0.0.1:$SLUICE_KAFKA_PORT"
 # tests/it/security.rs starts brokers of its own (SASL users, behind a TLS proxy).
 export SLUICE_TEST_TANSU="$SLUICE_BIN/tansu"
+# tests/it/faults.rs starts (and kills, and restarts) an S3 server of its own.
+export SLUICE_TEST_GARAGE="$SLUICE_BIN/garage"
 # An S3-compatible server (Garage) with a test key; its id and secret go to the tests through the
 # environment only.
 export SLUICE_S3_PORT="${SLUICE_S3_PORT:-13900}"

@@ -37,6 +37,40 @@ struct Cli {
     command: Command,
 }
 
+/// HTTPS for the coordinator (README: "Worker ↔ coordinator security").
+#[derive(clap::Args, Debug)]
+struct ServerTlsArgs {
+    /// Serve HTTPS with this PEM certificate (chain); needs --tls-key.
+    #[arg(long, env = "SLUICE_COORDINATOR_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "SLUICE_COORDINATOR_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: refuse any caller without a client certificate signed by this PEM CA.
+    #[arg(long, env = "SLUICE_COORDINATOR_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+/// TLS settings for reaching an https:// coordinator.
+#[derive(clap::Args, Debug)]
+struct ClientTlsArgs {
+    /// The PEM CA that signed the coordinator's certificate (default: the system's roots).
+    #[arg(long, env = "SLUICE_COORDINATOR_CA")]
+    coordinator_ca: Option<PathBuf>,
+    /// A PEM client certificate, for a coordinator that requires one (mutual TLS); needs --tls-key.
+    #[arg(long, env = "SLUICE_WORKER_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "SLUICE_WORKER_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    fn settings(self) -> sluice::coordinator::tls::ClientTls {
+        sluice::coordinator::tls::ClientTls { ca: self.coordinator_ca, cert: self.tls_cert, key: self.tls_key }
+    }
+}
+
 /// The coordinator's autoscaler (README: "Autoscaling").
 #[derive(clap::Args, Debug)]
 struct AutoscaleArgs {
@@ -151,6 +185,8 @@ enum Command {
         refresh_interval: std::time::Duration,
         #[command(flatten)]
         autoscale: AutoscaleArgs,
+        #[command(flatten)]
+        tls: ServerTlsArgs,
     },
     /// Run as a worker: register with the coordinator and run the shards it assigns. SIGTERM
     /// drains them (flush, commit), hands them back and exits 0.
@@ -172,6 +208,8 @@ enum Command {
         /// request when there is no CPU limit, as the Helm chart does).
         #[arg(long, env = "SLUICE_CPU_MILLICORES", value_parser = clap::value_parser!(u32).range(1..))]
         cpu_millicores: Option<u32>,
+        #[command(flatten)]
+        tls: ClientTlsArgs,
     },
     /// Show the coordinator's workers and shards: owners, epochs, lag and rates.
     Status {
@@ -181,6 +219,8 @@ enum Command {
         /// Print the JSON of GET /v1/status instead of tables.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        tls: ClientTlsArgs,
     },
     /// Check a pipeline without running it: syntax, keys and value types, environment variables,
     /// the graph of inputs, schemas, and that every SQL query plans. Exit 0 when valid, 1 when not.
@@ -216,16 +256,22 @@ fn main() -> ExitCode {
                 heartbeat_interval,
                 refresh_interval,
                 autoscale,
+                tls,
             } => {
                 let timing =
                     sluice::coordinator::server::Timing { lease_timeout, heartbeat_interval, refresh_interval };
-                coordinator(pipeline, listen, timing, autoscale, cli.log_format).await
+                let tls = sluice::coordinator::tls::ServerTls {
+                    cert: tls.tls_cert,
+                    key: tls.tls_key,
+                    client_ca: tls.tls_client_ca,
+                };
+                coordinator(pipeline, listen, timing, autoscale, tls, cli.log_format).await
             }
-            Command::Worker { pipeline, coordinator, metrics_addr, worker, cpu_millicores } => {
+            Command::Worker { pipeline, coordinator, metrics_addr, worker, cpu_millicores, tls } => {
                 let cpus = cpu_millicores.map(|m| f64::from(m) / 1000.0);
-                worker_mode(pipeline, &coordinator, metrics_addr, worker, cpus).await
+                worker_mode(pipeline, &coordinator, metrics_addr, worker, cpus, &tls.settings()).await
             }
-            Command::Status { coordinator, json } => status(&coordinator, json).await,
+            Command::Status { coordinator, json, tls } => status(&coordinator, json, &tls.settings()).await,
         }
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -447,6 +493,7 @@ async fn autoscaler(
     a: AutoscaleArgs,
     pipeline: &std::path::Path,
     listen: SocketAddr,
+    scheme: &str,
     log_format: LogFormat,
 ) -> Result<sluice::coordinator::server::AutoscaleOptions, String> {
     use sluice::autoscale::scaler::{KubeScaler, NoneScaler, ProcessScaler, Scaler};
@@ -476,9 +523,9 @@ async fn autoscaler(
                 std::env::current_exe().map_err(|e| format!("--scaler process: cannot find this program: {e}"))?;
             let host = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
             let url = if listen.is_ipv6() && !listen.ip().is_unspecified() {
-                format!("http://[{host}]:{}", listen.port())
+                format!("{scheme}://[{host}]:{}", listen.port())
             } else {
-                format!("http://{host}:{}", listen.port())
+                format!("{scheme}://{host}:{}", listen.port())
             };
             let format = match log_format {
                 LogFormat::Text => "text",
@@ -505,6 +552,7 @@ async fn coordinator(
     listen: SocketAddr,
     timing: sluice::coordinator::server::Timing,
     autoscale: AutoscaleArgs,
+    tls: sluice::coordinator::tls::ServerTls,
     log_format: LogFormat,
 ) -> u8 {
     let token = match token() {
@@ -522,7 +570,15 @@ async fn coordinator(
             return EXIT_CONFIG;
         }
     };
-    let autoscale = match autoscaler(autoscale, &path, listen, log_format).await {
+    let server_tls = match tls.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let scheme = if server_tls.is_some() { "https" } else { "http" };
+    let autoscale = match autoscaler(autoscale, &path, listen, scheme, log_format).await {
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: {e}");
@@ -549,6 +605,8 @@ async fn coordinator(
         health: Health::default(),
         stop,
         autoscale,
+        mutual_tls: server_tls.is_some() && tls.client_ca.is_some(),
+        tls: server_tls,
     };
     match sluice::coordinator::server::serve(opts).await {
         Ok(()) => EXIT_OK,
@@ -565,12 +623,13 @@ async fn worker_mode(
     metrics_addr: Option<SocketAddr>,
     worker: Option<String>,
     cpus: Option<f64>,
+    tls: &sluice::coordinator::tls::ClientTls,
 ) -> u8 {
     let token = match token() {
         Ok(t) => t,
         Err(c) => return c,
     };
-    let client = match sluice::coordinator::client::Client::new(url, &token, std::time::Duration::from_secs(5)) {
+    let client = match sluice::coordinator::client::Client::new(url, &token, std::time::Duration::from_secs(5), tls) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: --coordinator: {e}");
@@ -625,12 +684,12 @@ async fn worker_mode(
     }
 }
 
-async fn status(url: &str, json: bool) -> u8 {
+async fn status(url: &str, json: bool, tls: &sluice::coordinator::tls::ClientTls) -> u8 {
     let token = match token() {
         Ok(t) => t,
         Err(c) => return c,
     };
-    let client = match sluice::coordinator::client::Client::new(url, &token, std::time::Duration::from_secs(10)) {
+    let client = match sluice::coordinator::client::Client::new(url, &token, std::time::Duration::from_secs(10), tls) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: --coordinator: {e}");

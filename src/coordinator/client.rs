@@ -22,9 +22,11 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
+    /// `tls` applies to an `https://` URL (see [`super::tls::ClientTls`]).
+    ///
     /// # Errors
-    /// When `base` is not an http(s) URL.
-    pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, String> {
+    /// When `base` is not an http(s) URL, or the TLS files cannot be used.
+    pub fn new(base: &str, token: &str, timeout: Duration, tls: &super::tls::ClientTls) -> Result<Self, String> {
         let base = base.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(format!("the coordinator URL must start with http:// or https://, not `{base}`"));
@@ -32,6 +34,7 @@ impl Client {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
+            .use_preconfigured_tls(tls.config()?)
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(Client { base, token: token.to_string(), http })

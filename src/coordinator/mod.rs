@@ -15,6 +15,7 @@
 pub mod assign;
 pub mod client;
 pub mod server;
+pub mod tls;
 pub mod worker;
 
 use serde::{Deserialize, Serialize};

@@ -13,6 +13,7 @@ use axum::Json;
 use indexmap::IndexMap;
 use tokio_util::sync::CancellationToken;
 
+use super::tls::Peer;
 use super::{
     assign, shard_key, AutoscaleStatus, Grant, HeartbeatRequest, HeartbeatResponse, LeaveRequest, Load, ShardStatus,
     Status, WorkerStatus,
@@ -532,9 +533,17 @@ struct App {
     core: Arc<Mutex<Core>>,
     token: Arc<str>,
     pipeline: Arc<str>,
+    /// Mutual TLS: API calls need a verified client certificate.
+    mutual_tls: bool,
 }
 
-fn authorized(app: &App, headers: &HeaderMap, peer: SocketAddr, path: &str) -> Result<(), Box<Response>> {
+fn authorized(app: &App, headers: &HeaderMap, peer: Peer, path: &str) -> Result<(), Box<Response>> {
+    if app.mutual_tls && !peer.client_cert {
+        tracing::warn!(%peer, path, "refused a call without a client certificate (mutual TLS is on)");
+        metrics::counter!(names::COORDINATOR_REFUSED_CALLS_TOTAL).increment(1);
+        let error = "no client certificate: this coordinator requires one signed by its --tls-client-ca";
+        return Err(Box::new((StatusCode::UNAUTHORIZED, Json(serde_json::json!({ "error": error }))).into_response()));
+    }
     let given = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let ok = given
         .and_then(|v| v.strip_prefix("Bearer "))
@@ -554,7 +563,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn heartbeat(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
     body: Result<Json<HeartbeatRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -576,7 +585,7 @@ async fn heartbeat(
 
 async fn leave(
     State(app): State<App>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
     body: Result<Json<LeaveRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -593,7 +602,7 @@ async fn leave(
     Json(serde_json::json!({ "left": known })).into_response()
 }
 
-async fn status(State(app): State<App>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+async fn status(State(app): State<App>, ConnectInfo(peer): ConnectInfo<Peer>, headers: HeaderMap) -> Response {
     if let Err(r) = authorized(&app, &headers, peer, "/v1/status") {
         return *r;
     }
@@ -620,6 +629,10 @@ pub struct CoordinatorOptions {
     pub health: Health,
     pub stop: CancellationToken,
     pub autoscale: AutoscaleOptions,
+    /// HTTPS (see [`super::tls::ServerTls::config`]); `None` for plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Whether `tls` requires client certificates (for the log line).
+    pub mutual_tls: bool,
 }
 
 /// Serves the coordinator API (and `/healthz`, `/readyz`, `/metrics`) until `stop` fires.
@@ -628,7 +641,12 @@ pub struct CoordinatorOptions {
 /// When the address cannot be bound.
 pub async fn serve(opts: CoordinatorOptions) -> Result<()> {
     let core = Arc::new(Mutex::new(Core::new(opts.timing, Instant::now())));
-    let app = App { core: core.clone(), token: opts.token.into(), pipeline: opts.pipeline.clone().into() };
+    let app = App {
+        core: core.clone(),
+        token: opts.token.into(),
+        pipeline: opts.pipeline.clone().into(),
+        mutual_tls: opts.mutual_tls,
+    };
     let handle = opts.metrics.clone();
     let health = opts.health.clone();
     let router = axum::Router::new()
@@ -654,7 +672,13 @@ pub async fn serve(opts: CoordinatorOptions) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|e| Error::Metrics { addr: opts.listen.to_string(), message: format!("cannot listen: {e}") })?;
-    tracing::info!(addr = %opts.listen, pipeline = %opts.pipeline, lease_timeout = ?opts.timing.lease_timeout, "coordinator listening");
+    let scheme = match (&opts.tls, opts.mutual_tls) {
+        (None, _) => "http",
+        (Some(_), false) => "https",
+        (Some(_), true) => "https, client certificates required",
+    };
+    tracing::info!(addr = %opts.listen, scheme, pipeline = %opts.pipeline, lease_timeout = ?opts.timing.lease_timeout, "coordinator listening");
+    let listener = super::tls::Listener::new(listener, opts.tls.clone());
 
     // The timer: leases expire and shards move even when no heartbeat arrives; shards and lag
     // are read from the sources every refresh interval.
@@ -682,7 +706,7 @@ pub async fn serve(opts: CoordinatorOptions) -> Result<()> {
     // through this server), then the server stops.
     let http_stop = CancellationToken::new();
     let autoscaler = tokio::spawn(autoscale_loop(core.clone(), opts.autoscale, opts.stop.clone(), http_stop.clone()));
-    let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+    let served = axum::serve(listener, router.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(http_stop.cancelled_owned())
         .await;
     refresher.abort();

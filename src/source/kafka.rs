@@ -1256,10 +1256,21 @@ impl SourceContext {
         SourceContext { source, group, last_error: Mutex::new(None) }
     }
 
-    /// `"; the last client error: ..."`, or nothing.
+    /// `"; the last client error: ..."`, or nothing. A failed request can return before
+    /// librdkafka's thread logs why (a TLS handshake failure on a loaded machine), so with no
+    /// error yet this waits up to a second for one. Blocking: call it off the async threads.
     fn last_error(&self) -> String {
-        let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
-        last.as_ref().map(|e| format!("; the last client error: {e}")).unwrap_or_default()
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(e) = last {
+                return format!("; the last client error: {e}");
+            }
+            if std::time::Instant::now() >= deadline {
+                return String::new();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn remember(&self, error: String) {

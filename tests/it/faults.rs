@@ -1,4 +1,4 @@
-//! Faults between sluice and its services, with the fault proxy ([`FaultProxy`]) in front of a
+//! Faults between sluice and its services (Kafka, PostgreSQL, S3), with the fault proxy ([`FaultProxy`]) in front of a
 //! server of the test's own: connections dropped, traffic stalled, connections refused (the
 //! service is down), every chunk delayed, responses cut part-way, and the server itself killed
 //! and restarted mid-run. Each pipeline runs unbounded through all of it, by itself, and its sink
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::sluice;
 use crate::fault_proxy::{Control, FaultProxy, Faults};
+use crate::garage::Garage;
 use crate::kafka::{create, create_on, produce_to, topic, KillOnDrop, Manifest};
 use crate::pg_cluster::PgCluster;
 use crate::security::start_tansu;
@@ -312,4 +313,75 @@ fn postgres_sink_recovers_from_every_fault_and_a_server_restart_exactly_once() {
     assert!(dropped >= 2 && cut >= 1, "the faults happened: {dropped} dropped, {refused} refused, {cut} cut");
     let retries = std::fs::read_to_string(&log).unwrap().matches("retrying in").count();
     assert!(retries > 0, "the sink retried through the faults (no retry logged)");
+}
+
+#[test]
+fn s3_sink_recovers_from_every_fault_and_a_server_restart_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = crate::s3::bucket_name("faults");
+    let garage = Mutex::new(Garage::start(&b));
+    let (endpoint, port) = {
+        let g = garage.lock().unwrap();
+        (g.endpoint(), g.port)
+    };
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], port)), Faults::default());
+    let t = topic("faults-s3");
+    create(&t, 4);
+    let p = dir.path().join("p.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"[pipeline]
+name = "s3-faults"
+{source}metadata = ["partition", "offset"]
+
+[sinks.lake]
+type = "s3"
+inputs = ["orders"]
+prefix = "faults"
+exactly_once = true
+rotate = {{ max_rows = 1000, max_age = "1s" }}
+{conn}
+"#,
+            source = source(&crate::kafka::brokers(), &t),
+            conn = crate::s3::connection(&b, &proxy.url())
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("sluice.log");
+    let mut child = spawn(&p, &log);
+    let _guard = KillOnDrop(vec![child.id()]);
+
+    let mut faults = proxy_faults(&proxy.control);
+    faults.push((
+        "server killed (SIGKILL), restarted 2 s later",
+        Box::new(|| {
+            let mut g = garage.lock().unwrap();
+            g.kill();
+            std::thread::sleep(Duration::from_secs(2));
+            g.start_again();
+        }),
+    ));
+    let produce = |start| crate::kafka::produce(&t, 4, PER_PHASE, start, 0, dir.path());
+    let read = || {
+        let out = crate::common::python_tool_env(
+            "s3_tool.py",
+            &["read", &b, "faults/", "--id-column", "order_id"],
+            &[("SLUICE_TEST_S3_ENDPOINT", &endpoint)],
+        );
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let count = || read()["rows"].as_i64();
+    let (recoveries, all) = run_phases(&mut child, &faults, &produce, &count, &log);
+    stop(child, &log);
+    report("S3 (Garage)", &recoveries);
+    let got = read();
+    let mut ids: Vec<i64> = got["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    ids.sort_unstable();
+    let mut want: Vec<i64> = all.good.keys().copied().collect();
+    want.sort_unstable();
+    assert!(ids == want, "every record exactly once: {} rows, {} expected", ids.len(), want.len());
+    assert_eq!(got["pending_uploads"], 0, "no multipart upload left behind");
+    let (dropped, refused, cut) = fault_counts(&proxy);
+    assert!(dropped >= 1 && cut >= 1, "the faults happened: {dropped} dropped, {refused} refused, {cut} cut");
 }

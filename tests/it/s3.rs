@@ -30,10 +30,15 @@ fn tool(args: &[&str]) -> serde_json::Value {
 
 /// A new bucket with a name no other test uses.
 pub(crate) fn bucket(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let name = format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000);
+    let name = bucket_name(prefix);
     tool(&["mkbucket", &name]);
     name
+}
+
+/// A bucket name no other test uses (not created).
+pub(crate) fn bucket_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
 /// `[sinks.ID]` or `[sources.ID]` connection lines for the test server (or a proxy in front of it).

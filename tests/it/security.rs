@@ -25,7 +25,7 @@ const PASSWORD_256: &str = "it-scram256-Vq3xK9pLm2";
 const PASSWORD_512: &str = "it-scram512-Hd8sWz4nRt";
 const WRONG_PASSWORD: &str = "it-wrong-Yb7cQe1uJo";
 
-fn openssl(dir: &Path, args: &[&str]) {
+pub(crate) fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl runs");
     assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
