@@ -468,9 +468,13 @@ impl Registry {
             return Err(("format.schema_registry.username", "a registry password needs a `username`".into()));
         }
         let timeout = c.timeout.map_or(Duration::from_secs(10), |d| d.0);
+        // reqwest's rustls has no crypto provider of its own: an https:// registry is reached
+        // with sluice's (aws-lc-rs) and the system's roots.
+        let tls = crate::coordinator::tls::ClientTls::default().config().map_err(|e| ("format.schema_registry", e))?;
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
+            .use_preconfigured_tls(tls)
             .build()
             .map_err(|e| ("format.schema_registry", format!("cannot build the HTTP client: {e}")))?;
         Ok(Registry { url, username: c.username.clone(), password: c.password.clone(), http })
