@@ -149,6 +149,24 @@ fn report(service: &str, recoveries: &[Recovery]) {
     }
 }
 
+/// Runs `pipeline` unbounded through every fault ([`run_phases`]), stops it (exit 0) and prints the
+/// recoveries; returns every good record produced, and sluice's log.
+fn run_through(
+    pipeline: &Path,
+    faults: &[Fault],
+    produce: &dyn Fn(usize) -> Manifest,
+    count: &dyn Fn() -> Option<i64>,
+    service: &str,
+) -> (Manifest, String) {
+    let log = pipeline.with_file_name("sluice.log");
+    let mut child = spawn(pipeline, &log);
+    let _guard = KillOnDrop(vec![child.id()]);
+    let (recoveries, all) = run_phases(&mut child, faults, produce, count, &log);
+    stop(child, &log);
+    report(service, &recoveries);
+    (all, std::fs::read_to_string(&log).unwrap())
+}
+
 fn spawn(pipeline: &Path, log: &Path) -> std::process::Child {
     let f = std::fs::File::create(log).unwrap();
     sluice().args(["run", "--no-progress"]).arg(pipeline).env("RUST_LOG", "warn").stderr(f).spawn().unwrap()
@@ -235,10 +253,6 @@ fn kafka_source_recovers_from_every_fault_and_a_broker_restart_with_nothing_lost
         ),
     )
     .unwrap();
-    let log = dir.path().join("sluice.log");
-    let mut child = spawn(&p, &log);
-    let _guard = KillOnDrop(vec![child.id()]);
-
     let mut faults = proxy_faults(&proxy.control);
     faults.push((
         "broker killed, restarted 2 s later",
@@ -253,9 +267,7 @@ fn kafka_source_recovers_from_every_fault_and_a_broker_restart_with_nothing_lost
         let exists = crate::postgres::psql(&format!("SELECT to_regclass('{table}') IS NOT NULL")) == "t";
         Some(if exists { crate::postgres::psql(&format!("SELECT count(*) FROM {table}")).parse().unwrap() } else { 0 })
     };
-    let (recoveries, all) = run_phases(&mut child, &faults, &produce, &count, &log);
-    stop(child, &log);
-    report("Kafka", &recoveries);
+    let (all, _log) = run_through(&p, &faults, &produce, &count, "Kafka");
     check_exactly_once(&crate::postgres::psql, &table, &all);
     let (dropped, refused, cut) = fault_counts(&proxy);
     assert!(
@@ -282,10 +294,6 @@ fn postgres_sink_recovers_from_every_fault_and_a_server_restart_exactly_once() {
         ),
     )
     .unwrap();
-    let log = dir.path().join("sluice.log");
-    let mut child = spawn(&p, &log);
-    let _guard = KillOnDrop(vec![child.id()]);
-
     let mut faults = proxy_faults(&proxy.control);
     faults.push((
         "server killed (-m immediate), restarted 2 s later",
@@ -304,14 +312,12 @@ fn postgres_sink_recovers_from_every_fault_and_a_server_restart_exactly_once() {
         }
         cluster.try_psql(&format!("SELECT count(*) FROM {table}"))?.parse().ok()
     };
-    let (recoveries, all) = run_phases(&mut child, &faults, &produce, &count, &log);
-    stop(child, &log);
-    report("PostgreSQL", &recoveries);
+    let (all, log) = run_through(&p, &faults, &produce, &count, "PostgreSQL");
     check_exactly_once(&|sql| cluster.psql(sql), table, &all);
     let (dropped, refused, cut) = fault_counts(&proxy);
     // The pool opens connections lazily: a drop finds only those open at that moment.
     assert!(dropped >= 2 && cut >= 1, "the faults happened: {dropped} dropped, {refused} refused, {cut} cut");
-    let retries = std::fs::read_to_string(&log).unwrap().matches("retrying in").count();
+    let retries = log.matches("retrying in").count();
     assert!(retries > 0, "the sink retried through the faults (no retry logged)");
 }
 
@@ -348,10 +354,6 @@ rotate = {{ max_rows = 1000, max_age = "1s" }}
         ),
     )
     .unwrap();
-    let log = dir.path().join("sluice.log");
-    let mut child = spawn(&p, &log);
-    let _guard = KillOnDrop(vec![child.id()]);
-
     let mut faults = proxy_faults(&proxy.control);
     faults.push((
         "server killed (SIGKILL), restarted 2 s later",
@@ -372,9 +374,7 @@ rotate = {{ max_rows = 1000, max_age = "1s" }}
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
     };
     let count = || read()["rows"].as_i64();
-    let (recoveries, all) = run_phases(&mut child, &faults, &produce, &count, &log);
-    stop(child, &log);
-    report("S3 (Garage)", &recoveries);
+    let (all, _log) = run_through(&p, &faults, &produce, &count, "S3 (Garage)");
     let got = read();
     let mut ids: Vec<i64> = got["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
     ids.sort_unstable();
