@@ -71,7 +71,15 @@ VALUE_SETS = {
     },
     "scaler-none": {"autoscaling": {"scaler": "none", "scaleToZero": True, "minReplicas": 0},
                     "networkPolicy": {"enabled": True}},
+    "tls": {"tls": {"enabled": True, "coordinatorSecret": "etl-coordinator-tls"}},
+    # Mutual TLS with the CAs in Secrets of their own, and the ServiceMonitor scraping over HTTPS.
+    "mutual-tls": {
+        "tls": {"enabled": True, "coordinatorSecret": "etl-coordinator-tls", "caSecret": "etl-ca", "caKey": "root.pem",
+                "mutual": {"enabled": True, "workerSecret": "etl-worker-tls", "clientCaSecret": "etl-client-ca"}},
+        "serviceMonitor": {"enabled": True},
+    },
 }
+TLS_DIR = "/var/run/sluice/tls"
 # Kinds kubernetes-validate has no schema for; anything else must validate.
 CUSTOM_KINDS = {"ServiceMonitor"}
 DURATION = re.compile(r"^[0-9]+(ms|s|m|h)$")
@@ -346,6 +354,10 @@ class ChartTest(unittest.TestCase):
                     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
                         get = c[probe]["httpGet"]
                         self.assertEqual(get["path"], path, f"{name}/{component} {probe}")
+                        # Only the coordinator's port serves TLS; a worker's metrics port is plain.
+                        https = component == "coordinator" and values["tls"]["enabled"]
+                        self.assertEqual(get.get("scheme", "HTTP"), "HTTPS" if https else "HTTP",
+                                         f"{name}/{component} {probe} scheme")
                         resolved = ports.get(get["port"], get["port"])
                         self.assertEqual(resolved, port, f"{name}/{component} {probe} port")
 
@@ -476,8 +488,9 @@ class ChartTest(unittest.TestCase):
                 args = rendered.container("worker")["args"]
                 self.assertEqual(args[:2], [f"--log-format={values['logFormat']}", "worker"], name)
                 got = args_map(args)
+                scheme = "https" if values["tls"]["enabled"] else "http"
                 self.assertEqual(got["--coordinator"],
-                                 f"http://{service['metadata']['name']}.{NAMESPACE}.svc:{port['port']}", name)
+                                 f"{scheme}://{service['metadata']['name']}.{NAMESPACE}.svc:{port['port']}", name)
                 self.assertEqual(got["--metrics-addr"], f"0.0.0.0:{values['worker']['metricsPort']}", name)
 
     # -- secrets -------------------------------------------------------------------------------
@@ -555,6 +568,9 @@ class ChartTest(unittest.TestCase):
             "maxReplicas": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
             "scaleToZero": {"autoscaling": {"scaleToZero": True, "minReplicas": 1}},
             "serviceAccount": {"serviceAccount": {"create": False, "name": ""}},
+            "tls.coordinatorSecret": {"tls": {"enabled": True}},
+            "mutual TLS is TLS first": {"tls": {"mutual": {"enabled": True, "workerSecret": "w"}}},
+            "tls.mutual.workerSecret": {"tls": {"enabled": True, "coordinatorSecret": "c", "mutual": {"enabled": True}}},
         }
         for needle, overrides in cases.items():
             with self.subTest(needle):
@@ -563,6 +579,70 @@ class ChartTest(unittest.TestCase):
                 self.assertIn(needle, str(caught.exception))
         # The boundary is allowed: exactly a third.
         self.render({"coordinator": {"leaseTimeout": "6s", "heartbeatInterval": "2s"}})
+
+    # -- TLS between workers and the coordinator -----------------------------------------------
+
+    def tls_files(self, rendered: Rendered, component: str) -> dict:
+        """{mounted file: (Secret, key)} of the component's tls volume, checking the mount."""
+        c = rendered.container(component)
+        mounts = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+        self.assertEqual(mounts, [{"name": "tls", "mountPath": TLS_DIR, "readOnly": True}], component)
+        volumes = {v["name"]: v for v in rendered.deployment(component)["spec"]["template"]["spec"]["volumes"]}
+        files = {}
+        for source in volumes["tls"]["projected"]["sources"]:
+            for item in source["secret"]["items"]:
+                files[f"{TLS_DIR}/{item['path']}"] = (source["secret"]["name"], item["key"])
+        return files
+
+    def test_no_tls_files_without_tls(self):
+        for name, rendered in self.renders.items():
+            if self.full(VALUE_SETS[name])["tls"]["enabled"]:
+                continue
+            with self.subTest(values=name):
+                for component in ("coordinator", "worker"):
+                    spec = rendered.deployment(component)["spec"]["template"]["spec"]
+                    self.assertNotIn("tls", [v["name"] for v in spec["volumes"]], f"{name}/{component}")
+                    args = args_map(spec["containers"][0]["args"])
+                    self.assertFalse({"--tls-cert", "--tls-key", "--tls-client-ca"} & set(args), f"{name}/{component}")
+                    env = {e["name"] for e in spec["containers"][0]["env"]}
+                    self.assertFalse({"SLUICE_COORDINATOR_CA", "SLUICE_WORKER_TLS_CERT"} & env, f"{name}/{component}")
+
+    def test_tls_serves_the_coordinator_certificate_and_workers_trust_its_ca(self):
+        r = self.renders["tls"]
+        coordinator = self.tls_files(r, "coordinator")
+        self.assertEqual(coordinator, {f"{TLS_DIR}/tls.crt": ("etl-coordinator-tls", "tls.crt"),
+                                       f"{TLS_DIR}/tls.key": ("etl-coordinator-tls", "tls.key")})
+        args = args_map(r.container("coordinator")["args"])
+        self.assertEqual((args["--tls-cert"], args["--tls-key"]), (f"{TLS_DIR}/tls.crt", f"{TLS_DIR}/tls.key"))
+        self.assertNotIn("--tls-client-ca", args, "no mutual TLS unless asked for")
+        # Workers get the CA (cert-manager's ca.crt of the same Secret) and never the key.
+        self.assertEqual(self.tls_files(r, "worker"), {f"{TLS_DIR}/ca.crt": ("etl-coordinator-tls", "ca.crt")})
+        env = {e["name"]: e.get("value") for e in r.container("worker")["env"]}
+        self.assertEqual(env.get("SLUICE_COORDINATOR_CA"), f"{TLS_DIR}/ca.crt")
+        self.assertNotIn("SLUICE_WORKER_TLS_CERT", env)
+        self.assertIn(f"sluice status --coordinator https://etl-sluice-coordinator.{NAMESPACE}.svc:7070", r.notes)
+
+    def test_mutual_tls_mounts_client_certificates_and_client_ca(self):
+        r = self.renders["mutual-tls"]
+        coordinator = self.tls_files(r, "coordinator")
+        self.assertEqual(coordinator[f"{TLS_DIR}/client-ca.crt"], ("etl-client-ca", "ca.crt"))
+        self.assertEqual(args_map(r.container("coordinator")["args"])["--tls-client-ca"], f"{TLS_DIR}/client-ca.crt")
+        worker = self.tls_files(r, "worker")
+        self.assertEqual(worker, {f"{TLS_DIR}/ca.crt": ("etl-ca", "root.pem"),
+                                  f"{TLS_DIR}/client.crt": ("etl-worker-tls", "tls.crt"),
+                                  f"{TLS_DIR}/client.key": ("etl-worker-tls", "tls.key")})
+        env = {e["name"]: e.get("value") for e in r.container("worker")["env"]}
+        self.assertEqual((env.get("SLUICE_WORKER_TLS_CERT"), env.get("SLUICE_WORKER_TLS_KEY")),
+                         (f"{TLS_DIR}/client.crt", f"{TLS_DIR}/client.key"))
+        # Each pod sees only its own private key.
+        self.assertNotIn(("etl-worker-tls", "tls.key"), coordinator.values())
+        self.assertNotIn(("etl-coordinator-tls", "tls.key"), worker.values())
+        endpoints = {e["port"]: e for e in r.one("ServiceMonitor")["spec"]["endpoints"]}
+        self.assertEqual(endpoints["http"]["scheme"], "https")
+        self.assertEqual(endpoints["http"]["tlsConfig"], {
+            "serverName": f"etl-sluice-coordinator.{NAMESPACE}.svc",
+            "ca": {"secret": {"name": "etl-ca", "key": "root.pem"}}})
+        self.assertNotIn("scheme", endpoints["metrics"], "worker metrics stay plain HTTP")
 
     # -- network policy, monitoring, notes -----------------------------------------------------
 
@@ -692,6 +772,13 @@ class ChartCliContractTest(unittest.TestCase):
 
     def test_worker_flags_exist_in_the_cli(self):
         self.check_flags("worker", "worker")
+
+    def test_tls_variables_exist_in_the_cli(self):
+        worker_help = self.help_text("worker")
+        status_help = self.help_text("status")
+        for var in ("SLUICE_COORDINATOR_CA", "SLUICE_WORKER_TLS_CERT", "SLUICE_WORKER_TLS_KEY"):
+            self.assertIn(var, worker_help, f"worker --help lacks {var}, which the chart sets")
+            self.assertIn(var, status_help, f"status --help lacks {var}: NOTES runs status in a worker pod")
 
     def test_workers_plan_with_their_cpu_request(self):
         # Without a CPU limit the process sees every CPU of the node; the chart passes the request.

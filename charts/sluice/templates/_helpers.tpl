@@ -32,7 +32,16 @@ derived name, "<fullname>-worker-metrics", still fits a 63-character DNS label.
 
 {{/* The coordinator's in-cluster URL, where workers register. */}}
 {{- define "sluice.coordinator.url" -}}
-{{- printf "http://%s.%s.svc:%v" (include "sluice.coordinator.fullname" .) .Release.Namespace .Values.coordinator.port }}
+{{- printf "%s://%s.%s.svc:%v" (include "sluice.coordinator.scheme" .) (include "sluice.coordinator.fullname" .) .Release.Namespace .Values.coordinator.port }}
+{{- end }}
+
+{{- define "sluice.coordinator.scheme" -}}
+{{- if .Values.tls.enabled }}https{{ else }}http{{ end }}
+{{- end }}
+
+{{/* Where the certificates of tls.* are mounted, in both pods. */}}
+{{- define "sluice.tls.dir" -}}
+/var/run/sluice/tls
 {{- end }}
 
 {{- define "sluice.serviceAccountName" -}}
@@ -102,6 +111,17 @@ app.kubernetes.io/component: {{ .component }}
 {{- if gt (mul 3 $heartbeat) $lease }}
 {{- fail (printf "coordinator.heartbeatInterval (%s) must be at most a third of coordinator.leaseTimeout (%s)" .Values.coordinator.heartbeatInterval .Values.coordinator.leaseTimeout) }}
 {{- end }}
+{{- with .Values.tls }}
+{{- if and .enabled (not .coordinatorSecret) }}
+{{- fail "tls.enabled needs tls.coordinatorSecret: a Secret with the coordinator's tls.crt and tls.key (e.g. from a cert-manager Certificate for <fullname>-coordinator.<namespace>.svc)" }}
+{{- end }}
+{{- if and .mutual.enabled (not .enabled) }}
+{{- fail "tls.mutual.enabled needs tls.enabled: mutual TLS is TLS first" }}
+{{- end }}
+{{- if and .mutual.enabled (not .mutual.workerSecret) }}
+{{- fail "tls.mutual.enabled needs tls.mutual.workerSecret: a Secret with the workers' client tls.crt and tls.key" }}
+{{- end }}
+{{- end }}
 {{- with .Values.autoscaling }}
 {{- if gt (int .minReplicas) (int .maxReplicas) }}
 {{- fail (printf "autoscaling.minReplicas (%v) is above autoscaling.maxReplicas (%v)" .minReplicas .maxReplicas) }}
@@ -153,4 +173,59 @@ app.kubernetes.io/component: {{ .component }}
       protocol: UDP
     - port: 53
       protocol: TCP
+{{- end }}
+
+{{/* The coordinator's TLS files: its certificate and key, and with mutual TLS the client CA. */}}
+{{- define "sluice.tls.coordinatorVolume" -}}
+{{- with .Values.tls }}
+- name: tls
+  projected:
+    defaultMode: 0440
+    sources:
+      - secret:
+          name: {{ .coordinatorSecret }}
+          items:
+            - key: tls.crt
+              path: tls.crt
+            - key: tls.key
+              path: tls.key
+      {{- if .mutual.enabled }}
+      - secret:
+          name: {{ default .mutual.workerSecret .mutual.clientCaSecret }}
+          items:
+            - key: {{ .mutual.clientCaKey }}
+              path: client-ca.crt
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The workers' TLS files: the CA of the coordinator, and with mutual TLS their client
+certificate and key. Only these keys are projected, never the coordinator's key. */}}
+{{- define "sluice.tls.workerVolume" -}}
+{{- with .Values.tls }}
+- name: tls
+  projected:
+    defaultMode: 0440
+    sources:
+      - secret:
+          name: {{ default .coordinatorSecret .caSecret }}
+          items:
+            - key: {{ .caKey }}
+              path: ca.crt
+      {{- if .mutual.enabled }}
+      - secret:
+          name: {{ .mutual.workerSecret }}
+          items:
+            - key: tls.crt
+              path: client.crt
+            - key: tls.key
+              path: client.key
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "sluice.tls.mount" -}}
+- name: tls
+  mountPath: {{ include "sluice.tls.dir" . }}
+  readOnly: true
 {{- end }}
