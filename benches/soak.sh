@@ -4,11 +4,11 @@
 # Writes benches/results/soak.md; exits non-zero when the run lost or duplicated records, did
 # not drain, or did not stop cleanly on SIGTERM.
 #
-# Starts its own broker (tansu, memory engine) on 127.0.0.1:$BENCH_KAFKA_PORT (default 19095) and
+# Starts its own broker (tansu, sqlite engine: see benches/soak.py's Producer) on 127.0.0.1:$BENCH_KAFKA_PORT (default 19095) and
 # stops it at the end.
 #
 #   SOAK_MINUTES      length of the run (default 30)
-#   SOAK_RATE         records per second produced (default 2000)
+#   SOAK_RATE         records per second produced (default 1000)
 #   SOAK_INTERVAL     seconds between samples (default 10)
 #   BENCH_SKIP_BUILD=1  use the existing release binary
 #   SOAK_BIN          run this sluice binary instead (e.g. the debug build: leaks show in any build)
@@ -34,13 +34,13 @@ else
 fi
 [ -x "$bin" ] || { echo "no sluice binary at $bin" >&2; exit 1; }
 
-step "broker: tansu (memory engine) on 127.0.0.1:$port"
+step "broker: tansu (sqlite engine) on 127.0.0.1:$port"
 stop_tansu "$port"
-start_tansu "$port" memory
+start_tansu "$port" sqlite
 out="$(mktemp -d)"
 trap 'stop_tansu "$port"; rm -rf "$out"' EXIT
 
-step "soak: ${SOAK_MINUTES:-30} minutes at ${SOAK_RATE:-2000} records/s"
+step "soak: ${SOAK_MINUTES:-30} minutes at ${SOAK_RATE:-1000} records/s"
 "$py" benches/soak.py run --brokers "127.0.0.1:$port" --topic "soak-$(date +%s)" \
-  --rate "${SOAK_RATE:-2000}" --seconds "$(( ${SOAK_MINUTES:-30} * 60 ))" --interval "${SOAK_INTERVAL:-10}" \
+  --rate "${SOAK_RATE:-1000}" --seconds "$(( ${SOAK_MINUTES:-30} * 60 ))" --interval "${SOAK_INTERVAL:-10}" \
   --sluice "$bin" --build "$build" --out "$out" --results benches/results/soak.md
