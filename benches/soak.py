@@ -147,8 +147,7 @@ def cmd_run(a):
         s["produced"] = producer.sent
         s["delivered"] = producer.delivered
         # Records in the broker not read yet, as the producer sees it; `lag` is sluice's own gauge
-        # (end offsets minus committed positions, so it also counts what is read but not yet
-        # durable in the sink: up to a rotation's worth).
+        # (the partition's end minus the next offset to read).
         s["behind"] = max(0.0, producer.delivered - s["consumed"])
         samples.append(s)
         print(json.dumps({k: round(v, 1) for k, v in s.items()}), flush=True)
@@ -204,8 +203,8 @@ def render(a, samples, producer, drained, code, rows, distinct, out):
     lines.append(f"| lag: delivered − consumed (records, min–max) | {lag1[0]:.0f}–{lag1[1]:.0f} | last third: "
                  f"{lag3[0]:.0f}–{lag3[1]:.0f} | drained {drained:.1f} s after the producer stopped |")
     g1, g3 = rng(first, "lag"), rng(last_third, "lag")
-    lines.append(f"| sluice_kafka_lag_records (end − committed, min–max) | {g1[0]:.0f}–{g1[1]:.0f} | last third: "
-                 f"{g3[0]:.0f}–{g3[1]:.0f} | commits follow the 10 s rotation |")
+    lines.append(f"| sluice_kafka_lag_records (end − next to read, min–max) | {g1[0]:.0f}–{g1[1]:.0f} | last third: "
+                 f"{g3[0]:.0f}–{g3[1]:.0f} | sluice's own view of the backlog |")
     lines += [
         "",
         f"Records produced: {producer.sent:,}; rows written: {rows:,}, distinct order ids: {distinct:,}; "
