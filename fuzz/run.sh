@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzz every target (or the ones named) for FUZZ_SECONDS each (default 600), FUZZ_JOBS at a time
-# (default 2), then minimize what each found into fuzz/corpus/<target>/ (cargo fuzz cmin) and
+# (default 2), then merge what each found that adds coverage into fuzz/corpus/<target>/ and
 # print one line of figures per target. Not CI: needs nightly Rust and cargo-fuzz
 # (`cargo +nightly install cargo-fuzz --locked`). A crash stops that target; libFuzzer leaves the
 # input in fuzz/artifacts/<target>/: copy it to fuzz/regressions/<target>/ and fix the bug.
@@ -38,7 +38,7 @@ for t in "${targets[@]}"; do
 done
 wait || true
 
-printf '| target | exit | runs | execs/s | coverage (edges) | features | corpus found | kept after cmin | peak RSS |\n'
+printf '| target | exit | runs | execs/s | coverage (edges) | features | corpus found | added to the repo | peak RSS |\n'
 printf '|---|---|---|---|---|---|---|---|---|\n'
 for t in "${targets[@]}"; do
   dir="$work/$t"
@@ -49,11 +49,13 @@ for t in "${targets[@]}"; do
   cov=$(sed -nE 's/.* cov: ([0-9]+).*/\1/p' <<<"$last")
   ft=$(sed -nE 's/.* ft: ([0-9]+).*/\1/p' <<<"$last")
   found=$(find "$dir/corpus" -type f | wc -l)
-  # Keep the smallest set of inputs with the same coverage: new seeds for the next run and
-  # for tests/it/fuzz_corpora.rs.
-  cp -n "$dir"/corpus/* "corpus/$t/" 2>/dev/null || true
-  cargo +nightly fuzz cmin -s none --target-dir "$target_dir" "$t" "corpus/$t" >"$dir/cmin.log" 2>&1 || true
-  kept=$(find "corpus/$t" -type f | wc -l)
+  # Add to the repository's corpus the inputs that reach coverage it does not (libFuzzer's
+  # -merge=1 keeps what corpus/<target> has, the named seeds of make_seeds.py included): new
+  # seeds for the next run and inputs for tests/it/fuzz_corpora.rs.
+  before=$(find "corpus/$t" -type f | wc -l)
+  cargo +nightly fuzz run -s none --target-dir "$target_dir" "$t" "corpus/$t" "$dir/corpus" -- -merge=1 \
+    >"$dir/merge.log" 2>&1 || true
+  kept=$(( $(find "corpus/$t" -type f | wc -l) - before ))
   printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s MiB |\n' "$t" "$(cat "$dir/rc")" "$runs" "$speed" "$cov" "$ft" \
     "$found" "$kept" "$rss"
 done

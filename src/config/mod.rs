@@ -336,12 +336,21 @@ struct Locator {
     doc: Option<toml_edit::Document<String>>,
 }
 
+/// The text as a toml_edit document (for key paths and spans), or None when it is not TOML.
+/// toml_edit 0.23 panics ("all items have spans") on some malformed files that the fuzzer found
+/// (fuzz/regressions/pipeline_toml/), so it only sees text that `toml` (another parser) accepts,
+/// and a panic is caught all the same: a broken file must end in a syntax error, never a crash.
+fn locator_document(text: &str) -> Option<toml_edit::Document<String>> {
+    toml::from_str::<toml::Table>(text).ok()?;
+    std::panic::catch_unwind(|| toml_edit::Document::parse(text.to_string()).ok()).ok().flatten()
+}
+
 impl Locator {
     fn new(file: &str, text: &str) -> Self {
         Locator {
             file: file.to_string(),
             text: text.to_string(),
-            doc: toml_edit::Document::parse(text.to_string()).ok(),
+            doc: locator_document(text),
         }
     }
 

@@ -31,7 +31,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::{ClientConfig, ClientContext, Statistics};
+use rdkafka::{ClientConfig, ClientContext};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch, OnceCell};
@@ -258,7 +258,6 @@ impl KafkaSource {
             // Prefetch is bounded per partition; pauses stop fetching altogether.
             ("queued.max.messages.kbytes", "8192"),
             ("fetch.wait.max.ms", "100"),
-            ("statistics.interval.ms", "5000"),
             // Bounded reads learn about the end from partition EOF events too (past transaction
             // markers, which are never delivered).
             ("enable.partition.eof", "true"),
@@ -763,6 +762,7 @@ impl KafkaSource {
         let consumed = metrics::counter!(names::KAFKA_CONSUMED_RECORDS_TOTAL, &labels);
         let consumed_bytes = metrics::counter!(names::KAFKA_CONSUMED_BYTES_TOTAL, &labels);
         let lag_seconds = metrics::gauge!(names::KAFKA_LAG_SECONDS, &labels);
+        let lag_records = metrics::gauge!(names::KAFKA_LAG_RECORDS, &labels);
         let pauses = metrics::counter!(names::KAFKA_PAUSES_TOTAL, &labels);
 
         let (tx, mut rx) = mpsc::channel::<Result<(LineChunk, ChunkMeta, Vec<BadRecord>)>>(1);
@@ -779,6 +779,18 @@ impl KafkaSource {
             let consumer = reader_consumer;
             let mut reached_end = false;
             let mut next_offset: Option<i64> = None;
+            // Records between the next offset to read and the partition's end, from the high
+            // watermark of the last fetch response (librdkafka caches it: no request). Not from
+            // librdkafka's statistics: their consumer_lag counts from the offset store, which
+            // sluice leaves empty (it commits explicit offsets), so it is always -1.
+            let topic_c = std::ffi::CString::new(topic_r.as_str()).ok();
+            let record_lag = |next: Option<i64>| {
+                if let (Some(next), Some(high)) =
+                    (next, topic_c.as_ref().and_then(|t| cached_high(&consumer, t, partition)))
+                {
+                    lag_records.set((high - next).max(0) as f64);
+                }
+            };
             while !cancel.is_cancelled() && !reached_end {
                 let mut chunk = LineChunk::new();
                 let mut meta = ChunkMeta { topic: topic_r.clone(), partition, ..Default::default() };
@@ -800,6 +812,7 @@ impl KafkaSource {
                         None => {
                             if deadline.is_none() {
                                 lag_seconds.set(0.0);
+                                record_lag(next_offset);
                             }
                         }
                         Some(Err(KafkaError::PartitionEOF(_))) => {
@@ -885,6 +898,7 @@ impl KafkaSource {
                     let now = chrono::Utc::now().timestamp_millis();
                     lag_seconds.set(((now - ts).max(0) as f64) / 1000.0);
                 }
+                record_lag(next_offset);
                 if (!chunk.is_empty() || !bad.is_empty()) && tx.blocking_send(Ok((chunk, meta, bad))).is_err() {
                     return;
                 }
@@ -1278,6 +1292,25 @@ impl SourceContext {
     }
 }
 
+/// The high watermark of `partition` as of the last fetch response, which librdkafka keeps
+/// (`rd_kafka_get_watermark_offsets`: no request to the broker, unlike `fetch_watermarks`);
+/// None before the first fetch. rdkafka has no safe wrapper for it.
+fn cached_high(consumer: &BaseConsumer<SourceContext>, topic: &std::ffi::CStr, partition: i32) -> Option<i64> {
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` is borrowed; `topic` is a valid C
+    // string for the call; librdkafka only writes the two i64s it is given and copies nothing.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+}
+
 impl ClientContext for SourceContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
         use rdkafka::config::RDKafkaLogLevel as L;
@@ -1302,19 +1335,6 @@ impl ClientContext for SourceContext {
         }
         tracing::warn!(source = %self.source, "Kafka client error: {error}: {reason}");
         self.remember(format!("{error}: {reason}"));
-    }
-
-    fn stats(&self, statistics: Statistics) {
-        for (topic, t) in &statistics.topics {
-            for (p, s) in &t.partitions {
-                if *p < 0 || s.consumer_lag < 0 {
-                    continue;
-                }
-                let labels =
-                    [("component", self.source.clone()), ("topic", topic.clone()), ("partition", p.to_string())];
-                metrics::gauge!(names::KAFKA_LAG_RECORDS, &labels).set(s.consumer_lag as f64);
-            }
-        }
     }
 }
 

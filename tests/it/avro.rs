@@ -359,7 +359,7 @@ fn an_unreachable_registry_stops_the_run_with_its_url_and_commits_nothing() {
     let schema_file = dir.path().join("order.avsc");
     std::fs::write(&schema_file, schemas(&schemas_out).reader).unwrap();
     // A port nothing listens on.
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = crate::common::free_port();
     let reg = format!(r#", schema_registry = {{ url = "http://127.0.0.1:{port}", timeout = "1s" }}"#);
     let group = format!("{t}-g");
     let p = dir.path().join("p.toml");

@@ -1,12 +1,11 @@
 //! The command line: `validate` errors for each kind of broken pipeline, exit codes, graceful
 //! shutdown on SIGTERM, and the metrics / health server.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::{read_parquet, rows, sluice};
+use crate::common::{free_port, http_get, read_parquet, rows, sluice};
 
 const BASE: &str = r#"[pipeline]
 name = "v"
@@ -119,20 +118,6 @@ fn run_exit_codes_distinguish_config_and_runtime_errors() {
     let help = sluice().args(["run", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("--metrics-addr") && help.contains("--log-format"), "{help}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    let code = body.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body))
 }
 
 #[test]

@@ -2,23 +2,18 @@
 //! PostgreSQL: kill -9, joins, a coordinator restart, a rolling restart and a zombie worker, with
 //! a producer running throughout; at the end every record is in the table exactly once.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::sluice;
+use crate::common::{free_port, sluice};
 use crate::kafka::{brokers, create, produce, topic};
 use crate::postgres::{psql, schema, url};
 
 pub(crate) const TOKEN: &str = "test-token-not-a-secret";
 const WRONG_TOKEN: &str = "wrong-token-4f2a";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 pub(crate) struct Cluster {
     dir: PathBuf,

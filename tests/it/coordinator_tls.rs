@@ -97,7 +97,7 @@ fn coordinator_over_mutual_tls_serves_trusted_workers_and_refuses_everyone_else(
     let table = format!("{}.orders", schema("coord_mtls"));
     let p = d.join("p.toml");
     std::fs::write(&p, pg_pipeline("mtls", &t, &table)).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = crate::common::free_port();
     let listen = format!("127.0.0.1:{port}");
     let coordinator = |extra: &[&std::ffi::OsStr], log: &Path| {
         sluice()

@@ -235,7 +235,7 @@ fn kafka_source_recovers_from_every_fault_and_a_broker_restart_with_nothing_lost
     let dir = tempfile::tempdir().unwrap();
     // A broker of this test's own (sqlite engine: it keeps its data over a restart), advertising
     // the proxy, so every connection sluice makes to it, after bootstrap too, goes through it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = crate::common::free_port();
     let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], port)), Faults::default());
     let broker = Mutex::new(Some(start_tansu(dir.path(), port, proxy.addr, false)));
     let brokers = proxy.addr.to_string();

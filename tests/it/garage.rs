@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::free_port;
+
 pub(crate) struct Garage {
     dir: tempfile::TempDir,
     /// The S3 API port.
@@ -19,10 +21,6 @@ fn garage_bin() -> PathBuf {
         Ok(p) => p.into(),
         Err(_) => panic!("SLUICE_TEST_GARAGE is not set: run the tests with scripts/test.sh, which installs Garage"),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn env(name: &str) -> String {

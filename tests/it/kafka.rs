@@ -698,3 +698,68 @@ fn group_assignment_shares_the_partitions_between_runs_and_hands_over_on_a_join(
     assert!(rows_b.iter().all(|(id, _, _)| *id > 3000), "the second run joined after the first batch was committed");
     assert!(rows_a.iter().any(|(id, _, _)| *id > 3000), "the first run kept some partitions");
 }
+
+/// `sluice_kafka_lag_records` per partition: unread records while a backlog is read, 0 once it
+/// is. (It came from librdkafka's statistics before, whose consumer_lag counts from an offset
+/// store sluice does not use: the gauge was never published.)
+#[test]
+fn lag_records_gauge_counts_the_backlog_per_partition_and_falls_to_zero() {
+    use crate::common::{free_port, http_get};
+    let dir = tempfile::tempdir().unwrap();
+    let t = topic("lag");
+    create(&t, 2);
+    let m = produce(&t, 2, 40_000, 1, 0, dir.path());
+    let pipeline = dir.path().join("p.toml");
+    let text = order_pipeline(&t, &format!("{t}-g"), dir.path(), "rotate = { max_rows = 5000 }")
+        .replace("batch_size = 5000", "batch_size = 500");
+    std::fs::write(&pipeline, text).unwrap();
+    let port = free_port();
+    let log = dir.path().join("sluice.log");
+    let mut child = sluice()
+        .args(["run", "--no-progress", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .arg(&pipeline)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(vec![child.id()]);
+    // partition → every value the gauge showed, and the records consumed so far.
+    let scrape = || -> Option<(BTreeMap<String, f64>, f64)> {
+        let (code, body) = http_get(port, "/metrics")?;
+        (code == 200).then_some(())?;
+        let (mut lag, mut consumed) = (BTreeMap::new(), 0.0);
+        for line in body.lines().filter(|l| l.contains(&format!("topic=\"{t}\""))) {
+            let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+            let partition = line.split("partition=\"").nth(1)?.split('"').next()?.to_string();
+            if line.starts_with("sluice_kafka_lag_records{") {
+                lag.insert(partition, value);
+            } else if line.starts_with("sluice_kafka_consumed_records_total{") {
+                consumed += value;
+            }
+        }
+        Some((lag, consumed))
+    };
+    let total = (m.good.len() + m.bad.len()) as f64;
+    let mut peak = 0.0f64;
+    let started = Instant::now();
+    let last = loop {
+        if let Some((lag, consumed)) = scrape() {
+            for v in lag.values() {
+                assert!(*v <= total, "lag {v} above the {total} records produced");
+                peak = peak.max(*v);
+            }
+            if consumed >= total && lag.len() == 2 && lag.values().all(|v| *v == 0.0) {
+                break lag;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the lag gauge did not reach 0 on both partitions in 120 s (last: {:?}):\n{}",
+            scrape(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(last.keys().map(String::as_str).collect::<Vec<_>>(), ["0", "1"]);
+    assert!(peak > 0.0, "the gauge never showed the backlog of {total} records");
+    stop(&mut child, &log);
+}
