@@ -347,11 +347,7 @@ fn locator_document(text: &str) -> Option<toml_edit::Document<String>> {
 
 impl Locator {
     fn new(file: &str, text: &str) -> Self {
-        Locator {
-            file: file.to_string(),
-            text: text.to_string(),
-            doc: locator_document(text),
-        }
+        Locator { file: file.to_string(), text: text.to_string(), doc: locator_document(text) }
     }
 
     fn line_col(&self, offset: usize) -> (usize, usize) {
