@@ -779,10 +779,7 @@ impl KafkaSource {
             let consumer = reader_consumer;
             let mut reached_end = false;
             let mut next_offset: Option<i64> = None;
-            // Records between the next offset to read and the partition's end, from the high
-            // watermark of the last fetch response (librdkafka caches it: no request). Not from
-            // librdkafka's statistics: their consumer_lag counts from the offset store, which
-            // sluice leaves empty (it commits explicit offsets), so it is always -1.
+            // Records between the next offset to read and the partition's end (see cached_high).
             let topic_c = std::ffi::CString::new(topic_r.as_str()).ok();
             let record_lag = |next: Option<i64>| {
                 if let (Some(next), Some(high)) =
@@ -1294,7 +1291,9 @@ impl SourceContext {
 
 /// The high watermark of `partition` as of the last fetch response, which librdkafka keeps
 /// (`rd_kafka_get_watermark_offsets`: no request to the broker, unlike `fetch_watermarks`);
-/// None before the first fetch. rdkafka has no safe wrapper for it.
+/// None before the first fetch. rdkafka has no safe wrapper for it. The lag gauge is built on
+/// this, not on librdkafka's statistics: their consumer_lag counts from the offset store, which
+/// sluice leaves empty (it commits explicit offsets), so it is always -1.
 fn cached_high(consumer: &BaseConsumer<SourceContext>, topic: &std::ffi::CStr, partition: i32) -> Option<i64> {
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: the client pointer is valid while `consumer` is borrowed; `topic` is a valid C
