@@ -583,7 +583,7 @@ impl Source for KafkaSource {
             let mut out = Vec::new();
             for topic in &topics {
                 let md = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(|e| {
-                    let last = consumer.context().last_error();
+                    let last = last_client_error(&consumer);
                     format!("cannot read the metadata of topic `{topic}` from the brokers: {e}{last}")
                 })?;
                 let Some(t) = md.topics().iter().find(|t| t.name() == topic && t.error().is_none()) else {
@@ -1072,7 +1072,7 @@ fn resolve_partitions(
     let mut wanted = Vec::new();
     for topic in topics {
         let md = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(|e| {
-            let last = consumer.context().last_error();
+            let last = last_client_error(consumer);
             format!("cannot read the metadata of topic `{topic}` from the brokers: {e}{last}")
         })?;
         let t = md.topics().iter().find(|t| t.name() == topic);
@@ -1267,25 +1267,28 @@ impl SourceContext {
         SourceContext { source, group, last_error: Mutex::new(None) }
     }
 
-    /// `"; the last client error: ..."`, or nothing. A failed request can return before
-    /// librdkafka's thread logs why (a TLS handshake failure on a loaded machine), so with no
-    /// error yet this waits up to a second for one. Blocking: call it off the async threads.
-    fn last_error(&self) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(1);
-        loop {
-            let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let Some(e) = last {
-                return format!("; the last client error: {e}");
-            }
-            if std::time::Instant::now() >= deadline {
-                return String::new();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     fn remember(&self, error: String) {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+    }
+}
+
+/// `"; the last client error: ..."`, or nothing: why a request such as a metadata fetch failed
+/// (a TLS handshake refused, a login rejected), which its own error does not say. rdkafka queues
+/// librdkafka's logs and errors on the client's main queue (`log.queue`), so the context sees them
+/// only when the consumer is polled: this polls it for up to two seconds until one arrives. Only
+/// on a failure path, before any offset is committed: a message it might read is dropped.
+/// Blocking: call it off the async threads.
+fn last_client_error(consumer: &BaseConsumer<SourceContext>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let last = consumer.context().last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(e) = last {
+            return format!("; the last client error: {e}");
+        }
+        if Instant::now() >= deadline {
+            return String::new();
+        }
+        let _ = consumer.poll(Duration::from_millis(50));
     }
 }
 
