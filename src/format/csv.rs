@@ -4,6 +4,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use serde::Deserialize;
 
+use super::decimal_guard::{might_be_unsafe, DecimalGuard};
 use super::ChunkDecoder;
 use crate::dead_letter::Stage;
 
@@ -37,11 +38,37 @@ fn default_header() -> bool {
 pub struct CsvDecoder {
     schema: SchemaRef,
     delimiter: u8,
+    /// Set when the schema has decimals: see [`super::decimal_guard`].
+    guard: Option<DecimalGuard>,
 }
 
 impl CsvDecoder {
     pub fn new(schema: SchemaRef, options: &CsvOptions) -> Self {
-        CsvDecoder { schema, delimiter: options.delimiter as u8 }
+        CsvDecoder { guard: DecimalGuard::new(&schema, true), schema, delimiter: options.delimiter as u8 }
+    }
+
+    /// The first decimal value in `bytes` that arrow would misread, as an error message.
+    fn unsafe_decimal(&self, bytes: &[u8], rows: usize) -> Option<String> {
+        let guard = self.guard.as_ref()?;
+        if !might_be_unsafe(bytes, false) {
+            return None;
+        }
+        // Every column as text; records that do not split into the schema's columns have a fault
+        // of their own, which the real decode reports.
+        let mut decoder = arrow::csv::ReaderBuilder::new(guard.check_schema())
+            .with_header(false)
+            .with_delimiter(self.delimiter)
+            .with_batch_size(rows.max(1))
+            .build_decoder();
+        let mut offset = 0;
+        while offset < bytes.len() {
+            match decoder.decode(&bytes[offset..]).ok()? {
+                0 => break,
+                n => offset += n,
+            }
+        }
+        decoder.decode(&[]).ok()?;
+        guard.first_unsafe(&decoder.flush().ok()??)
     }
 }
 
@@ -51,6 +78,9 @@ impl ChunkDecoder for CsvDecoder {
     }
 
     fn decode(&self, bytes: &[u8], rows: usize) -> Result<RecordBatch, (Stage, String)> {
+        if let Some(e) = self.unsafe_decimal(bytes, rows) {
+            return Err((Stage::Convert, e));
+        }
         let mut decoder = arrow::csv::ReaderBuilder::new(self.schema.clone())
             .with_header(false)
             .with_delimiter(self.delimiter)
@@ -157,5 +187,30 @@ mod tests {
         assert!(!s.line_ends_record(b"2,\"starts"));
         assert!(!s.line_ends_record(b"still \"\"quoted\"\" inside"));
         assert!(s.line_ends_record(b"ends\""));
+    }
+
+    /// The fuzzer's find: arrow's decimal parser overflows its exponent counter on `1.E202021`.
+    #[test]
+    fn decimals_arrow_would_misread_are_bad_records_and_the_rest_flow() {
+        let cols: IndexMap<String, String> =
+            [("id", "bigint not null"), ("amount", "decimal(10,2)"), ("code", "varchar")]
+                .into_iter()
+                .map(|(a, b)| (a.into(), b.into()))
+                .collect();
+        let dec = CsvDecoder::new(schema_from_columns(&cols).unwrap(), &CsvOptions::default());
+        let mut c = LineChunk::new();
+        let long = format!("3,{},x", "9".repeat(120));
+        for (i, l) in
+            ["1,2.5e2,1E65537", "2,1.E202021,x", long.as_str(), "4,\"-7e-9999\",y", "5,0.5,z"].iter().enumerate()
+        {
+            c.push(l.as_bytes(), i as u64 + 2);
+        }
+        let d = decode_chunk(&dec, &c).unwrap();
+        assert_eq!(d.batch.column(0).as_primitive::<Int64Type>().values().to_vec(), vec![1, 5], "{:?}", d.bad);
+        assert_eq!(d.batch.column(1).as_primitive::<Decimal128Type>().value(0), 25_000);
+        assert_eq!(d.batch.column(2).as_string::<i32>().value(0), "1E65537", "text columns are not checked");
+        assert_eq!(d.bad.iter().map(|b| b.position.unwrap()).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert!(d.bad.iter().all(|b| b.error.starts_with("column `amount`: the decimal value")), "{:?}", d.bad);
+        assert!(d.bad[1].error.contains("120 digits before the decimal point"), "{}", d.bad[1].error);
     }
 }

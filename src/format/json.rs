@@ -3,6 +3,7 @@
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
+use super::decimal_guard::{might_be_unsafe, DecimalGuard};
 use super::ChunkDecoder;
 use crate::dead_letter::Stage;
 
@@ -10,11 +11,31 @@ use crate::dead_letter::Stage;
 /// are null, and a record whose value does not fit its column's type is bad.
 pub struct JsonDecoder {
     schema: SchemaRef,
+    /// Set when the schema has decimals: see [`super::decimal_guard`].
+    guard: Option<DecimalGuard>,
 }
 
 impl JsonDecoder {
     pub fn new(schema: SchemaRef) -> Self {
-        JsonDecoder { schema }
+        JsonDecoder { guard: DecimalGuard::new(&schema, false), schema }
+    }
+
+    /// The first decimal value in `bytes` that arrow would misread, as an error message.
+    fn unsafe_decimal(&self, bytes: &[u8], rows: usize) -> Option<String> {
+        let guard = self.guard.as_ref()?;
+        if !might_be_unsafe(bytes, true) {
+            return None;
+        }
+        // Numbers as their text (coerce_primitive); a chunk that does not decode this way has
+        // a fault of its own, which the real decode reports.
+        let mut decoder = arrow::json::ReaderBuilder::new(guard.check_schema())
+            .with_batch_size(rows.max(1))
+            .with_strict_mode(false)
+            .with_coerce_primitive(true)
+            .build_decoder()
+            .ok()?;
+        decoder.decode(bytes).ok()?;
+        guard.first_unsafe(&decoder.flush().ok()??)
     }
 }
 
@@ -24,6 +45,9 @@ impl ChunkDecoder for JsonDecoder {
     }
 
     fn decode(&self, bytes: &[u8], rows: usize) -> Result<RecordBatch, (Stage, String)> {
+        if let Some(e) = self.unsafe_decimal(bytes, rows) {
+            return Err((Stage::Convert, e));
+        }
         let mut decoder = arrow::json::ReaderBuilder::new(self.schema.clone())
             .with_batch_size(rows.max(1))
             .with_strict_mode(false)
@@ -110,5 +134,34 @@ mod tests {
         assert_eq!(bad[1].1, Stage::Decode, "{:?}", d.bad[1]);
         assert_eq!(d.bad[0].raw, br#"{"id": 3, "amount": "abc"}"#);
         assert!(d.bad.iter().all(|b| !b.error.is_empty()));
+    }
+
+    /// arrow's decimal parser panics (debug) or wraps (release: `1E65537` reads as 10) on these:
+    /// each is a bad record naming the column and the value, and the records around it flow.
+    #[test]
+    fn decimals_arrow_would_misread_are_bad_records_and_the_rest_flow() {
+        let c = chunk(&[
+            r#"{"id": 1, "amount": 1.5e3}"#,
+            r#"{"id": 2, "amount": 1E65537}"#,
+            r#"{"id": 3, "amount": "1.E202021", "name": "e"}"#,
+            r#"{"id": 4, "amount": -1e-99999}"#,
+            r#"{"id": 5, "amount": "\u0031e99999"}"#,
+            r#"{"id": 6, "amount": 12.5, "name": "12345678901234567890123456789012345678901e99999"}"#,
+        ]);
+        let d = decode_chunk(&JsonDecoder::new(schema()), &c).unwrap();
+        assert_eq!(d.positions, vec![1, 6], "{:?}", d.bad);
+        let amounts = d.batch.column(1).as_primitive::<Decimal128Type>();
+        assert_eq!((amounts.value(0), amounts.value(1)), (150_000, 1250));
+        assert_eq!(d.bad.iter().map(|b| b.position.unwrap()).collect::<Vec<_>>(), vec![2, 3, 4, 5]);
+        for b in &d.bad {
+            assert_eq!(b.stage, Stage::Convert);
+            assert!(b.error.starts_with("column `amount`: the decimal value `"), "{}", b.error);
+            assert!(b.error.contains("outside the range sluice reads exactly"), "{}", b.error);
+        }
+        assert!(
+            d.bad[0].error.contains("`1E65537`") && d.bad[0].error.contains("exponent 65537"),
+            "{}",
+            d.bad[0].error
+        );
     }
 }
