@@ -7,6 +7,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use indexmap::IndexMap;
 use sluice::config::types::schema_from_columns;
 use sluice::format::csv::{CsvDecoder, CsvOptions};
+use sluice::format::decimal_guard::might_be_unsafe;
 use sluice::format::json::JsonDecoder;
 use sluice::format::{decode_chunk, LineChunk};
 
@@ -57,6 +58,17 @@ fn bench_json(c: &mut Criterion) {
     g.throughput(Throughput::Elements(ROWS as u64));
     g.bench_function("clean_8192_records", |b| b.iter(|| black_box(decode_chunk(&decoder, &clean).unwrap())));
     g.bench_function("one_percent_bad_8192_records", |b| b.iter(|| black_box(decode_chunk(&decoder, &dirty).unwrap())));
+    // The decimal guard: its scan alone over the clean chunk (what every chunk with a decimal
+    // column pays), and a chunk whose UUIDs (`550e8400-…`) trip the scan into its second decode.
+    g.bench_function("decimal_guard_scan_8192_records", |b| b.iter(|| black_box(might_be_unsafe(&clean.buf, true))));
+    let uuids =
+        chunk((0..ROWS).map(|i| {
+            json_line(i, false).replacen('{', &format!("{{\"uuid\": \"550e8400-e29b-41d4-a716-{i:012}\", "), 1)
+        }));
+    assert!(might_be_unsafe(&uuids.buf, true) && !might_be_unsafe(&clean.buf, true));
+    g.bench_function("clean_with_uuids_8192_records", |b| {
+        b.iter(|| black_box(decode_chunk(&decoder, &uuids).unwrap()))
+    });
     g.finish();
     let mut g = c.benchmark_group("json_decode_bytes");
     g.throughput(Throughput::Bytes(clean.buf.len() as u64));

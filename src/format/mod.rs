@@ -6,7 +6,7 @@
 
 pub mod avro;
 pub mod csv;
-mod decimal_guard;
+pub mod decimal_guard;
 pub mod json;
 
 use std::ops::Range;
