@@ -55,21 +55,31 @@ impl CsvDecoder {
         }
         // Every column as text; records that do not split into the schema's columns have a fault
         // of their own, which the real decode reports.
-        let mut decoder = arrow::csv::ReaderBuilder::new(guard.check_schema())
+        let mut decoder = self.arrow_decoder(guard.check_schema(), rows);
+        feed(&mut decoder, bytes).ok()?;
+        guard.first_unsafe(&decoder.flush().ok()??)
+    }
+
+    fn arrow_decoder(&self, schema: SchemaRef, rows: usize) -> arrow::csv::reader::Decoder {
+        arrow::csv::ReaderBuilder::new(schema)
             .with_header(false)
             .with_delimiter(self.delimiter)
             .with_batch_size(rows.max(1))
-            .build_decoder();
-        let mut offset = 0;
-        while offset < bytes.len() {
-            match decoder.decode(&bytes[offset..]).ok()? {
-                0 => break,
-                n => offset += n,
-            }
-        }
-        decoder.decode(&[]).ok()?;
-        guard.first_unsafe(&decoder.flush().ok()??)
+            .build_decoder()
     }
+}
+
+/// Feeds all of `bytes` to `decoder` and ends its input; returns how many bytes it took.
+fn feed(decoder: &mut arrow::csv::reader::Decoder, bytes: &[u8]) -> Result<usize, arrow::error::ArrowError> {
+    let mut offset = 0;
+    while offset < bytes.len() {
+        match decoder.decode(&bytes[offset..])? {
+            0 => break,
+            n => offset += n,
+        }
+    }
+    decoder.decode(&[])?;
+    Ok(offset)
 }
 
 impl ChunkDecoder for CsvDecoder {
@@ -81,20 +91,8 @@ impl ChunkDecoder for CsvDecoder {
         if let Some(e) = self.unsafe_decimal(bytes, rows) {
             return Err((Stage::Convert, e));
         }
-        let mut decoder = arrow::csv::ReaderBuilder::new(self.schema.clone())
-            .with_header(false)
-            .with_delimiter(self.delimiter)
-            .with_batch_size(rows.max(1))
-            .build_decoder();
-        let mut offset = 0;
-        while offset < bytes.len() {
-            let n = decoder.decode(&bytes[offset..]).map_err(|e| (Stage::Decode, e.to_string()))?;
-            if n == 0 {
-                break;
-            }
-            offset += n;
-        }
-        decoder.decode(&[]).map_err(|e| (Stage::Decode, e.to_string()))?;
+        let mut decoder = self.arrow_decoder(self.schema.clone(), rows);
+        let offset = feed(&mut decoder, bytes).map_err(|e| (Stage::Decode, e.to_string()))?;
         let batch = decoder
             .flush()
             .map_err(|e| (Stage::Convert, e.to_string()))?
@@ -159,19 +157,29 @@ mod tests {
     use arrow::datatypes::{Decimal128Type, Int64Type};
     use indexmap::IndexMap;
 
-    #[test]
-    fn decodes_and_isolates_bad_rows() {
+    /// A decoder for `id bigint not null, amount decimal(10,2), <text> varchar`.
+    fn decoder(text: &str) -> CsvDecoder {
         let cols: IndexMap<String, String> =
-            [("id", "bigint not null"), ("amount", "decimal(10,2)"), ("city", "varchar")]
+            [("id", "bigint not null"), ("amount", "decimal(10,2)"), (text, "varchar")]
                 .into_iter()
                 .map(|(a, b)| (a.into(), b.into()))
                 .collect();
-        let dec = CsvDecoder::new(schema_from_columns(&cols).unwrap(), &CsvOptions::default());
+        CsvDecoder::new(schema_from_columns(&cols).unwrap(), &CsvOptions::default())
+    }
+
+    /// `lines` as records at positions 2, 3, ... (after a header).
+    fn chunk(lines: &[&str]) -> LineChunk {
         let mut c = LineChunk::new();
-        for (i, l) in ["1,2.50,Köln", "2,abc,Paris", "3,,\"Rome, IT\"", "4,1.00", ",3.00,Oslo"].iter().enumerate() {
+        for (i, l) in lines.iter().enumerate() {
             c.push(l.as_bytes(), i as u64 + 2);
         }
-        let d = decode_chunk(&dec, &c).unwrap();
+        c
+    }
+
+    #[test]
+    fn decodes_and_isolates_bad_rows() {
+        let c = chunk(&["1,2.50,Köln", "2,abc,Paris", "3,,\"Rome, IT\"", "4,1.00", ",3.00,Oslo"]);
+        let d = decode_chunk(&decoder("city"), &c).unwrap();
         assert_eq!(d.batch.column(0).as_primitive::<Int64Type>().values().to_vec(), vec![1, 3]);
         assert_eq!(d.batch.column(1).as_primitive::<Decimal128Type>().value(0), 250);
         assert!(d.batch.column(1).is_null(1));
@@ -192,20 +200,9 @@ mod tests {
     /// The fuzzer's find: arrow's decimal parser overflows its exponent counter on `1.E202021`.
     #[test]
     fn decimals_arrow_would_misread_are_bad_records_and_the_rest_flow() {
-        let cols: IndexMap<String, String> =
-            [("id", "bigint not null"), ("amount", "decimal(10,2)"), ("code", "varchar")]
-                .into_iter()
-                .map(|(a, b)| (a.into(), b.into()))
-                .collect();
-        let dec = CsvDecoder::new(schema_from_columns(&cols).unwrap(), &CsvOptions::default());
-        let mut c = LineChunk::new();
         let long = format!("3,{},x", "9".repeat(120));
-        for (i, l) in
-            ["1,2.5e2,1E65537", "2,1.E202021,x", long.as_str(), "4,\"-7e-9999\",y", "5,0.5,z"].iter().enumerate()
-        {
-            c.push(l.as_bytes(), i as u64 + 2);
-        }
-        let d = decode_chunk(&dec, &c).unwrap();
+        let c = chunk(&["1,2.5e2,1E65537", "2,1.E202021,x", long.as_str(), "4,\"-7e-9999\",y", "5,0.5,z"]);
+        let d = decode_chunk(&decoder("code"), &c).unwrap();
         assert_eq!(d.batch.column(0).as_primitive::<Int64Type>().values().to_vec(), vec![1, 5], "{:?}", d.bad);
         assert_eq!(d.batch.column(1).as_primitive::<Decimal128Type>().value(0), 25_000);
         assert_eq!(d.batch.column(2).as_string::<i32>().value(0), "1E65537", "text columns are not checked");
