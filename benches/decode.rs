@@ -1,5 +1,6 @@
 //! JSON → Arrow and CSV → Arrow decoding throughput (records/s and MB/s), clean and with 1% bad
-//! records (the row-isolation path).
+//! records (the row-isolation path). JSON is measured with its fast path and, in the same run, with
+//! arrow-json alone (`arrow_only_*`), the baseline the fast path replaces.
 
 use std::hint::black_box;
 
@@ -52,12 +53,20 @@ fn chunk(lines: impl Iterator<Item = String>) -> LineChunk {
 
 fn bench_json(c: &mut Criterion) {
     let decoder = JsonDecoder::new(schema());
+    let arrow_only = JsonDecoder::arrow_only(schema());
+    assert!(decoder.has_fast_path());
     let clean = chunk((0..ROWS).map(|i| json_line(i, false)));
     let dirty = chunk((0..ROWS).map(|i| json_line(i, i % 100 == 37)));
     let mut g = c.benchmark_group("json_decode");
     g.throughput(Throughput::Elements(ROWS as u64));
     g.bench_function("clean_8192_records", |b| b.iter(|| black_box(decode_chunk(&decoder, &clean).unwrap())));
+    g.bench_function("arrow_only_clean_8192_records", |b| {
+        b.iter(|| black_box(decode_chunk(&arrow_only, &clean).unwrap()))
+    });
     g.bench_function("one_percent_bad_8192_records", |b| b.iter(|| black_box(decode_chunk(&decoder, &dirty).unwrap())));
+    g.bench_function("arrow_only_one_percent_bad_8192_records", |b| {
+        b.iter(|| black_box(decode_chunk(&arrow_only, &dirty).unwrap()))
+    });
     // The decimal guard: its scan alone over the clean chunk (what every chunk with a decimal
     // column pays), and a chunk whose UUIDs (`550e8400-…`) trip the scan into its second decode.
     g.bench_function("decimal_guard_scan_8192_records", |b| b.iter(|| black_box(might_be_unsafe(&clean.buf, true))));
@@ -73,6 +82,9 @@ fn bench_json(c: &mut Criterion) {
     let mut g = c.benchmark_group("json_decode_bytes");
     g.throughput(Throughput::Bytes(clean.buf.len() as u64));
     g.bench_function("clean_8192_records", |b| b.iter(|| black_box(decode_chunk(&decoder, &clean).unwrap())));
+    g.bench_function("arrow_only_clean_8192_records", |b| {
+        b.iter(|| black_box(decode_chunk(&arrow_only, &clean).unwrap()))
+    });
     g.finish();
 }
 

@@ -52,7 +52,21 @@ fn check(decoded: &Decoded, chunk: &LineChunk) {
     assert_eq!(seen.len(), chunk.len(), "no record is both a row and a bad record");
 }
 
-/// NDJSON: one record per line.
+/// The columns of [`schema`] but the list: every type the JSON fast path decodes.
+fn flat_schema() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            let s = schema();
+            let fields: Vec<_> = s.fields().iter().filter(|f| f.name() != "tags").cloned().collect();
+            std::sync::Arc::new(arrow::datatypes::Schema::new(fields))
+        })
+        .clone()
+}
+
+/// NDJSON: one record per line. Decoded with the list column (arrow-json alone), and without it
+/// both ways, with the fast path and with arrow-json alone: the two must come out equal, rows,
+/// bad records and errors.
 pub fn json(data: &[u8]) {
     let mut chunk = LineChunk::new();
     for (i, line) in data.split(|b| *b == b'\n').enumerate() {
@@ -61,6 +75,18 @@ pub fn json(data: &[u8]) {
     let decoder = JsonDecoder::new(schema());
     let decoded = decode_chunk(&decoder, &chunk).expect("good rows concatenate");
     check(&decoded, &chunk);
+
+    static FAST: OnceLock<(JsonDecoder, JsonDecoder)> = OnceLock::new();
+    let (fast, arrow_only) =
+        FAST.get_or_init(|| (JsonDecoder::new(flat_schema()), JsonDecoder::arrow_only(flat_schema())));
+    assert!(fast.has_fast_path());
+    let a = decode_chunk(fast, &chunk).expect("good rows concatenate");
+    let b = decode_chunk(arrow_only, &chunk).expect("good rows concatenate");
+    check(&a, &chunk);
+    assert_eq!(a.batch, b.batch, "the fast path decodes as arrow-json does");
+    assert_eq!(a.positions, b.positions);
+    let bad = |d: &Decoded| d.bad.iter().map(|r| (r.position, r.stage, r.error.clone())).collect::<Vec<_>>();
+    assert_eq!(bad(&a), bad(&b), "the same bad records, with the same errors");
 }
 
 /// CSV: records split as the file source splits them (a quoted field may span lines).

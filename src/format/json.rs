@@ -1,9 +1,11 @@
-//! Newline-delimited JSON to Arrow with arrow-json's vectorized decoder.
+//! Newline-delimited JSON to Arrow: the fast path of [`super::json_fast`] where it applies, else
+//! arrow-json's vectorized decoder.
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
 use super::decimal_guard::{might_be_unsafe, DecimalGuard};
+use super::json_fast::FastJson;
 use super::ChunkDecoder;
 use crate::dead_letter::Stage;
 
@@ -13,11 +15,23 @@ pub struct JsonDecoder {
     schema: SchemaRef,
     /// Set when the schema has decimals: see [`super::decimal_guard`].
     guard: Option<DecimalGuard>,
+    /// Set when every column type is one the fast path decodes.
+    fast: Option<FastJson>,
 }
 
 impl JsonDecoder {
     pub fn new(schema: SchemaRef) -> Self {
-        JsonDecoder { guard: DecimalGuard::new(&schema, false), schema }
+        JsonDecoder { fast: FastJson::new(&schema), ..Self::arrow_only(schema) }
+    }
+
+    /// arrow-json alone, without the fast path: what the fast path is checked and measured against.
+    pub fn arrow_only(schema: SchemaRef) -> Self {
+        JsonDecoder { guard: DecimalGuard::new(&schema, false), fast: None, schema }
+    }
+
+    /// Whether chunks try the fast path first.
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_some()
     }
 
     /// The first decimal value in `bytes` that arrow would misread, as an error message.
@@ -45,6 +59,9 @@ impl ChunkDecoder for JsonDecoder {
     }
 
     fn decode(&self, bytes: &[u8], rows: usize) -> Result<RecordBatch, (Stage, String)> {
+        if let Some(batch) = self.fast.as_ref().and_then(|f| f.decode(bytes, rows)) {
+            return Ok(batch);
+        }
         if let Some(e) = self.unsafe_decimal(bytes, rows) {
             return Err((Stage::Convert, e));
         }

@@ -8,6 +8,7 @@ pub mod avro;
 pub mod csv;
 pub mod decimal_guard;
 pub mod json;
+pub mod json_fast;
 
 use std::ops::Range;
 
