@@ -1,6 +1,8 @@
 //! Newline-delimited JSON to Arrow: the fast path of [`super::json_fast`] where it applies, else
 //! arrow-json's vectorized decoder.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
@@ -17,7 +19,15 @@ pub struct JsonDecoder {
     guard: Option<DecimalGuard>,
     /// Set when every column type is one the fast path decodes.
     fast: Option<FastJson>,
+    /// Chunks in a row the fast path gave up on: past [`FAST_MISSES`], it tries only one chunk
+    /// in [`FAST_RETRY_EVERY`], so input it never takes costs next to nothing.
+    misses: AtomicU32,
 }
+
+/// Misses in a row after which the fast path is tried only now and then.
+const FAST_MISSES: u32 = 8;
+/// How often it is tried then: once every this many chunks.
+const FAST_RETRY_EVERY: u32 = 64;
 
 impl JsonDecoder {
     pub fn new(schema: SchemaRef) -> Self {
@@ -26,7 +36,7 @@ impl JsonDecoder {
 
     /// arrow-json alone, without the fast path: what the fast path is checked and measured against.
     pub fn arrow_only(schema: SchemaRef) -> Self {
-        JsonDecoder { guard: DecimalGuard::new(&schema, false), fast: None, schema }
+        JsonDecoder { guard: DecimalGuard::new(&schema, false), fast: None, misses: AtomicU32::new(0), schema }
     }
 
     /// Whether chunks try the fast path first.
@@ -59,8 +69,15 @@ impl ChunkDecoder for JsonDecoder {
     }
 
     fn decode(&self, bytes: &[u8], rows: usize) -> Result<RecordBatch, (Stage, String)> {
-        if let Some(batch) = self.fast.as_ref().and_then(|f| f.decode(bytes, rows)) {
-            return Ok(batch);
+        if let Some(fast) = &self.fast {
+            let misses = self.misses.load(Ordering::Relaxed);
+            if misses < FAST_MISSES || misses % FAST_RETRY_EVERY == 0 {
+                if let Some(batch) = fast.decode(bytes, rows) {
+                    self.misses.store(0, Ordering::Relaxed);
+                    return Ok(batch);
+                }
+            }
+            self.misses.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(e) = self.unsafe_decimal(bytes, rows) {
             return Err((Stage::Convert, e));
@@ -180,5 +197,22 @@ mod tests {
             "{}",
             d.bad[0].error
         );
+    }
+
+    #[test]
+    fn input_the_fast_path_never_takes_still_decodes_as_arrow_json_after_it_stops_trying() {
+        let fast = JsonDecoder::new(schema());
+        let arrow_only = JsonDecoder::arrow_only(schema());
+        assert!(fast.has_fast_path() && !arrow_only.has_fast_path());
+        // An escaped key: outside the fast path, fine for arrow-json.
+        let left = chunk(&[r#"{"id": 1, "na\u006de": "x"}"#, r#"{"id": 2, "amount": 1.5e1}"#]);
+        let plain = chunk(&[r#"{"id": 3, "amount": 4.25, "name": "y"}"#, r#"{"id": 4}"#]);
+        for round in 0..3 * FAST_RETRY_EVERY {
+            let c = if round % 50 == 49 { &plain } else { &left };
+            let (a, b) = (decode_chunk(&fast, c).unwrap(), decode_chunk(&arrow_only, c).unwrap());
+            assert_eq!((a.batch, a.positions), (b.batch, b.positions), "round {round}");
+            assert!(a.bad.is_empty() && b.bad.is_empty());
+        }
+        assert!(fast.misses.load(Ordering::Relaxed) > FAST_MISSES, "it stopped trying every chunk");
     }
 }

@@ -20,6 +20,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
 
 /// Column types the fast path decodes; a schema with any other type does not take it.
 #[derive(Debug, Clone, Copy)]
@@ -197,6 +198,24 @@ impl Col {
         Some(())
     }
 
+    /// A decimal column's value as it is in the input: a number, a string without escapes (the
+    /// same digits as a number for arrow-json), or `null`.
+    fn append_raw_decimal(&mut self, raw: &str, required: bool) -> Option<()> {
+        match raw.as_bytes().first()? {
+            b'n' if !required => self.append_null(),
+            b'"' => {
+                let s = raw.strip_prefix('"')?.strip_suffix('"')?;
+                if s.contains('\\') {
+                    return None;
+                }
+                self.append_str(s)?
+            }
+            b'-' | b'0'..=b'9' => self.append_str(raw)?,
+            _ => return None,
+        }
+        Some(())
+    }
+
     fn append_str(&mut self, s: &str) -> Option<()> {
         match self {
             Col::Utf8(b) => b.append_value(s),
@@ -268,7 +287,15 @@ impl<'de> Visitor<'de> for Record<'_> {
                     seen |= 1 << i;
                     hint = i + 1;
                     let required = self.fast.required & (1 << i) != 0;
-                    map.next_value_seed(Value { col: &mut self.cols[i], required })?;
+                    let col = &mut self.cols[i];
+                    if let Col::Decimal(..) = col {
+                        // serde_json would hand over a number with a fraction as an f64; a
+                        // decimal needs its digits, as arrow-json reads them.
+                        let raw: &'de RawValue = map.next_value()?;
+                        col.append_raw_decimal(raw.get(), required).ok_or_else(give_up)?;
+                    } else {
+                        map.next_value_seed(Value { col, required })?;
+                    }
                 }
                 None => {
                     map.next_value::<IgnoredAny>()?;
@@ -530,13 +557,19 @@ mod tests {
         r#"{"order_id":6,"customer_id":"c","amount":"-0","ts":"0001-01-01T00:00:00Z","tz":"2026-09-21t14:13:20.5z"}"#,
         r#"{"order_id":7,"customer_id":"c","ts":"9999-12-31","tz":"2000-01-01 00:00:00.123456","day":"1970-01-01"}"#,
         r#"{"order_id":8,"customer_id":"c","amount":null,"quantity":null,"ratio":null,"paid":null,"ts":null}"#,
+        r#"{"order_id":10,"customer_id":"c","amount":83.28,"ratio":2}"#,
+        r#"{"order_id":11,"customer_id":"c","amount":-0.5}"#,
+        r#"{"order_id":12,"customer_id":"c","amount":-0}"#,
         r#"{"order_id":9,"customer_id":"\\ud800","x":"\ud83d\ude00 \\\ud83d\ude00 \\ude00 \u00e9","y":"\\\\udc00"}"#,
     ];
 
     /// Lines the fast path must leave to arrow-json (whatever arrow then makes of them).
     const LEFT: &[&str] = &[
-        r#"{"order_id":1,"customer_id":"c","amount":1.5}"#,
         r#"{"order_id":1,"customer_id":"c","amount":"1.5e3"}"#,
+        r#"{"order_id":1,"customer_id":"c","amount":1.5e3}"#,
+        r#"{"order_id":1,"customer_id":"c","amount":1.234}"#,
+        r#"{"order_id":1,"customer_id":"c","amount":"\u0031"}"#,
+        r#"{"order_id":1,"customer_id":"c","amount":true}"#,
         r#"{"order_id":1,"customer_id":"c","amount":"1.234"}"#,
         r#"{"order_id":1,"customer_id":"c","amount":"1."}"#,
         r#"{"order_id":1,"customer_id":"c","amount":".5"}"#,
@@ -685,7 +718,12 @@ mod tests {
             "amount",
             &[
                 "\"420.05\"",
+                "83.28",
                 "\"0.05\"",
+                "-1.5",
+                "1.234",
+                "1E2",
+                "\"\\u0031\"",
                 "7",
                 "-3",
                 "\"-0\"",
