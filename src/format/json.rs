@@ -24,13 +24,30 @@ pub struct JsonDecoder {
     misses: AtomicU32,
 }
 
+/// Whether `SLUICE_JSON_FAST_PATH=0` is set; said once in the log.
+fn fast_path_disabled() -> bool {
+    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DISABLED.get_or_init(|| {
+        let off = std::env::var_os("SLUICE_JSON_FAST_PATH").is_some_and(|v| v == "0");
+        if off {
+            tracing::info!("SLUICE_JSON_FAST_PATH=0: JSON is decoded by arrow-json alone, without the fast path");
+        }
+        off
+    })
+}
+
 /// Misses in a row after which the fast path is tried only now and then.
 const FAST_MISSES: u32 = 8;
 /// How often it is tried then: once every this many chunks.
 const FAST_RETRY_EVERY: u32 = 64;
 
 impl JsonDecoder {
+    /// With the fast path where the schema allows it, unless `SLUICE_JSON_FAST_PATH=0` is set
+    /// (to measure arrow-json alone against it, or to rule it out).
     pub fn new(schema: SchemaRef) -> Self {
+        if fast_path_disabled() {
+            return Self::arrow_only(schema);
+        }
         JsonDecoder { fast: FastJson::new(&schema), ..Self::arrow_only(schema) }
     }
 
@@ -71,7 +88,7 @@ impl ChunkDecoder for JsonDecoder {
     fn decode(&self, bytes: &[u8], rows: usize) -> Result<RecordBatch, (Stage, String)> {
         if let Some(fast) = &self.fast {
             let misses = self.misses.load(Ordering::Relaxed);
-            if misses < FAST_MISSES || misses % FAST_RETRY_EVERY == 0 {
+            if misses < FAST_MISSES || misses.is_multiple_of(FAST_RETRY_EVERY) {
                 if let Some(batch) = fast.decode(bytes, rows) {
                     self.misses.store(0, Ordering::Relaxed);
                     return Ok(batch);

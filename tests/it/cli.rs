@@ -177,3 +177,81 @@ fn sigterm_stops_gracefully_with_complete_files_and_metrics_are_served() {
     assert!(n >= 10_000, "the records read before the stop were written: {n}");
     assert!(crate::common::files(&out, ".inprogress").is_empty());
 }
+
+/// `SLUICE_JSON_FAST_PATH=0` decodes JSON with arrow-json alone: the same rows come out either
+/// way, and the log says which way it ran.
+#[test]
+fn the_json_fast_path_can_be_turned_off_and_changes_nothing_but_speed() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.ndjson");
+    let mut text = String::new();
+    for i in 0..3000 {
+        text.push_str(&format!(
+            "{{\"id\":{i},\"amount\":{}.{:02},\"name\":\"n\\u00e9{i}\",\"ts\":\"2026-01-01T00:00:{:02}.5\"}}\n",
+            i % 500,
+            i % 100,
+            i % 60
+        ));
+        if i % 700 == 0 {
+            text.push_str("{\"id\":\"bad\"}\n");
+        }
+    }
+    std::fs::write(&input, text).unwrap();
+    let mut outputs = Vec::new();
+    for fast in ["1", "0"] {
+        let out_dir = dir.path().join(format!("out-{fast}"));
+        let pipeline = dir.path().join(format!("p-{fast}.toml"));
+        std::fs::write(
+            &pipeline,
+            format!(
+                r#"[pipeline]
+name = "fast-{fast}"
+batch_size = 500
+
+[sources.in]
+type = "file"
+path = "{}"
+format = {{ type = "json" }}
+
+[sources.in.schema]
+id = "bigint not null"
+amount = "decimal(10,2)"
+name = "varchar"
+ts = "timestamp"
+
+[sinks.out]
+type = "file"
+inputs = ["in"]
+path = "{}/lake"
+
+[dead_letter]
+type = "file"
+path = "{}/dlq"
+"#,
+                input.display(),
+                out_dir.display(),
+                out_dir.display()
+            ),
+        )
+        .unwrap();
+        let out = sluice()
+            .args(["run", "--no-progress"])
+            .arg(&pipeline)
+            .env("SLUICE_JSON_FAST_PATH", fast)
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert_eq!(stderr.contains("without the fast path"), fast == "0", "{stderr}");
+        let batches: Vec<_> = read_parquet(&out_dir.join("lake")).into_iter().map(|(_, b)| b).collect();
+        let dead: Vec<_> = crate::common::read_ndjson(&out_dir.join("dlq"))
+            .into_iter()
+            .map(|d| (d["position"].to_string(), d["stage"].to_string(), d["error"].to_string(), d["raw"].to_string()))
+            .collect();
+        outputs.push((batches, dead));
+    }
+    assert_eq!(outputs[0].0.iter().map(|b| b.num_rows()).sum::<usize>(), 3000);
+    assert_eq!(outputs[0].1.len(), 5, "the bad lines, dead-lettered");
+    assert_eq!(outputs[0], outputs[1], "the same rows and bad records either way");
+}
