@@ -78,7 +78,7 @@ pub fn json(data: &[u8]) {
 
     static FAST: OnceLock<(JsonDecoder, JsonDecoder)> = OnceLock::new();
     let (fast, arrow_only) =
-        FAST.get_or_init(|| (JsonDecoder::new(flat_schema()), JsonDecoder::arrow_only(flat_schema())));
+        FAST.get_or_init(|| (JsonDecoder::always_fast(flat_schema()), JsonDecoder::arrow_only(flat_schema())));
     assert!(fast.has_fast_path());
     let a = decode_chunk(fast, &chunk).expect("good rows concatenate");
     let b = decode_chunk(arrow_only, &chunk).expect("good rows concatenate");

@@ -19,9 +19,11 @@ pub struct JsonDecoder {
     guard: Option<DecimalGuard>,
     /// Set when every column type is one the fast path decodes.
     fast: Option<FastJson>,
-    /// Chunks in a row the fast path gave up on: past [`FAST_MISSES`], it tries only one chunk
-    /// in [`FAST_RETRY_EVERY`], so input it never takes costs next to nothing.
+    /// Chunks in a row the fast path gave up on: past `skip_after`, it tries only one chunk in
+    /// [`FAST_RETRY_EVERY`], so input it never takes costs next to nothing.
     misses: AtomicU32,
+    /// [`FAST_MISSES`]; `u32::MAX` (never skip) where the fast path is checked against arrow-json.
+    skip_after: u32,
 }
 
 /// Whether `SLUICE_JSON_FAST_PATH=0` is set; said once in the log.
@@ -51,9 +53,21 @@ impl JsonDecoder {
         JsonDecoder { fast: FastJson::new(&schema), ..Self::arrow_only(schema) }
     }
 
+    /// The fast path on every chunk, however many it gave up on: for the differential checks,
+    /// which must compare it with arrow-json on every input, not only until it stops trying.
+    pub(crate) fn always_fast(schema: SchemaRef) -> Self {
+        JsonDecoder { skip_after: u32::MAX, ..Self::new(schema) }
+    }
+
     /// arrow-json alone, without the fast path: what the fast path is checked and measured against.
     pub fn arrow_only(schema: SchemaRef) -> Self {
-        JsonDecoder { guard: DecimalGuard::new(&schema, false), fast: None, misses: AtomicU32::new(0), schema }
+        JsonDecoder {
+            guard: DecimalGuard::new(&schema, false),
+            fast: None,
+            misses: AtomicU32::new(0),
+            skip_after: FAST_MISSES,
+            schema,
+        }
     }
 
     /// Whether chunks try the fast path first.
@@ -88,7 +102,7 @@ impl ChunkDecoder for JsonDecoder {
     fn decode(&self, bytes: &[u8], rows: usize) -> Result<RecordBatch, (Stage, String)> {
         if let Some(fast) = &self.fast {
             let misses = self.misses.load(Ordering::Relaxed);
-            if misses < FAST_MISSES || misses.is_multiple_of(FAST_RETRY_EVERY) {
+            if misses < self.skip_after || misses.is_multiple_of(FAST_RETRY_EVERY) {
                 if let Some(batch) = fast.decode(bytes, rows) {
                     self.misses.store(0, Ordering::Relaxed);
                     return Ok(batch);

@@ -506,6 +506,7 @@ fn digits(b: &[u8]) -> Option<i64> {
 mod tests {
     use super::*;
     use crate::config::types::schema_from_columns;
+    use crate::format::{json::JsonDecoder, ChunkDecoder};
     use indexmap::IndexMap;
 
     fn schema(cols: &[(&str, &str)]) -> SchemaRef {
@@ -532,17 +533,7 @@ mod tests {
 
     /// What arrow-json alone makes of `text` (`rows` records), as the decoder did before.
     fn arrow(schema: &SchemaRef, text: impl AsRef<[u8]>, rows: usize) -> Option<RecordBatch> {
-        let text = text.as_ref();
-        let mut d = arrow::json::ReaderBuilder::new(schema.clone())
-            .with_batch_size(rows)
-            .with_strict_mode(false)
-            .build_decoder()
-            .unwrap();
-        let consumed = d.decode(text).ok()?;
-        if text[consumed..].iter().any(|b| !b.is_ascii_whitespace()) || d.has_partial_record() {
-            return None;
-        }
-        d.flush().ok()?.filter(|b| b.num_rows() == rows)
+        JsonDecoder::arrow_only(schema.clone()).decode(text.as_ref(), rows).ok()
     }
 
     /// Lines the fast path must take, each with what it must not change.
@@ -823,12 +814,12 @@ mod tests {
 
     #[test]
     fn random_records_decode_as_arrow_json_decodes_them() {
-        use crate::format::{decode_chunk, json::JsonDecoder, LineChunk};
+        use crate::format::{decode_chunk, LineChunk};
         use rand::SeedableRng;
 
         let s = orders();
         let fast = FastJson::new(&s).unwrap();
-        let with_fast = JsonDecoder::new(s.clone());
+        let with_fast = JsonDecoder::always_fast(s.clone());
         let arrow_only = JsonDecoder::arrow_only(s.clone());
         let mut rng = rand::rngs::SmallRng::seed_from_u64(20261204);
         let (mut taken, mut lines) = (0, 0);
