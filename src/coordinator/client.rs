@@ -13,6 +13,8 @@ pub struct Client {
     base: String,
     token: String,
     http: reqwest::Client,
+    /// Whether calls present a client certificate (for the hint in [`Client::failed`]).
+    client_cert: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -37,7 +39,7 @@ impl Client {
             .use_preconfigured_tls(tls.config()?)
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        Ok(Client { base, token: token.to_string(), http })
+        Ok(Client { base, token: token.to_string(), http, client_cert: tls.cert.is_some() })
     }
 
     pub fn base(&self) -> &str {
@@ -53,7 +55,7 @@ impl Client {
             .json(body)
             .send()
             .await
-            .map_err(|e| format!("POST {url}: {}", with_causes(&e)))?;
+            .map_err(|e| self.failed("POST", &url, &e))?;
         read(r, &url).await
     }
 
@@ -74,14 +76,30 @@ impl Client {
     /// As for [`heartbeat`](Self::heartbeat).
     pub async fn status(&self) -> Result<Status, String> {
         let url = format!("{}/v1/status", self.base);
-        let r = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| format!("GET {url}: {}", with_causes(&e)))?;
+        let r = self.http.get(&url).bearer_auth(&self.token).send().await.map_err(|e| self.failed("GET", &url, &e))?;
         read(r, &url).await
+    }
+}
+
+impl Client {
+    /// A call that got no answer. Under TLS 1.3 the client's side of the handshake is done before the server has
+    /// checked the client certificate, so a certificate the coordinator refuses shows up either as its alert
+    /// (`UnknownCA`, ...) or, when the request was already on its way, only as a closed connection: say what that
+    /// most likely means.
+    fn failed(&self, method: &str, url: &str, e: &reqwest::Error) -> String {
+        let mut msg = format!("{method} {url}: {}", with_causes(e));
+        let closed_after_handshake = self.client_cert
+            && self.base.starts_with("https://")
+            && !e.is_timeout()
+            && !e.is_connect()
+            && !msg.contains("UnknownCA");
+        if closed_after_handshake {
+            msg.push_str(
+                " (the coordinator closed the connection after the TLS handshake: if it requires client certificates, \
+                 check that SLUICE_WORKER_TLS_CERT is signed by the CA it was given with --tls-client-ca)",
+            );
+        }
+        msg
     }
 }
 

@@ -198,17 +198,25 @@ fn coordinator_over_mutual_tls_serves_trusted_workers_and_refuses_everyone_else(
     ];
     let plain = format!("http://{listen}");
     for (what, url, env, token, want) in [
-        ("no client certificate", url.as_str(), &ca_only[..], TOKEN, "no client certificate"),
-        ("a client certificate of another CA", &url, &rogue[..], TOKEN, "UnknownCA"),
-        ("a wrong token", &url, &trusted[..], WRONG_TOKEN, "a wrong bearer token"),
-        ("a coordinator certificate the caller does not trust", &url, &untrusted_server[..], TOKEN, "certificate"),
-        ("plain HTTP to the TLS port", &plain, &trusted[..], TOKEN, "error sending request"),
+        ("no client certificate", url.as_str(), &ca_only[..], TOKEN, &["no client certificate"][..]),
+        // TLS 1.3: the refusal arrives as the server's alert, or, when the request was already sent, as a closed
+        // connection that the client explains.
+        (
+            "a client certificate of another CA",
+            &url,
+            &rogue[..],
+            TOKEN,
+            &["UnknownCA", "signed by the CA it was given with --tls-client-ca"],
+        ),
+        ("a wrong token", &url, &trusted[..], WRONG_TOKEN, &["a wrong bearer token"]),
+        ("a coordinator certificate the caller does not trust", &url, &untrusted_server[..], TOKEN, &["certificate"]),
+        ("plain HTTP to the TLS port", &plain, &trusted[..], TOKEN, &["error sending request"]),
     ] {
         let out = status(url, env, token);
         let got = text(&out);
         eprintln!("{what}: exit {:?}: {}", out.status.code(), got.trim());
         assert!(!out.status.success(), "{what}: let in: {got}");
-        assert!(got.contains(want), "{what}: the error says `{want}`: {got}");
+        assert!(want.iter().any(|w| got.contains(w)), "{what}: the error says one of {want:?}: {got}");
         assert!(!got.contains(TOKEN) && !got.contains(WRONG_TOKEN), "{what}: a token in the output: {got}");
     }
 
