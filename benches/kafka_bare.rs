@@ -1,7 +1,8 @@
 //! The client-side limit for the Kafka benchmarks: a bare rdkafka consume loop that reads every
 //! partition of a topic from offset 0 and touches each payload (no decoding), until it has seen
-//! `BENCH_COUNT` messages. Run by benches/kafka.sh with the same librdkafka settings as the
-//! sluice source (one consumer per partition, each polled by its own thread).
+//! `BENCH_COUNT` messages. Run by benches/kafka.sh with the same librdkafka settings and the same
+//! client layout as the sluice source: one consumer for the topic, each partition's messages split
+//! off into a queue of their own (before it is assigned), each queue polled by its own thread.
 //!
 //! Env: BENCH_BROKERS, BENCH_TOPIC, BENCH_COUNT. Prints one JSON line: messages, bytes, wall seconds.
 
@@ -31,24 +32,27 @@ fn main() {
             .set("fetch.wait.max.ms", "100");
         c
     };
-    let meta: BaseConsumer = config.create().expect("consumer");
-    let md = meta.fetch_metadata(Some(&topic), Duration::from_secs(10)).expect("metadata");
+    let consumer: Arc<BaseConsumer> = Arc::new(config.create().expect("consumer"));
+    let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).expect("metadata");
     let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let queues: Vec<_> =
+        parts.iter().map(|&p| consumer.split_partition_queue(&topic, p).expect("a partition queue")).collect();
+    let mut tpl = TopicPartitionList::new();
+    for &p in &parts {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning).expect("tpl");
+    }
     let seen = Arc::new(AtomicU64::new(0));
     let bytes = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let threads: Vec<_> = parts
+    consumer.incremental_assign(&tpl).expect("assign");
+    let threads: Vec<_> = queues
         .into_iter()
-        .map(|p| {
-            let (seen, bytes, config, topic) = (seen.clone(), bytes.clone(), config.clone(), topic.clone());
+        .map(|queue| {
+            let (seen, bytes) = (seen.clone(), bytes.clone());
             std::thread::spawn(move || {
-                let consumer: BaseConsumer = config.create().expect("consumer");
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&topic, p, Offset::Beginning).expect("tpl");
-                consumer.assign(&tpl).expect("assign");
                 let mut checksum = 0u64;
                 while seen.load(Ordering::Relaxed) < count {
-                    if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+                    if let Some(Ok(m)) = queue.poll(Duration::from_millis(50)) {
                         let p = m.payload().unwrap_or_default();
                         checksum = checksum.wrapping_add(p.first().copied().unwrap_or(0) as u64);
                         bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
@@ -59,6 +63,12 @@ fn main() {
             })
         })
         .collect();
+    // The main queue still has to be served (errors, callbacks); no messages arrive on it.
+    while seen.load(Ordering::Relaxed) < count {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+            panic!("a message on the main queue: {}/{} @ {}", m.topic(), m.partition(), m.offset());
+        }
+    }
     let checksum: u64 = threads.into_iter().map(|t| t.join().expect("thread")).fold(0, u64::wrapping_add);
     let wall = started.elapsed().as_secs_f64();
     println!(
