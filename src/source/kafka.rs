@@ -7,9 +7,9 @@
 //! (`incremental_assign`), so no fetch can reach the shared queue first, and a partition that is
 //! handed over is taken out with `incremental_unassign`, touching no other. One client instead of
 //! one per partition: one fetch request serves every partition (a consume-only check with
-//! confluent-kafka over 12 partitions used ~40% less client CPU this way). With `assignment = "group"` each partition the group gives this
-//! member is read by a consumer of its own (the member's consumer is subscribed, and its
-//! assignment is the group's).
+//! confluent-kafka over 12 partitions used ~40% less client CPU this way). With
+//! `assignment = "group"` each partition the group gives this member is read by a consumer of its
+//! own (the member's consumer is subscribed, and its assignment is the group's).
 //!
 //! Positions are offsets. A partition's offset is committed to the consumer group only once every
 //! sink that received its records has made them durable (the runtime's acks), batched per
