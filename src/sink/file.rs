@@ -11,7 +11,8 @@ use serde::Deserialize;
 
 use super::writer::{
     Compression, Destination, DestinationFactory, OutputFormat, RollingWriter, RotateConfig, WriterSettings,
-    DEFAULT_BUFFER_BYTES, DEFAULT_MAX_AGE, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_OPEN_FILES, DEFAULT_ROW_GROUP_BYTES,
+    DEFAULT_BUFFER_BYTES, DEFAULT_MAX_AGE, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_IDLE_BATCHES, DEFAULT_MAX_OPEN_FILES,
+    DEFAULT_ROW_GROUP_BYTES,
 };
 use super::{blocking, Sink};
 use crate::batch::Batch;
@@ -87,6 +88,7 @@ impl FileSinkConfig {
             max_rows: self.rotate.max_rows,
             max_bytes: self.rotate.max_bytes.unwrap_or(DEFAULT_MAX_FILE_BYTES).0,
             max_age: self.rotate.max_age.map(|d| d.0).unwrap_or(DEFAULT_MAX_AGE),
+            max_idle_batches: self.rotate.max_idle_batches.unwrap_or(DEFAULT_MAX_IDLE_BATCHES),
             row_group_bytes: self.row_group_bytes.unwrap_or(DEFAULT_ROW_GROUP_BYTES).0,
             buffer_bytes: self.buffer_bytes.unwrap_or(DEFAULT_BUFFER_BYTES).0,
             max_open_files: self.max_open_files.unwrap_or(DEFAULT_MAX_OPEN_FILES).max(1),

@@ -38,6 +38,10 @@ pub const DEFAULT_BUFFER_BYTES: ByteSize = ByteSize(32 << 20);
 /// the writer counts encoded, compressed pages, so plain-encoded columns (`dictionary = "auto"`)
 /// would let a row group reach ~600k rows.
 const MAX_ROW_GROUP_ROWS: usize = 128 * 1024;
+/// Default `rotate.max_idle_batches`: a file its shard's last 16 batches did not touch is closed.
+/// Output folders by record time (a day, an hour) are written one after another: without this,
+/// each stays open, buffering a row group, until `max_age` or `max_open_files` closes it.
+pub const DEFAULT_MAX_IDLE_BATCHES: u64 = 16;
 /// Default cap on files open at once.
 pub const DEFAULT_MAX_OPEN_FILES: usize = 64;
 /// Folder (under the sink's root) of the exactly-once manifests, one per source shard. Readers of
@@ -91,6 +95,10 @@ pub struct RotateConfig {
     pub max_bytes: Option<ByteSize>,
     /// Time a file stays open (default 60s); bounds how long records wait to be committed.
     pub max_age: Option<HumanDuration>,
+    /// Close a file once this many batches of its source shard in a row brought it no rows
+    /// (default 16; 0 keeps idle files open). Off with `exactly_once`, where rotation must not
+    /// depend on how records were batched.
+    pub max_idle_batches: Option<u64>,
 }
 
 /// Everything the writer needs to know, resolved from a sink's config.
@@ -102,6 +110,8 @@ pub struct WriterSettings {
     pub max_rows: Option<u64>,
     pub max_bytes: u64,
     pub max_age: Duration,
+    /// See [`RotateConfig::max_idle_batches`]; 0 is off.
+    pub max_idle_batches: u64,
     pub row_group_bytes: u64,
     pub buffer_bytes: u64,
     pub max_open_files: usize,
@@ -368,6 +378,8 @@ struct OpenFile {
     first_time: Option<i64>,
     /// Source position of the last row written (`exactly_once`).
     last_position: Option<u64>,
+    /// Its shard's batch count (see `RollingWriter::shard_batches`) when it last got rows.
+    last_batch: u64,
     acks: Vec<Ack>,
 }
 
@@ -405,6 +417,8 @@ pub struct RollingWriter {
     time_column: Option<usize>,
     /// `exactly_once`: each source shard's manifest, read when its first batch arrives.
     manifests: HashMap<String, Manifest>,
+    /// Batches written per source shard, the clock of `max_idle_batches`.
+    shard_batches: HashMap<String, u64>,
     files_written: metrics::Counter,
 }
 
@@ -482,6 +496,7 @@ impl RollingWriter {
             plain_columns: None,
             time_column,
             manifests: HashMap::new(),
+            shard_batches: HashMap::new(),
             files_written,
         })
     }
@@ -504,6 +519,11 @@ impl RollingWriter {
         };
         let max_age = i64::try_from(self.settings.max_age.as_micros()).unwrap_or(i64::MAX);
         let shard = batch.shard.file_token();
+        let batch_no = {
+            let n = self.shard_batches.entry(shard.clone()).or_default();
+            *n += 1;
+            *n
+        };
         if self.settings.exactly_once && !self.manifests.contains_key(&shard) {
             let manifest = self.read_manifest(&shard)?;
             self.manifests.insert(shard.clone(), manifest);
@@ -552,6 +572,7 @@ impl RollingWriter {
                     file.drain()?;
                     file.rows += take as u64;
                     file.acks.push(batch.ack.clone());
+                    file.last_batch = batch_no;
                     if let Some(p) = &positions {
                         file.last_position = Some(p[group.input_row(at + take - 1)]);
                     }
@@ -565,7 +586,27 @@ impl RollingWriter {
                 }
             }
         }
+        self.close_idle(&shard, batch_no)?;
         self.enforce_limits()
+    }
+
+    /// Closes the files of `shard` that its last `max_idle_batches` batches did not write to.
+    fn close_idle(&mut self, shard: &str, batch_no: u64) -> Result<()> {
+        let idle = self.settings.max_idle_batches;
+        if idle == 0 || self.settings.exactly_once {
+            return Ok(());
+        }
+        let mut expired: Vec<_> = self
+            .open
+            .iter()
+            .filter(|(k, f)| k.1 == shard && batch_no.saturating_sub(f.last_batch) >= idle)
+            .map(|(k, _)| k.clone())
+            .collect();
+        expired.sort();
+        for key in expired {
+            self.close(&key)?;
+        }
+        Ok(())
     }
 
     /// Opens the file for `key`, closing the largest open file first when at `max_open_files`.
@@ -734,6 +775,7 @@ impl RollingWriter {
             opened: Instant::now(),
             first_time: None,
             last_position: None,
+            last_batch: self.shard_batches.get(shard).copied().unwrap_or_default(),
             acks: Vec::new(),
         })
     }
@@ -985,6 +1027,7 @@ mod tests {
             max_rows: None,
             max_bytes: DEFAULT_MAX_FILE_BYTES.0,
             max_age: DEFAULT_MAX_AGE,
+            max_idle_batches: DEFAULT_MAX_IDLE_BATCHES,
             row_group_bytes: DEFAULT_ROW_GROUP_BYTES.0,
             buffer_bytes: DEFAULT_BUFFER_BYTES.0,
             max_open_files: DEFAULT_MAX_OPEN_FILES,
@@ -1141,6 +1184,70 @@ mod tests {
         assert_eq!(rows("part-gen-0-00000000000000000100.parquet"), 50);
         assert_eq!(rows("part-gen-0-00000000000000000150.parquet"), 30);
         assert_eq!(p.committed(), Some(179));
+    }
+
+    /// A batch of `rows` rows of day `day` (a `day` column to partition by and a value).
+    fn day_batch(progress: &Arc<ShardProgress>, day: &str, start: u64, rows: u64) -> Batch {
+        use arrow::array::{Int64Array, StringArray};
+        use arrow::datatypes::{DataType, Field};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("day", DataType::Utf8, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let days: StringArray = (0..rows).map(|_| Some(day)).collect();
+        let values: Int64Array = (start..start + rows).map(|v| v as i64).collect();
+        Batch {
+            data: RecordBatch::try_new(schema, vec![Arc::new(days), Arc::new(values)]).unwrap(),
+            shard: progress.shard().clone(),
+            first: start,
+            last: start + rows - 1,
+            row_positions: None,
+            ack: progress.register(start + rows - 1),
+            memory: None,
+        }
+    }
+
+    #[test]
+    fn a_folder_its_shard_stopped_writing_to_is_closed_after_max_idle_batches() {
+        let committed = Arc::new(Mutex::new(vec![]));
+        let p = progress();
+        let schema = day_batch(&p, "d", 0, 1).data.schema();
+        let s = WriterSettings { partition_by: vec!["day".into()], max_idle_batches: 3, ..settings() };
+        let mut w = RollingWriter::new("t", &schema, s, Box::new(MemFactory(false, committed.clone()))).unwrap();
+        let names = || committed.lock().unwrap().iter().map(|f| f.0.clone()).collect::<Vec<_>>();
+        // Day 1 in batches 1-2, then day 2: day 1 is idle in batches 3, 4 and 5.
+        w.write(&day_batch(&p, "1", 0, 10)).unwrap();
+        w.write(&day_batch(&p, "1", 10, 10)).unwrap();
+        w.write(&day_batch(&p, "2", 20, 10)).unwrap();
+        w.write(&day_batch(&p, "2", 30, 10)).unwrap();
+        assert_eq!(w.open_files(), 2, "day 1 has been idle for two batches: still open");
+        // Another shard's batches do not count against this shard's files.
+        let other = {
+            let shard = Arc::new(ShardInfo { source: "g".into(), id: "gen-1".into(), kind: ShardKind::Sequence });
+            ShardProgress::new(shard, Arc::new(RecordingCommitter::default()), Arc::new(AtomicBool::new(false)))
+        };
+        for i in 0..5 {
+            w.write(&day_batch(&other, "2", i * 10, 10)).unwrap();
+        }
+        assert_eq!(w.open_files(), 3);
+        assert!(names().is_empty(), "{:?}", names());
+        w.write(&day_batch(&p, "2", 40, 10)).unwrap();
+        assert_eq!(names(), ["day=1/part-gen-0-00000000000000000000.parquet"]);
+        assert_eq!(p.committed(), None, "day 2 is still open, so the shard's position waits for it");
+        w.finish().unwrap();
+        assert_eq!(p.committed(), Some(49));
+
+        // 0 keeps idle files open.
+        let committed = Arc::new(Mutex::new(vec![]));
+        let s = WriterSettings { partition_by: vec!["day".into()], max_idle_batches: 0, ..settings() };
+        let mut w = RollingWriter::new("t", &schema, s, Box::new(MemFactory(false, committed.clone()))).unwrap();
+        let p = progress();
+        w.write(&day_batch(&p, "1", 0, 10)).unwrap();
+        for i in 1..40 {
+            w.write(&day_batch(&p, "2", i * 10, 10)).unwrap();
+        }
+        assert_eq!(w.open_files(), 2);
+        assert!(committed.lock().unwrap().is_empty());
     }
 
     #[test]
