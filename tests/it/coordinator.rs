@@ -62,7 +62,7 @@ impl Cluster {
     fn start_coordinator(&mut self) {
         let child = sluice()
             .env("SLUICE_COORDINATOR_TOKEN", TOKEN)
-            .env("RUST_LOG", "sluice=info")
+            .env("RUST_LOG", log_filter())
             .args(["coordinator", "--lease-timeout", "3s", "--heartbeat-interval", "500ms", "--refresh-interval", "1s"])
             .arg("--pipeline")
             .arg(&self.pipeline)
@@ -79,7 +79,7 @@ impl Cluster {
     fn start_worker(&mut self, name: &str) {
         let child = sluice()
             .env("SLUICE_COORDINATOR_TOKEN", TOKEN)
-            .env("RUST_LOG", "sluice=info")
+            .env("RUST_LOG", log_filter())
             .args(["worker", "--worker", name, "--coordinator", &self.url])
             .arg("--pipeline")
             .arg(&self.pipeline)
@@ -179,6 +179,12 @@ impl Drop for Cluster {
             let _ = c.wait();
         }
     }
+}
+
+/// The coordinator's and workers' log filter: `sluice=info`, or `SLUICE_TEST_RUST_LOG` to look
+/// closer at a failing run.
+fn log_filter() -> String {
+    std::env::var("SLUICE_TEST_RUST_LOG").unwrap_or_else(|_| "sluice=info".to_string())
 }
 
 pub(crate) fn pg_pipeline(name: &str, t: &str, table: &str) -> String {
