@@ -519,16 +519,10 @@ impl RollingWriter {
         };
         let max_age = i64::try_from(self.settings.max_age.as_micros()).unwrap_or(i64::MAX);
         let shard = batch.shard.file_token();
-        // Counted without cloning the shard's name but on its first batch.
-        let batch_no = match self.shard_batches.get_mut(&shard) {
-            Some(n) => {
-                *n += 1;
-                *n
-            }
-            None => {
-                self.shard_batches.insert(shard.clone(), 1);
-                1
-            }
+        let batch_no = {
+            let n = self.shard_batches.entry(shard.clone()).or_default();
+            *n += 1;
+            *n
         };
         if self.settings.exactly_once && !self.manifests.contains_key(&shard) {
             let manifest = self.read_manifest(&shard)?;
