@@ -45,6 +45,19 @@ impl LineChunk {
         }
     }
 
+    /// An empty chunk with room for `records` records of `bytes` bytes in all.
+    pub fn with_capacity(records: usize, bytes: usize) -> Self {
+        let mut starts = Vec::with_capacity(records + 1);
+        starts.push(0);
+        LineChunk {
+            buf: Vec::with_capacity(bytes),
+            starts,
+            positions: Vec::with_capacity(records),
+            key_buf: Vec::new(),
+            key_spans: Vec::new(),
+        }
+    }
+
     /// Appends one record with its key.
     pub fn push_keyed(&mut self, record: &[u8], position: u64, key: Option<&[u8]>) {
         self.push(record, position);
