@@ -1151,9 +1151,7 @@ impl BatchQueue {
                 let raw = unsafe { RawMessage::new(m) };
                 more = f(match raw.error() {
                     None => Polled::Message(raw),
-                    Some(e) if e == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF => {
-                        Polled::Eof
-                    }
+                    Some(rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF) => Polled::Eof,
                     Some(_) => Polled::Error(raw.error_text()),
                 });
             }
