@@ -295,21 +295,40 @@ fn limit_malloc_arenas() {
         unsafe {
             mallopt(M_ARENA_MAX, 2);
         }
-        // Freed memory inside the heaps is handed back once a second: with many open Parquet
-        // files (each allocating and freeing compression buffers) RSS otherwise crept up with the
-        // records written (213 -> 360 MiB from 100k to 1M records over 200 open S3 objects in
-        // tests/it/s3.rs; 191 -> 236 MiB with this), at no measurable CPU cost.
+        // Freed memory inside the heaps is handed back, checked once a second: with many open
+        // Parquet files (each allocating and freeing compression buffers) RSS otherwise crept up
+        // with the records written (213 -> 360 MiB from 100k to 1M records over 200 open S3
+        // objects in tests/it/s3.rs; 191 -> 236 MiB with this). Only once more than TRIM_SLACK
+        // of it is resident: a trim every second whatever there was to gain made the pages a
+        // steady pipeline frees and takes again fault back in and be zeroed each time (about a
+        // sixth of a Kafka -> Parquet worker's CPU, in page faults and sys time).
         let _ = std::thread::Builder::new().name("malloc-trim".into()).spawn(|| loop {
             std::thread::sleep(std::time::Duration::from_secs(1));
-            extern "C" {
-                fn malloc_trim(pad: usize) -> i32;
-            }
-            // SAFETY: malloc_trim only returns free pages to the system; any thread may call it.
-            unsafe {
-                malloc_trim(0);
+            if resident_free_bytes().is_none_or(|free| free > TRIM_SLACK) {
+                // SAFETY: malloc_trim only returns free pages to the system; any thread may call it.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
             }
         });
     }
+}
+
+/// Freed memory malloc may keep resident before it is handed back to the system.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TRIM_SLACK: usize = 32 << 20;
+
+/// Resident anonymous memory (`/proc/self/statm`: resident less file-backed pages) that malloc
+/// has not handed out: freed memory it keeps, plus stacks. None when either cannot be read.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn resident_free_bytes() -> Option<usize> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let mut pages = statm.split_ascii_whitespace().skip(1).map(|n| n.parse::<usize>().ok());
+    let (resident, shared) = (pages.next()??, pages.next()??);
+    // SAFETY: sysconf and mallinfo2 only read process state.
+    let (page, info) = unsafe { (libc::sysconf(libc::_SC_PAGESIZE), libc::mallinfo2()) };
+    let anonymous = resident.saturating_sub(shared) * usize::try_from(page).ok()?;
+    Some(anonymous.saturating_sub(info.uordblks + info.hblkhd))
 }
 
 fn init_logging(format: LogFormat) {
