@@ -91,32 +91,97 @@ impl FastJson {
         if rows == 0 {
             return None;
         }
-        // arrow-json rejects invalid UTF-8 and unpaired surrogate escapes in every string, also in
-        // the fields it ignores, where serde_json lets both pass (it checks only what it keeps).
-        let text = std::str::from_utf8(bytes).ok()?;
-        if has_unpaired_surrogate(bytes) {
-            return None;
-        }
-        let mut cols: Vec<Col> = self.kinds.iter().map(|k| Col::new(*k, rows, bytes.len())).collect();
-        let mut de = serde_json::Deserializer::from_str(text);
-        for _ in 0..rows {
-            let seen = Record { fast: self, cols: &mut cols }.deserialize(&mut de).ok()?;
-            let missing = self.all & !seen;
-            if missing != 0 {
-                if missing & self.required != 0 {
-                    return None;
-                }
-                for (i, col) in cols.iter_mut().enumerate() {
-                    if missing & (1 << i) != 0 {
-                        col.append_null();
-                    }
-                }
-            }
-        }
-        de.end().ok()?;
+        let text = checked_text(bytes)?;
+        self.batch(self.scan(text, rows).or_else(|| self.parse(text, rows))?)
+    }
+
+    fn batch(&self, cols: Vec<Col>) -> Option<RecordBatch> {
         let arrays: Vec<ArrayRef> =
             cols.into_iter().zip(self.schema.fields()).map(|(c, f)| c.finish(f.data_type())).collect::<Option<_>>()?;
         RecordBatch::try_new(self.schema.clone(), arrays).ok()
+    }
+
+    /// The first tier: a scanner of its own for the plainest input, flat objects of scalars with
+    /// no escape in any string and no nested value even in ignored fields, which is most event
+    /// streams. `None` where it is not sure: then [`parse`](Self::parse) decides.
+    fn scan(&self, text: &str, rows: usize) -> Option<Vec<Col>> {
+        let mut cols = self.columns(rows, text.len());
+        let mut scan = Scan { text, at: 0 };
+        for _ in 0..rows {
+            let seen = self.scan_record(&mut scan, &mut cols)?;
+            self.fill_missing(seen, &mut cols)?;
+        }
+        scan.whitespace();
+        (scan.at == text.len()).then_some(cols)
+    }
+
+    /// One object of the chunk into one row of every column: the bits of the columns it had.
+    fn scan_record(&self, scan: &mut Scan<'_>, cols: &mut [Col]) -> Option<u64> {
+        scan.whitespace();
+        scan.eat(b'{')?;
+        scan.whitespace();
+        if scan.eat(b'}').is_some() {
+            return Some(0);
+        }
+        let (mut seen, mut hint) = (0u64, 0);
+        loop {
+            scan.eat(b'"')?;
+            let key = scan.string()?;
+            scan.whitespace();
+            scan.eat(b':')?;
+            scan.whitespace();
+            match self.column(key.as_bytes(), hint) {
+                Some(i) => {
+                    if seen & (1 << i) != 0 {
+                        return None;
+                    }
+                    seen |= 1 << i;
+                    hint = i + 1;
+                    scan.value(&mut cols[i], self.required & (1 << i) != 0)?;
+                }
+                None => scan.skip_scalar()?,
+            }
+            scan.whitespace();
+            match scan.next()? {
+                b',' => scan.whitespace(),
+                b'}' => return Some(seen),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The second tier: serde_json parses the chunk (validating everything, escapes and nested
+    /// values in ignored fields included) and values go into the builders. `None` where
+    /// arrow-json must decide.
+    fn parse(&self, text: &str, rows: usize) -> Option<Vec<Col>> {
+        let mut cols = self.columns(rows, text.len());
+        let mut de = serde_json::Deserializer::from_str(text);
+        for _ in 0..rows {
+            let seen = Record { fast: self, cols: &mut cols }.deserialize(&mut de).ok()?;
+            self.fill_missing(seen, &mut cols)?;
+        }
+        de.end().ok()?;
+        Some(cols)
+    }
+
+    fn columns(&self, rows: usize, bytes: usize) -> Vec<Col> {
+        self.kinds.iter().map(|k| Col::new(*k, rows, bytes)).collect()
+    }
+
+    /// Nulls in the columns a record did not have (`seen`); `None` when one is `not null`.
+    fn fill_missing(&self, seen: u64, cols: &mut [Col]) -> Option<()> {
+        let missing = self.all & !seen;
+        if missing != 0 {
+            if missing & self.required != 0 {
+                return None;
+            }
+            for (i, col) in cols.iter_mut().enumerate() {
+                if missing & (1 << i) != 0 {
+                    col.append_null();
+                }
+            }
+        }
+        Some(())
     }
 
     fn column(&self, key: &[u8], hint: usize) -> Option<usize> {
@@ -247,6 +312,181 @@ impl Col {
             Col::Timestamp(mut b) => Arc::new(b.finish().with_data_type(data_type.clone())),
             Col::Date(mut b) => Arc::new(b.finish()),
         })
+    }
+}
+
+/// The scanner of [`FastJson::scan`] over a chunk's text; every method returns `None` (gives
+/// up) on anything but what it expects.
+struct Scan<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn whitespace(&mut self) {
+        let b = self.text.as_bytes();
+        while matches!(b.get(self.at), Some(b' ' | b'\n' | b'\t' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.text.as_bytes().get(self.at).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.at += 1;
+        Some(c)
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.peek()? == c).then(|| self.at += 1)
+    }
+
+    fn literal(&mut self, word: &str) -> Option<()> {
+        self.text[self.at..].starts_with(word).then(|| self.at += word.len())
+    }
+
+    /// The rest of a string whose opening quote was read: its text, when it has no escape and
+    /// no control character (JSON allows none unescaped).
+    fn string(&mut self) -> Option<&'a str> {
+        let b = self.text.as_bytes();
+        let mut end = self.at;
+        // Eight bytes at a time, for the first quote, backslash or control character (the
+        // lowest byte the bit tricks flag is always a true one).
+        const ONES: u64 = u64::from_ne_bytes([1; 8]);
+        const HIGH: u64 = ONES * 0x80;
+        let stop = loop {
+            let Some(word) = b.get(end..end + 8) else { break None };
+            let v = u64::from_le_bytes(word.try_into().ok()?);
+            let (quote, backslash) = (v ^ (ONES * u64::from(b'"')), v ^ (ONES * u64::from(b'\\')));
+            let hits = (quote.wrapping_sub(ONES) & !quote)
+                | (backslash.wrapping_sub(ONES) & !backslash)
+                | (v.wrapping_sub(ONES * 0x20) & !v);
+            if hits & HIGH != 0 {
+                break Some(end + (hits & HIGH).trailing_zeros() as usize / 8);
+            }
+            end += 8;
+        };
+        let end = match stop {
+            Some(end) => end,
+            None => end + b[end..].iter().position(|c| matches!(c, b'"' | b'\\' | 0..=0x1f))?,
+        };
+        if b[end] != b'"' {
+            return None;
+        }
+        // The quote is ASCII, so both ends are character boundaries of the (valid UTF-8) text.
+        let s = &self.text[self.at..end];
+        self.at = end + 1;
+        Some(s)
+    }
+
+    /// A JSON number, its whole grammar checked: its text, and whether it is an integer (no
+    /// fraction, no exponent).
+    fn number(&mut self) -> Option<(&'a str, bool)> {
+        let b = self.text.as_bytes();
+        let digits = |at: &mut usize| {
+            let from = *at;
+            while b.get(*at).is_some_and(u8::is_ascii_digit) {
+                *at += 1;
+            }
+            *at > from
+        };
+        let start = self.at;
+        let mut at = start;
+        if b.get(at) == Some(&b'-') {
+            at += 1;
+        }
+        match b.get(at)? {
+            b'0' => at += 1,
+            b'1'..=b'9' => {
+                digits(&mut at);
+            }
+            _ => return None,
+        }
+        let mut integer = true;
+        if b.get(at) == Some(&b'.') {
+            at += 1;
+            integer = false;
+            if !digits(&mut at) {
+                return None;
+            }
+        }
+        if matches!(b.get(at), Some(b'e' | b'E')) {
+            at += 1;
+            integer = false;
+            if matches!(b.get(at), Some(b'+' | b'-')) {
+                at += 1;
+            }
+            if !digits(&mut at) {
+                return None;
+            }
+        }
+        self.at = at;
+        Some((&self.text[start..at], integer))
+    }
+
+    /// A column's value into it, as serde_json's tier takes it ([`Value`], and a decimal's raw
+    /// text).
+    fn value(&mut self, col: &mut Col, required: bool) -> Option<()> {
+        match self.peek()? {
+            b'"' => {
+                self.at += 1;
+                col.append_str(self.string()?)
+            }
+            b'n' => {
+                self.literal("null")?;
+                (!required).then(|| col.append_null())
+            }
+            b't' | b'f' => {
+                let v = self.peek()? == b't';
+                self.literal(if v { "true" } else { "false" })?;
+                match col {
+                    Col::Bool(b) => {
+                        b.append_value(v);
+                        Some(())
+                    }
+                    _ => None,
+                }
+            }
+            b'-' | b'0'..=b'9' => {
+                let (text, integer) = self.number()?;
+                if let Col::Decimal(..) = col {
+                    return col.append_str(text);
+                }
+                // serde_json hands over the integers that fit an i64 (negative, but not `-0`,
+                // which it reads as a float) or a u64; anything else is a float, left to arrow.
+                if !integer || text.len() > 20 || text == "-0" {
+                    return None;
+                }
+                // At most 20 digits, checked by `number`: no overflow.
+                let (negative, digits) = text.strip_prefix('-').map_or((false, text), |d| (true, d));
+                let v = digits.bytes().fold(0i128, |v, c| v * 10 + i128::from(c - b'0'));
+                let v = if negative { -v } else { v };
+                if v < i128::from(i64::MIN) || v > i128::from(u64::MAX) {
+                    return None;
+                }
+                col.append_int(v)
+            }
+            _ => None,
+        }
+    }
+
+    /// The value of a field no column takes: checked, as serde_json checks it, when it is a
+    /// scalar; an object or array is left to serde_json's tier.
+    fn skip_scalar(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'"' => {
+                self.at += 1;
+                self.string().map(drop)
+            }
+            b'n' => self.literal("null"),
+            b't' => self.literal("true"),
+            b'f' => self.literal("false"),
+            b'-' | b'0'..=b'9' => self.number().map(drop),
+            _ => None,
+        }
     }
 }
 
@@ -471,6 +711,14 @@ fn parse_timestamp_micros(s: &str) -> Option<i64> {
     secs.checked_mul(1_000_000)?.checked_add(nanos / 1_000)
 }
 
+/// `bytes` as text, checked first for what arrow-json rejects in every string, also in the
+/// fields it ignores, where neither tier looks (serde_json checks only what it keeps): invalid
+/// UTF-8 and unpaired surrogate escapes.
+fn checked_text(bytes: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    (!has_unpaired_surrogate(bytes)).then_some(text)
+}
+
 /// Whether some `\uD800`–`\uDFFF` escape is not one half of a high-low pair.
 fn has_unpaired_surrogate(b: &[u8]) -> bool {
     let hex4 = |i: usize| -> Option<u16> {
@@ -534,6 +782,12 @@ mod tests {
     /// What arrow-json alone makes of `text` (`rows` records), as the decoder did before.
     fn arrow(schema: &SchemaRef, text: impl AsRef<[u8]>, rows: usize) -> Option<RecordBatch> {
         JsonDecoder::arrow_only(schema.clone()).decode(text.as_ref(), rows).ok()
+    }
+
+    /// What each tier alone makes of `text`: the scanner's batch, then serde_json's.
+    fn tiers(fast: &FastJson, text: &str, rows: usize) -> [Option<RecordBatch>; 2] {
+        let Some(text) = checked_text(text.as_bytes()) else { return [None, None] };
+        [fast.scan(text, rows).and_then(|c| fast.batch(c)), fast.parse(text, rows).and_then(|c| fast.batch(c))]
     }
 
     /// Lines the fast path must take, each with what it must not change.
@@ -611,10 +865,21 @@ mod tests {
     fn what_the_fast_path_takes_equals_arrow_json() {
         let s = orders();
         let fast = FastJson::new(&s).expect("every column type of the test schema is on the fast path");
+        let mut scanned = 0;
         for line in PLAIN {
             let got = fast.decode(line.as_bytes(), 1).unwrap_or_else(|| panic!("left to arrow: {line}"));
             assert_eq!(Some(got), arrow(&s, line, 1), "{line}");
+            // Each tier alone, where it takes the line, makes the same batch.
+            let [scan, parse] = tiers(&fast, line, 1);
+            assert!(parse.is_some(), "serde_json's tier takes every plain line: {line}");
+            if scan.is_some() {
+                scanned += 1;
+                assert_eq!(scan, parse, "{line}");
+            }
+            // The scanner leaves escapes and nested values to serde_json.
+            assert_eq!(scan.is_none(), line.contains('\\') || line.contains('['), "{line}");
         }
+        assert!(scanned >= PLAIN.len() / 2, "the scanner took {scanned} of {} lines", PLAIN.len());
         let all = PLAIN.join("\n");
         let got = fast.decode(all.as_bytes(), PLAIN.len()).expect("the whole chunk");
         assert_eq!(Some(got), arrow(&s, &all, PLAIN.len()));
@@ -633,6 +898,29 @@ mod tests {
         // Fewer or more objects than records.
         assert_eq!(fast.decode(PLAIN[0].as_bytes(), 2), None);
         assert_eq!(fast.decode(format!("{}\n{}", PLAIN[0], PLAIN[1]).as_bytes(), 1), None);
+    }
+
+    #[test]
+    fn the_scanner_stops_at_the_first_quote_escape_or_control_character_wherever_it_is() {
+        let s = schema(&[("a", "varchar"), ("b", "bigint")]);
+        let fast = FastJson::new(&s).unwrap();
+        for len in 0..20 {
+            for at in 0..=len {
+                // What goes into the string, and whether the scanner may take it.
+                for (c, taken) in
+                    [("é", true), ("😀", true), ("\u{7f}", true), ("\u{1}", false), ("\u{1f}", false), ("\\n", false)]
+                {
+                    let mut v = "y".repeat(len);
+                    v.insert_str(at, c);
+                    let line = format!("{{\"a\":\"{v}\",\"b\":1}} ");
+                    let [scan, _] = tiers(&fast, &line, 1);
+                    assert_eq!(scan.is_some(), taken, "{line:?}");
+                    if taken {
+                        assert_eq!(scan, arrow(&s, &line, 1), "{line:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -822,7 +1110,7 @@ mod tests {
         let with_fast = JsonDecoder::always_fast(s.clone());
         let arrow_only = JsonDecoder::arrow_only(s.clone());
         let mut rng = rand::rngs::SmallRng::seed_from_u64(20261204);
-        let (mut taken, mut lines) = (0, 0);
+        let (mut taken, mut scanned, mut lines) = (0, 0, 0);
         for _ in 0..200 {
             let mut chunk = LineChunk::new();
             for i in 0..50u64 {
@@ -830,6 +1118,14 @@ mod tests {
                 if let Some(got) = fast.decode(line.as_bytes(), 1) {
                     assert_eq!(Some(got), arrow(&s, &line, 1), "{line}");
                     taken += 1;
+                }
+                let [scan, parse] = tiers(&fast, &line, 1);
+                if scan.is_some() {
+                    assert_eq!(scan, arrow(&s, &line, 1), "the scanner: {line}");
+                    scanned += 1;
+                }
+                if parse.is_some() {
+                    assert_eq!(parse, arrow(&s, &line, 1), "serde_json's tier: {line}");
                 }
                 lines += 1;
                 chunk.push(line.as_bytes(), i);
@@ -845,5 +1141,6 @@ mod tests {
         }
         // The test means something only if both ways are exercised.
         assert!(taken > lines / 5 && taken < lines, "fast path took {taken} of {lines} lines");
+        assert!(scanned > lines / 10 && scanned < taken, "the scanner took {scanned} of {lines} lines");
     }
 }
