@@ -45,17 +45,11 @@ impl LineChunk {
         }
     }
 
-    /// An empty chunk with room for `records` records of `bytes` bytes in all.
-    pub fn with_capacity(records: usize, bytes: usize) -> Self {
-        let mut starts = Vec::with_capacity(records + 1);
-        starts.push(0);
-        LineChunk {
-            buf: Vec::with_capacity(bytes),
-            starts,
-            positions: Vec::with_capacity(records),
-            key_buf: Vec::new(),
-            key_spans: Vec::new(),
-        }
+    /// Makes room for `records` more records of `bytes` bytes in all.
+    pub fn reserve(&mut self, records: usize, bytes: usize) {
+        self.buf.reserve(bytes);
+        self.starts.reserve(records);
+        self.positions.reserve(records);
     }
 
     /// Appends one record with its key.

@@ -790,17 +790,12 @@ impl KafkaSource {
                     lag_records.set((high - next).max(0) as f64);
                 }
             };
-            // The last chunk's size: the next one reserves as much at once.
+            // The last chunk's size: the next one reserves as much at its first message (not
+            // before: an idle partition holds no buffer while it waits).
             let (mut last_records, mut last_bytes) = (0, 0);
             while !cancel.is_cancelled() && !reached_end {
-                let mut chunk = LineChunk::with_capacity(last_records, last_bytes);
-                let mut meta = ChunkMeta {
-                    topic: topic_r.clone(),
-                    partition,
-                    timestamps: Vec::with_capacity(last_records),
-                    header_spans: Vec::with_capacity(last_records),
-                    ..Default::default()
-                };
+                let mut chunk = LineChunk::new();
+                let mut meta = ChunkMeta { topic: topic_r.clone(), partition, ..Default::default() };
                 let mut bad = Vec::new();
                 let mut deadline: Option<Instant> = None;
                 let mut newest_ts = None;
@@ -860,6 +855,11 @@ impl KafkaSource {
                         if end.is_some_and(|end| offset >= end) {
                             reached_end = true;
                             return false;
+                        }
+                        if records == 0 {
+                            chunk.reserve(last_records, last_bytes);
+                            meta.timestamps.reserve(last_records);
+                            meta.header_spans.reserve(last_records);
                         }
                         let position = offset as u64;
                         let key = msg.key();
