@@ -185,10 +185,10 @@ impl FastJson {
     }
 
     fn column(&self, key: &[u8], hint: usize) -> Option<usize> {
-        if self.names.get(hint).is_some_and(|n| **n == *key) {
+        if self.names.get(hint).is_some_and(|n| same(n, key)) {
             return Some(hint);
         }
-        self.names.iter().position(|n| **n == *key)
+        self.names.iter().position(|n| same(n, key))
     }
 }
 
@@ -711,6 +711,18 @@ fn parse_timestamp_micros(s: &str) -> Option<i64> {
     secs.checked_mul(1_000_000)?.checked_add(nanos / 1_000)
 }
 
+/// Whether two keys are equal, compared eight bytes at a time in place: a call to `memcmp` per
+/// key was 7% of a file pipeline's CPU, keys being a few bytes long.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let word = |c: &[u8]| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]));
+    let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    a8.by_ref().zip(b8.by_ref()).all(|(x, y)| word(x) == word(y))
+        && a8.remainder().iter().zip(b8.remainder()).all(|(x, y)| x == y)
+}
+
 /// `bytes` as text, checked first for what arrow-json rejects in every string, also in the
 /// fields it ignores, where neither tier looks (serde_json checks only what it keeps): invalid
 /// UTF-8 and unpaired surrogate escapes.
@@ -920,6 +932,21 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn keys_are_equal_only_byte_for_byte() {
+        let key = b"customer_id_of_the_order";
+        for len in 0..=key.len() {
+            let k = &key[..len];
+            assert!(same(k, k));
+            for at in 0..len {
+                let mut other = k.to_vec();
+                other[at] ^= 1;
+                assert!(!same(k, &other), "{at} of {len}");
+            }
+            assert!(!same(k, &key[..len.saturating_sub(1)]) || len == 0);
         }
     }
 
