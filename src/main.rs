@@ -286,14 +286,9 @@ fn main() -> ExitCode {
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        extern "C" {
-            fn mallopt(param: i32, value: i32) -> i32;
-        }
-        /// `M_ARENA_MAX` from glibc's `malloc.h`.
-        const M_ARENA_MAX: i32 = -8;
         // SAFETY: mallopt only tunes the allocator; it runs before any other thread exists.
         unsafe {
-            mallopt(M_ARENA_MAX, 2);
+            libc::mallopt(libc::M_ARENA_MAX, 2);
         }
         // Freed memory inside the heaps is handed back, checked once a second: with many open
         // Parquet files (each allocating and freeing compression buffers) RSS otherwise crept up

@@ -903,7 +903,7 @@ impl KafkaSource {
                         !reached_end
                     });
                     if deadline.is_none() {
-                        if records > 0 || !bad.is_empty() {
+                        if records > 0 {
                             deadline = Some(Instant::now() + max_wait);
                         } else if !polled_any {
                             lag_seconds.set(0.0);
@@ -1103,10 +1103,9 @@ struct BatchQueue {
     _consumer: Arc<BaseConsumer<SourceContext>>,
 }
 
-// SAFETY: librdkafka queues are thread-safe, and the message pointers are only read while the
-// queue is borrowed mutably.
+// SAFETY: librdkafka queues may be used from any thread; the message pointers are only touched
+// inside `read`, which borrows the queue mutably.
 unsafe impl Send for BatchQueue {}
-unsafe impl Sync for BatchQueue {}
 
 impl BatchQueue {
     /// The queue of `topic/partition` on `consumer`, forwarded nowhere (as rdkafka's
@@ -1196,18 +1195,18 @@ impl RawMessage<'_> {
         self.0.offset
     }
 
-    fn bytes(ptr: *mut std::ffi::c_void, len: usize) -> Option<&'static [u8]> {
-        // SAFETY (for the callers below): librdkafka's pointer and length describe bytes that
-        // live as long as the message; the lifetime is narrowed to the view's by the callers.
+    /// `len` bytes at `ptr`, a field of the message, living as long as it does.
+    fn bytes(&self, ptr: *mut std::ffi::c_void, len: usize) -> Option<&[u8]> {
+        // SAFETY: librdkafka's pointer and length describe bytes owned by the message.
         (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr as *const u8, len) })
     }
 
     fn payload(&self) -> Option<&[u8]> {
-        Self::bytes(self.0.payload, self.0.len)
+        self.bytes(self.0.payload, self.0.len)
     }
 
     fn key(&self) -> Option<&[u8]> {
-        Self::bytes(self.0.key, self.0.key_len)
+        self.bytes(self.0.key, self.0.key_len)
     }
 
     /// The message's timestamp (create or log-append time), in milliseconds.
