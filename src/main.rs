@@ -280,15 +280,25 @@ fn main() -> ExitCode {
 
 /// glibc's malloc gives every thread that allocates its own arena; with Tokio and blocking threads
 /// the arenas fragment and RSS grows with the data moved (226 MiB instead of 63 MiB for 10M
-/// records to Parquet, benches/results/memory.md) although live memory stays bounded. Two arenas
-/// keep RSS flat at no measurable cost on this workload. (mimalloc was tried: faster, but it held
-/// more memory still.)
+/// records to Parquet, benches/results/memory.md) although live memory stays bounded. (mimalloc
+/// and jemalloc were tried: no faster here, and they held more memory still.)
+///
+/// - One arena: with two, threads drift from one to the other as they meet a locked arena, and
+///   each arena keeps its own free memory (generator -> Parquet peaked at 50 MiB for 1M records
+///   and 66 MiB for 10M with two arenas, 49 and 53 with one, at the same CPU time).
+/// - Fixed mmap and trim thresholds: glibc's default is a dynamic mmap threshold that starts at
+///   128 KiB, so buffers of a few hundred KiB to a few MiB (a Kafka chunk, librdkafka's fetch
+///   buffers, Parquet pages) were mapped fresh and faulted in, page by page, every time (11% of
+///   a Kafka -> Parquet worker's CPU in page faults). Below 32 MiB they now come from the arena
+///   and are reused; the trim thread below bounds what the arena keeps.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallopt only tunes the allocator; it runs before any other thread exists.
         unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
         }
         // Freed memory inside the heaps is handed back, checked once a second: with many open
         // Parquet files (each allocating and freeing compression buffers) RSS otherwise crept up
@@ -308,6 +318,14 @@ fn limit_malloc_arenas() {
         });
     }
 }
+
+/// Allocations at least this large are mapped on their own (and unmapped when freed).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+
+/// Free memory at the top of the arena past which `free` shrinks it at once.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TRIM_THRESHOLD: libc::c_int = 64 << 20;
 
 /// Freed memory malloc may keep resident before it is handed back to the system.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
