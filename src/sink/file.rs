@@ -46,7 +46,7 @@ pub struct FileSinkConfig {
     /// Cap on data buffered in all open files together; the largest is flushed first (default
     /// 32MiB).
     pub buffer_bytes: Option<ByteSize>,
-    /// Parquet dictionary encoding: `always` (default) or `auto` (not for mostly-distinct columns).
+    /// Parquet dictionary encoding: `auto` (default: not for mostly-distinct columns) or `always`.
     #[serde(default)]
     pub dictionary: DictionaryMode,
     /// Cap on files open at once (one per output folder and source shard); the largest is closed
@@ -104,10 +104,12 @@ impl FileSinkConfig {
 #[serde(rename_all = "snake_case")]
 pub enum DictionaryMode {
     /// Every column is dictionary-encoded (falling back to plain per page when the dictionary
-    /// overflows): the writer's default.
-    #[default]
+    /// overflows): the Parquet writer's own default.
     Always,
-    /// Columns that are mostly distinct in the first batch are written plain.
+    /// Columns that are mostly distinct in the first batch of at least 256 rows are written
+    /// plain: the default, as hashing ids and timestamps into a dictionary that overflows costs
+    /// CPU and saves nothing.
+    #[default]
     Auto,
 }
 

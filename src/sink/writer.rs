@@ -237,21 +237,23 @@ const DICTIONARY_PAGE_BYTES: usize = 256 << 10;
 /// The Parquet writer dictionary-encodes every column by default: for such a column it hashes each
 /// value until the dictionary page overflows and then falls back to plain encoding, in every row
 /// group, which costs about a fifth of a pipeline's CPU and saves nothing. Low-cardinality columns
-/// (status, country, day) keep their dictionary.
-fn high_cardinality_columns(batch: &RecordBatch) -> Vec<String> {
+/// (status, country, day) keep their dictionary. `None` for a batch too small to tell (a Kafka
+/// partition's chunk of a few records): a later batch decides.
+fn high_cardinality_columns(batch: &RecordBatch) -> Option<Vec<String>> {
     const SAMPLE: usize = 4096;
     let n = batch.num_rows().min(SAMPLE);
     if n < 256 {
-        return Vec::new();
+        return None;
     }
     let schema = batch.schema();
-    schema
+    let plain = schema
         .fields()
         .iter()
         .zip(batch.columns())
         .filter(|(_, col)| distinct_values(&col.slice(0, n)).is_some_and(|d| d * 2 > n))
         .map(|(f, _)| f.name().clone())
-        .collect()
+        .collect();
+    Some(plain)
 }
 
 /// Distinct values of a flat column (nulls count as the value under them), or `None` for types
@@ -622,7 +624,7 @@ impl RollingWriter {
             && self.settings.format == OutputFormat::Parquet
             && self.settings.adaptive_dictionary
         {
-            self.plain_columns = Some(high_cardinality_columns(data));
+            self.plain_columns = high_cardinality_columns(data);
         }
         let file = self.open_file(&key.0, &key.1, first)?;
         self.open.insert(key.clone(), file);

@@ -179,14 +179,18 @@ format = "json"
     assert_eq!(ta, tb, "the same decimal sums per batch from Parquet and CSV");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mostly_distinct_columns_are_written_without_a_dictionary() {
+/// Which columns of the first row group of a generator -> Parquet run are dictionary-encoded,
+/// with `dictionary` set to `mode` (left out when empty) and batches of `batch_size` rows.
+async fn dictionary_columns(mode: &str, batch_size: usize) -> BTreeMap<String, bool> {
     use parquet::basic::Encoding;
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let dir = tempfile::tempdir().unwrap();
-    let pipeline = r#"
+    let setting = if mode.is_empty() { String::new() } else { format!("dictionary = \"{mode}\"") };
+    let pipeline = format!(
+        r#"
 [pipeline]
 name = "dict"
+batch_size = {batch_size}
 
 [sources.orders]
 type = "generator"
@@ -196,10 +200,11 @@ count = 20000
 [sinks.out]
 type = "file"
 inputs = ["orders"]
-path = "${OUT}/out"
-dictionary = "auto"
-"#;
-    run_pipeline(pipeline, dir.path()).await.unwrap();
+path = "${{OUT}}/out"
+{setting}
+"#
+    );
+    run_pipeline(&pipeline, dir.path()).await.unwrap();
     let parquet_files = files(&dir.path().join("out"), ".parquet");
     assert_eq!(parquet_files.len(), 1);
     let reader = SerializedFileReader::new(std::fs::File::open(&parquet_files[0]).unwrap()).unwrap();
@@ -209,9 +214,22 @@ dictionary = "auto"
         let uses = col.encodings().any(|e| matches!(e, Encoding::RLE_DICTIONARY | Encoding::PLAIN_DICTIONARY));
         dictionary.insert(col.column_path().string(), uses);
     }
-    // Unique ids and timestamps: plain; a handful of countries and statuses: dictionary.
-    assert_eq!(dictionary.get("order_id"), Some(&false), "{dictionary:?}");
-    assert_eq!(dictionary.get("ts"), Some(&false), "{dictionary:?}");
-    assert_eq!(dictionary.get("country"), Some(&true), "{dictionary:?}");
-    assert_eq!(dictionary.get("status"), Some(&true), "{dictionary:?}");
+    dictionary
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mostly_distinct_columns_are_written_without_a_dictionary() {
+    // `auto`, set or by default.
+    for (mode, batch_size) in [("auto", 8192), ("", 8192)] {
+        let dictionary = dictionary_columns(mode, batch_size).await;
+        // Unique ids and timestamps: plain; a handful of countries and statuses: dictionary.
+        let context = format!("dictionary = {mode:?}, batch_size = {batch_size}: {dictionary:?}");
+        assert_eq!(dictionary.get("order_id"), Some(&false), "{context}");
+        assert_eq!(dictionary.get("ts"), Some(&false), "{context}");
+        assert_eq!(dictionary.get("country"), Some(&true), "{context}");
+        assert_eq!(dictionary.get("status"), Some(&true), "{context}");
+    }
+    // `always`: every column starts with a dictionary.
+    let dictionary = dictionary_columns("always", 8192).await;
+    assert!(dictionary.values().all(|&d| d), "{dictionary:?}");
 }
