@@ -285,7 +285,8 @@ fn main() -> ExitCode {
 ///
 /// - One arena: with two, threads drift from one to the other as they meet a locked arena, and
 ///   each arena keeps its own free memory (generator -> Parquet peaked at 50 MiB for 1M records
-///   and 66 MiB for 10M with two arenas, 49 and 53 with one, at the same CPU time).
+///   and 66 MiB for 10M with two arenas, 49 and 54-57 with one, 48 and 53 with one and the
+///   thresholds below, at the same CPU time or less).
 /// - Fixed mmap and trim thresholds: glibc's default is a dynamic mmap threshold that starts at
 ///   128 KiB, so buffers of a few hundred KiB to a few MiB (a Kafka chunk, librdkafka's fetch
 ///   buffers, Parquet pages) were mapped fresh and faulted in, page by page, every time (11% of

@@ -238,7 +238,8 @@ const DICTIONARY_PAGE_BYTES: usize = 256 << 10;
 /// value until the dictionary page overflows and then falls back to plain encoding, in every row
 /// group, which costs about a fifth of a pipeline's CPU and saves nothing. Low-cardinality columns
 /// (status, country, day) keep their dictionary. `None` for a batch too small to tell (a Kafka
-/// partition's chunk of a few records): a later batch decides.
+/// partition's chunk of a few records): the file it opens keeps every dictionary, and the next
+/// file opened decides.
 fn high_cardinality_columns(batch: &RecordBatch) -> Option<Vec<String>> {
     const SAMPLE: usize = 4096;
     let n = batch.num_rows().min(SAMPLE);
