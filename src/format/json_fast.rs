@@ -91,8 +91,14 @@ impl FastJson {
         if rows == 0 {
             return None;
         }
-        let text = checked_text(bytes)?;
-        self.batch(self.scan(text, rows).or_else(|| self.parse(text, rows))?)
+        // The scanner checks the bytes as it goes (a string's UTF-8 where it is not ASCII; no
+        // escape at all, so no unpaired surrogate): only serde_json's tier needs the whole chunk
+        // checked first.
+        let cols = match self.scan(bytes, rows) {
+            Some(cols) => cols,
+            None => self.parse(checked_text(bytes)?, rows)?,
+        };
+        self.batch(cols)
     }
 
     fn batch(&self, cols: Vec<Col>) -> Option<RecordBatch> {
@@ -103,8 +109,9 @@ impl FastJson {
 
     /// The first tier: a scanner of its own for the plainest input, flat objects of scalars with
     /// no escape in any string and no nested value even in ignored fields, which is most event
-    /// streams. `None` where it is not sure: then [`parse`](Self::parse) decides.
-    fn scan(&self, text: &str, rows: usize) -> Option<Vec<Col>> {
+    /// streams. `None` where it is not sure: then [`parse`](Self::parse) decides. Every byte of
+    /// `text` passes through it, so it takes only valid UTF-8 (see [`Scan::string`]).
+    fn scan(&self, text: &[u8], rows: usize) -> Option<Vec<Col>> {
         let mut cols = self.columns(rows, text.len());
         let mut scan = Scan { text, at: 0 };
         for _ in 0..rows {
@@ -318,20 +325,20 @@ impl Col {
 /// The scanner of [`FastJson::scan`] over a chunk's text; every method returns `None` (gives
 /// up) on anything but what it expects.
 struct Scan<'a> {
-    text: &'a str,
+    text: &'a [u8],
     at: usize,
 }
 
 impl<'a> Scan<'a> {
     fn whitespace(&mut self) {
-        let b = self.text.as_bytes();
+        let b = self.text;
         while matches!(b.get(self.at), Some(b' ' | b'\n' | b'\t' | b'\r')) {
             self.at += 1;
         }
     }
 
     fn peek(&self) -> Option<u8> {
-        self.text.as_bytes().get(self.at).copied()
+        self.text.get(self.at).copied()
     }
 
     fn next(&mut self) -> Option<u8> {
@@ -345,47 +352,32 @@ impl<'a> Scan<'a> {
     }
 
     fn literal(&mut self, word: &str) -> Option<()> {
-        self.text[self.at..].starts_with(word).then(|| self.at += word.len())
+        self.text[self.at..].starts_with(word.as_bytes()).then(|| self.at += word.len())
     }
 
     /// The rest of a string whose opening quote was read: its text, when it has no escape and
-    /// no control character (JSON allows none unescaped).
+    /// no control character (JSON allows none unescaped) and is valid UTF-8.
     fn string(&mut self) -> Option<&'a str> {
-        let b = self.text.as_bytes();
-        let mut end = self.at;
-        // Eight bytes at a time, for the first quote, backslash or control character (the
-        // lowest byte the bit tricks flag is always a true one).
-        const ONES: u64 = u64::from_ne_bytes([1; 8]);
-        const HIGH: u64 = ONES * 0x80;
-        let stop = loop {
-            let Some(word) = b.get(end..end + 8) else { break None };
-            let v = u64::from_le_bytes(word.try_into().ok()?);
-            let (quote, backslash) = (v ^ (ONES * u64::from(b'"')), v ^ (ONES * u64::from(b'\\')));
-            let hits = (quote.wrapping_sub(ONES) & !quote)
-                | (backslash.wrapping_sub(ONES) & !backslash)
-                | (v.wrapping_sub(ONES * 0x20) & !v);
-            if hits & HIGH != 0 {
-                break Some(end + (hits & HIGH).trailing_zeros() as usize / 8);
-            }
-            end += 8;
-        };
-        let end = match stop {
-            Some(end) => end,
-            None => end + b[end..].iter().position(|c| matches!(c, b'"' | b'\\' | 0..=0x1f))?,
-        };
+        let b = self.text;
+        let (end, ascii) = string_end(b, self.at)?;
         if b[end] != b'"' {
             return None;
         }
-        // The quote is ASCII, so both ends are character boundaries of the (valid UTF-8) text.
-        let s = &self.text[self.at..end];
+        let s = &b[self.at..end];
         self.at = end + 1;
-        Some(s)
+        if ascii {
+            // SAFETY: every byte of `s` is below 0x80 (`string_end` saw no other), so ASCII,
+            // which is valid UTF-8.
+            Some(unsafe { std::str::from_utf8_unchecked(s) })
+        } else {
+            std::str::from_utf8(s).ok()
+        }
     }
 
     /// A JSON number, its whole grammar checked: its text, and whether it is an integer (no
     /// fraction, no exponent).
     fn number(&mut self) -> Option<(&'a str, bool)> {
-        let b = self.text.as_bytes();
+        let b = self.text;
         let digits = |at: &mut usize| {
             let from = *at;
             while b.get(*at).is_some_and(u8::is_ascii_digit) {
@@ -424,7 +416,8 @@ impl<'a> Scan<'a> {
             }
         }
         self.at = at;
-        Some((&self.text[start..at], integer))
+        // SAFETY: the bytes were checked above to be `-`, `+`, `.`, `e`, `E` or digits: ASCII.
+        Some((unsafe { std::str::from_utf8_unchecked(&b[start..at]) }, integer))
     }
 
     /// A column's value into it, as serde_json's tier takes it ([`Value`], and a decimal's raw
@@ -488,6 +481,80 @@ impl<'a> Scan<'a> {
             _ => None,
         }
     }
+}
+
+/// Where the string starting at `from` stops: the index of the first quote, backslash or
+/// control character (below 0x20) at or after `from`, and whether every byte before it is
+/// ASCII. `None` when there is none.
+fn string_end(b: &[u8], from: usize) -> Option<(usize, bool)> {
+    #[cfg(target_arch = "x86_64")]
+    return string_end_sse2(b, from);
+    #[cfg(not(target_arch = "x86_64"))]
+    return string_end_swar(b, from);
+}
+
+/// [`string_end`] sixteen bytes at a time (SSE2 is part of every x86_64 CPU).
+#[cfg(target_arch = "x86_64")]
+fn string_end_sse2(b: &[u8], from: usize) -> Option<(usize, bool)> {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_cmplt_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
+    };
+    let mut at = from;
+    let mut high = 0u32;
+    while let Some(block) = b.get(at..at + 16) {
+        // SAFETY: `block` is 16 readable bytes (an unaligned load), and SSE2 is always there on
+        // x86_64.
+        let (stops, non_ascii) = unsafe {
+            let v = _mm_loadu_si128(block.as_ptr().cast::<__m128i>());
+            let special = _mm_or_si128(
+                _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8)),
+                _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8)),
+            );
+            // A signed compare: below 0x20 are the control characters and the bytes from 0x80
+            // (negative), told apart by their high bit.
+            let below = _mm_movemask_epi8(_mm_cmplt_epi8(v, _mm_set1_epi8(0x20))) as u32;
+            let high = _mm_movemask_epi8(v) as u32;
+            (_mm_movemask_epi8(special) as u32 | (below & !high), high)
+        };
+        if stops != 0 {
+            let n = stops.trailing_zeros();
+            high |= non_ascii & ((1 << n) - 1);
+            return Some((at + n as usize, high == 0));
+        }
+        high |= non_ascii;
+        at += 16;
+    }
+    let n = b[at..].iter().position(|c| matches!(c, b'"' | b'\\' | 0..=0x1f))?;
+    Some((at + n, high == 0 && b[at..at + n].is_ascii()))
+}
+
+/// [`string_end`] eight bytes at a time, in plain integer arithmetic.
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+fn string_end_swar(b: &[u8], from: usize) -> Option<(usize, bool)> {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = ONES * 0x80;
+    let mut at = from;
+    let mut high = 0u64;
+    while let Some(word) = b.get(at..at + 8) {
+        let v = u64::from_le_bytes(word.try_into().ok()?);
+        let (quote, backslash) = (v ^ (ONES * u64::from(b'"')), v ^ (ONES * u64::from(b'\\')));
+        // A byte's high bit is set where it is zero (the quote or backslash) or below 0x20 and
+        // not from 0x80; the lowest byte flagged is always a true one.
+        let hits = ((quote.wrapping_sub(ONES) & !quote)
+            | (backslash.wrapping_sub(ONES) & !backslash)
+            | (v.wrapping_sub(ONES * 0x20) & !v))
+            & HIGH;
+        if hits != 0 {
+            let n = hits.trailing_zeros() / 8;
+            // The high bits of the bytes before the stop.
+            high |= v & HIGH & ((1u64 << (n * 8)) - 1);
+            return Some((at + n as usize, high == 0));
+        }
+        high |= v & HIGH;
+        at += 8;
+    }
+    let n = b[at..].iter().position(|c| matches!(c, b'"' | b'\\' | 0..=0x1f))?;
+    Some((at + n, high == 0 && b[at..at + n].is_ascii()))
 }
 
 /// Why the fast path gave up; never shown (arrow-json decodes the chunk and says what is wrong).
@@ -797,9 +864,11 @@ mod tests {
     }
 
     /// What each tier alone makes of `text`: the scanner's batch, then serde_json's.
-    fn tiers(fast: &FastJson, text: &str, rows: usize) -> [Option<RecordBatch>; 2] {
-        let Some(text) = checked_text(text.as_bytes()) else { return [None, None] };
-        [fast.scan(text, rows).and_then(|c| fast.batch(c)), fast.parse(text, rows).and_then(|c| fast.batch(c))]
+    fn tiers(fast: &FastJson, text: impl AsRef<[u8]>, rows: usize) -> [Option<RecordBatch>; 2] {
+        let bytes = text.as_ref();
+        let scan = fast.scan(bytes, rows).and_then(|c| fast.batch(c));
+        let parse = checked_text(bytes).and_then(|text| fast.parse(text, rows)).and_then(|c| fast.batch(c));
+        [scan, parse]
     }
 
     /// Lines the fast path must take, each with what it must not change.
@@ -929,6 +998,67 @@ mod tests {
                     assert_eq!(scan.is_some(), taken, "{line:?}");
                     if taken {
                         assert_eq!(scan, arrow(&s, &line, 1), "{line:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn both_string_scanners_stop_where_a_byte_by_byte_scan_stops() {
+        use rand::{Rng, SeedableRng};
+        // What a string scanner must say, byte by byte.
+        let reference = |b: &[u8], from: usize| {
+            let n = b[from..].iter().position(|c| matches!(c, b'"' | b'\\' | 0..=0x1f))?;
+            Some((from + n, b[from..from + n].is_ascii()))
+        };
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        // Mostly plain letters, now and then a byte the scanners stop at or note.
+        let alphabet: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789 ";
+        let rare: &[u8] = &[b'"', b'\\', 0, 0x1f, 0x20, 0x7f, 0x80, 0x9f, 0xa0, 0xc3, 0xdf, 0xe0, 0xff];
+        for _ in 0..20_000 {
+            let len = rng.random_range(0..80);
+            let b: Vec<u8> = (0..len)
+                .map(|_| {
+                    if rng.random_range(0..40) == 0 {
+                        rare[rng.random_range(0..rare.len())]
+                    } else {
+                        alphabet[rng.random_range(0..alphabet.len())]
+                    }
+                })
+                .collect();
+            let from = rng.random_range(0..=len);
+            let want = reference(&b, from);
+            assert_eq!(string_end_swar(&b, from), want, "{b:?} from {from}");
+            #[cfg(target_arch = "x86_64")]
+            assert_eq!(string_end_sse2(&b, from), want, "{b:?} from {from}");
+        }
+    }
+
+    #[test]
+    fn the_scanner_takes_only_valid_utf8_wherever_it_is() {
+        let s = schema(&[("a", "varchar"), ("b", "bigint")]);
+        let fast = FastJson::new(&s).unwrap();
+        for len in 0..40 {
+            for at in 0..=len {
+                for (c, valid) in [
+                    (&b"\xc3\xa9"[..], true),
+                    (b"\xf0\x9f\x98\x80", true),
+                    (b"\xff", false),
+                    (b"\xc3", false),
+                    (b"\xe2\x82", false),
+                    (b"\xed\xa0\x80", false),
+                ] {
+                    let mut v = vec![b'y'; len];
+                    v.splice(at..at, c.iter().copied());
+                    // In a column's value and in an ignored field's.
+                    for line in [
+                        [&b"{\"a\":\""[..], &v, b"\",\"b\":1}"].concat(),
+                        [&b"{\"a\":\"x\",\"c\":\""[..], &v, b"\",\"b\":1}"].concat(),
+                    ] {
+                        let [scan, _] = tiers(&fast, &line, 1);
+                        assert_eq!(scan.is_some(), valid, "{line:?}");
+                        assert_eq!(fast.decode(&line, 1), arrow(&s, &line, 1), "{line:?}");
                     }
                 }
             }
