@@ -47,6 +47,9 @@ pub struct FastJson {
     required: u64,
     /// Bit `i` set for every column.
     all: u64,
+    /// Bit `i` set: column `i`'s name has no quote, backslash or control character, so it is
+    /// equal to a key exactly where the key's bytes are the name's.
+    plain: u64,
 }
 
 impl FastJson {
@@ -82,7 +85,12 @@ impl FastJson {
         if (1..names.len()).any(|i| names[..i].contains(&names[i])) {
             return None;
         }
-        Some(FastJson { schema: schema.clone(), kinds, names, required, all: (1u64 << fields.len()) - 1 })
+        let plain = names
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !n.iter().any(|c| matches!(c, b'"' | b'\\' | 0..=0x1f)))
+            .fold(0u64, |bits, (i, _)| bits | 1 << i);
+        Some(FastJson { schema: schema.clone(), kinds, names, required, all: (1u64 << fields.len()) - 1, plain })
     }
 
     /// Decodes `bytes`, which hold `rows` JSON objects separated by whitespace, into one batch,
@@ -133,11 +141,17 @@ impl FastJson {
         let (mut seen, mut hint) = (0u64, 0);
         loop {
             scan.eat(b'"')?;
-            let key = scan.string()?;
+            // Most records have their fields in the schema's order: the next column's name, then
+            // its closing quote, is that key without scanning it as a string first (a name with a
+            // quote, backslash or control character is never compared so).
+            let column = match self.names.get(hint) {
+                Some(name) if self.plain & (1 << hint) != 0 && scan.key(name) => Some(hint),
+                _ => self.column(scan.string()?.as_bytes(), hint),
+            };
             scan.whitespace();
             scan.eat(b':')?;
             scan.whitespace();
-            match self.column(key.as_bytes(), hint) {
+            match column {
                 Some(i) => {
                     if seen & (1 << i) != 0 {
                         return None;
@@ -353,6 +367,17 @@ impl<'a> Scan<'a> {
 
     fn literal(&mut self, word: &str) -> Option<()> {
         self.text[self.at..].starts_with(word.as_bytes()).then(|| self.at += word.len())
+    }
+
+    /// Whether the rest of a key whose opening quote was read is `name` and its closing quote;
+    /// past them when it is.
+    fn key(&mut self, name: &[u8]) -> bool {
+        let end = self.at + name.len();
+        let found = self.text.get(self.at..end).is_some_and(|k| same(k, name)) && self.text.get(end) == Some(&b'"');
+        if found {
+            self.at = end + 1;
+        }
+        found
     }
 
     /// The rest of a string whose opening quote was read: its text, when it has no escape and
@@ -1062,6 +1087,30 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_key_is_taken_for_the_next_column_only_when_it_is_that_whole_name() {
+        let s = schema(&[("a", "bigint"), ("ab", "bigint"), ("b", "varchar")]);
+        let fast = FastJson::new(&s).unwrap();
+        for (line, taken) in [
+            (r#"{"a":1,"ab":2,"b":"x"}"#, true),
+            (r#"{"ab":2,"a":1,"b":"x"}"#, true),
+            (r#"{"a":1,"abc":2,"b":"x"}"#, true),
+            (r#"{"a" : 1 , "ab" :2}"#, true),
+            (r#"{"b":"x","a":1}"#, true),
+            (r#"{"":1,"a":1}"#, true),
+            (r#"{"a":1,"a":2}"#, false),
+            (r#"{"a\u0062":1}"#, false),
+            (r#"{"a"#, false),
+        ] {
+            let got = fast.decode(line.as_bytes(), 1);
+            assert_eq!(got.is_some(), taken, "{line}");
+            if taken {
+                assert_eq!(got, arrow(&s, line, 1), "{line}");
+            }
+            assert_eq!(tiers(&fast, line, 1)[0].is_some(), taken, "the scanner alone: {line}");
         }
     }
 
