@@ -815,9 +815,10 @@ fn same(a: &[u8], b: &[u8]) -> bool {
         && a8.remainder().iter().zip(b8.remainder()).all(|(x, y)| x == y)
 }
 
-/// `bytes` as text, checked first for what arrow-json rejects in every string, also in the
-/// fields it ignores, where neither tier looks (serde_json checks only what it keeps): invalid
-/// UTF-8 and unpaired surrogate escapes.
+/// `bytes` as text for serde_json's tier, checked first for what arrow-json rejects in every
+/// string, also in the fields it ignores, where serde_json does not look (it checks only what it
+/// keeps): invalid UTF-8 and unpaired surrogate escapes. The scanner needs neither: it checks
+/// every string's UTF-8 itself and takes no escape.
 fn checked_text(bytes: &[u8]) -> Option<&str> {
     let text = std::str::from_utf8(bytes).ok()?;
     (!has_unpaired_surrogate(bytes)).then_some(text)
