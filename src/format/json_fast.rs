@@ -549,8 +549,7 @@ fn string_end_sse2(b: &[u8], from: usize) -> Option<(usize, bool)> {
         high |= non_ascii;
         at += 16;
     }
-    let n = b[at..].iter().position(|c| matches!(c, b'"' | b'\\' | 0..=0x1f))?;
-    Some((at + n, high == 0 && b[at..at + n].is_ascii()))
+    string_end_bytewise(b, at).map(|(end, ascii)| (end, ascii && high == 0))
 }
 
 /// [`string_end`] eight bytes at a time, in plain integer arithmetic.
@@ -578,8 +577,13 @@ fn string_end_swar(b: &[u8], from: usize) -> Option<(usize, bool)> {
         high |= v & HIGH;
         at += 8;
     }
-    let n = b[at..].iter().position(|c| matches!(c, b'"' | b'\\' | 0..=0x1f))?;
-    Some((at + n, high == 0 && b[at..at + n].is_ascii()))
+    string_end_bytewise(b, at).map(|(end, ascii)| (end, ascii && high == 0))
+}
+
+/// [`string_end`] one byte at a time: the tail shorter than a block.
+fn string_end_bytewise(b: &[u8], from: usize) -> Option<(usize, bool)> {
+    let n = b[from..].iter().position(|c| matches!(c, b'"' | b'\\' | 0..=0x1f))?;
+    Some((from + n, b[from..from + n].is_ascii()))
 }
 
 /// Why the fast path gave up; never shown (arrow-json decodes the chunk and says what is wrong).
