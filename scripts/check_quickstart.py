@@ -21,3 +21,7 @@ assert len(set(ids)) == n, "duplicate order ids"
 folders = sorted(d for d in os.listdir(root) if d.startswith("dt="))
 assert len(folders) >= 10, folders
 print(f"quickstart output OK: {n} rows, {len(folders)} dt= folders, schema {table.schema.names}")
+# pyarrow's native threads can abort the interpreter's teardown (apache/arrow#34314): the check
+# is done and printed, so leave without it.
+sys.stdout.flush()
+os._exit(0)
