@@ -62,7 +62,7 @@ flush_interval = "200ms"
     // connecting, the first commit) sets the window of the other kills, so on a loaded machine
     // they still land before, during and after the first write rather than all before it.
     let mut counts = Vec::new();
-    let mut first_write = Duration::ZERO;
+    let mut first_write_ms = 0u64;
     for kill in 1..=20 {
         let mut child = sluice().args(["run", "--no-progress"]).arg(&p).spawn().unwrap();
         let started = Instant::now();
@@ -72,10 +72,9 @@ flush_interval = "200ms"
                 assert!(started.elapsed() < Duration::from_secs(120), "run 1 wrote nothing in 120 s");
                 std::thread::sleep(Duration::from_millis(20));
             }
-            first_write = started.elapsed();
+            first_write_ms = started.elapsed().as_millis() as u64;
         } else {
-            let window = first_write.as_millis() as u64 * 2 + 1000;
-            let wait = Duration::from_millis(first_write.as_millis() as u64 / 4 + next() % window);
+            let wait = Duration::from_millis(first_write_ms / 4 + next() % (first_write_ms * 2 + 1000));
             while started.elapsed() < wait {
                 assert!(child.try_wait().unwrap().is_none(), "run {kill} exited by itself (seed {seed})");
                 std::thread::sleep(Duration::from_millis(10));
@@ -90,7 +89,7 @@ flush_interval = "200ms"
     let expected = m.good.len() as i64;
     assert!(
         counts[0] > 0 && counts[0] < expected,
-        "the first kill was to land mid-run, after {first_write:?} (seed {seed}): {counts:?}"
+        "the first kill was to land mid-run, after {first_write_ms} ms (seed {seed}): {counts:?}"
     );
     run_bounded(&p);
     assert_eq!(
