@@ -67,6 +67,9 @@ const PAUSE_AFTER: Duration = Duration::from_millis(200);
 const MAX_CHUNK_BYTES: usize = 16 << 20;
 /// How long one poll of a partition queue blocks, which bounds how late a stop is noticed.
 const POLL_SLICE: Duration = Duration::from_millis(100);
+/// How long the final synchronous commit keeps trying through errors that pass (see
+/// [`commit_error_passes`]).
+const FINAL_COMMIT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// `[sources.ID] type = "kafka"`.
 #[derive(Debug, Clone, Deserialize)]
@@ -1748,6 +1751,28 @@ impl KafkaCommitter {
     }
 }
 
+/// Whether a failed commit may succeed if sent again: the coordinator is being looked up, is
+/// loading or moved, or the request did not get through. A commit refused for the group's state
+/// (an unknown member, a stale generation) does not pass by waiting.
+fn commit_error_passes(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::WaitingForCoordinator
+                | C::CoordinatorLoadInProgress
+                | C::CoordinatorNotAvailable
+                | C::NotCoordinator
+                | C::RequestTimedOut
+                | C::OperationTimedOut
+                | C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::NetworkException
+                | C::RebalanceInProgress
+        )
+    )
+}
+
 #[async_trait]
 impl PositionCommitter for KafkaCommitter {
     fn commit(&self, shard: &ShardInfo, position: u64) {
@@ -1762,13 +1787,51 @@ impl PositionCommitter for KafkaCommitter {
         metrics::counter!(names::COMMITS_TOTAL, "component" => shard.source.clone()).increment(1);
     }
 
+    /// Commits synchronously. A commit that fails because the group coordinator is not known
+    /// yet (a broker that has just restarted, a coordinator moving) is tried again for up to
+    /// [`FINAL_COMMIT_PATIENCE`]: a graceful stop should not read the records again next run, nor
+    /// exit with an error, for a state that passes in seconds.
     async fn flush(&self) -> Result<()> {
         if self.consumer.get().is_none() {
             return Ok(());
         }
-        crate::sink::blocking(|| self.commit_pending(CommitMode::Sync)).map_err(|e| Error::Service {
-            component: self.source.clone(),
-            message: format!("committing the final offsets failed: {e} (they are read again on the next run)"),
-        })
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let e = match crate::sink::blocking(|| self.commit_pending(CommitMode::Sync)) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let wait = Duration::from_millis(250 << attempt.min(4));
+            if !commit_error_passes(&e) || started.elapsed() + wait > FINAL_COMMIT_PATIENCE {
+                return Err(Error::Service {
+                    component: self.source.clone(),
+                    message: format!(
+                        "committing the final offsets failed after {attempt} attempt(s) in {:.1}s: {e} (they are read again on the next run)",
+                        started.elapsed().as_secs_f64()
+                    ),
+                });
+            }
+            tracing::warn!(source = %self.source, attempt, "committing the final offsets failed, retrying in {wait:?}: {e}");
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaErrorCode as C;
+
+    #[test]
+    fn a_final_commit_is_tried_again_only_for_errors_that_pass() {
+        for code in [C::WaitingForCoordinator, C::NotCoordinator, C::CoordinatorLoadInProgress, C::AllBrokersDown] {
+            assert!(commit_error_passes(&KafkaError::ConsumerCommit(code)), "{code:?} passes");
+        }
+        for code in [C::UnknownMemberId, C::IllegalGeneration, C::GroupAuthorizationFailed, C::OffsetOutOfRange] {
+            assert!(!commit_error_passes(&KafkaError::ConsumerCommit(code)), "{code:?} does not pass");
+        }
+        assert!(!commit_error_passes(&KafkaError::Canceled), "an error without a code does not pass");
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::common::sluice;
 use crate::fault_proxy::{Control, FaultProxy, Faults};
 use crate::garage::Garage;
-use crate::kafka::{create, create_on, produce_to, topic, KillOnDrop, Manifest};
+use crate::kafka::{create, create_on, offsets_on, produce_to, topic, KillOnDrop, Manifest};
 use crate::pg_cluster::PgCluster;
 use crate::security::start_tansu;
 
@@ -96,6 +96,7 @@ fn run_phases(
     faults: &[Fault],
     produce: &dyn Fn(usize) -> Manifest,
     count: &dyn Fn() -> Option<i64>,
+    held: &dyn Fn() -> Option<Vec<i64>>,
     log: &Path,
 ) -> (Vec<Recovery>, Manifest) {
     let mut all = Manifest { good: Default::default(), bad: Vec::new() };
@@ -127,7 +128,8 @@ fn run_phases(
             );
             assert!(
                 ended.elapsed() < RECOVERY_LIMIT,
-                "no recovery {RECOVERY_LIMIT:?} after \"{name}\": the sink holds {n:?} of {expected} rows\n{}",
+                "no recovery {RECOVERY_LIMIT:?} after \"{name}\": the sink holds {n:?} of {expected} rows; {}\n{}",
+                missing(&all, held),
                 std::fs::read_to_string(log).unwrap()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -135,6 +137,15 @@ fn run_phases(
         recoveries.push(Recovery { fault: name, fault_took, caught_up_after: ended.elapsed() });
     }
     (recoveries, all)
+}
+
+/// Which produced records the sink lacks (at most 20 ids), for a failure message.
+fn missing(all: &Manifest, held: &dyn Fn() -> Option<Vec<i64>>) -> String {
+    let Some(held) = held() else { return "the sink could not be read".into() };
+    let held: std::collections::HashSet<i64> = held.into_iter().collect();
+    let mut gone: Vec<i64> = all.good.keys().filter(|id| !held.contains(id)).copied().collect();
+    gone.sort_unstable();
+    format!("{} missing, first ids: {:?}", gone.len(), &gone[..gone.len().min(20)])
 }
 
 fn report(service: &str, recoveries: &[Recovery]) {
@@ -156,12 +167,13 @@ fn run_through(
     faults: &[Fault],
     produce: &dyn Fn(usize) -> Manifest,
     count: &dyn Fn() -> Option<i64>,
+    held: &dyn Fn() -> Option<Vec<i64>>,
     service: &str,
 ) -> (Manifest, String) {
     let log = pipeline.with_file_name("sluice.log");
     let mut child = spawn(pipeline, &log);
     let _guard = KillOnDrop(vec![child.id()]);
-    let (recoveries, all) = run_phases(&mut child, faults, produce, count, &log);
+    let (recoveries, all) = run_phases(&mut child, faults, produce, count, held, &log);
     stop(child, &log);
     report(service, &recoveries);
     (all, std::fs::read_to_string(&log).unwrap())
@@ -169,7 +181,9 @@ fn run_through(
 
 fn spawn(pipeline: &Path, log: &Path) -> std::process::Child {
     let f = std::fs::File::create(log).unwrap();
-    sluice().args(["run", "--no-progress"]).arg(pipeline).env("RUST_LOG", "warn").stderr(f).spawn().unwrap()
+    // SLUICE_TEST_RUST_LOG (e.g. `sluice=debug`) looks closer at a failing run.
+    let filter = std::env::var("SLUICE_TEST_RUST_LOG").unwrap_or_else(|_| "warn".to_string());
+    sluice().args(["run", "--no-progress"]).arg(pipeline).env("RUST_LOG", filter).stderr(f).spawn().unwrap()
 }
 
 /// Stops sluice with SIGTERM; it must exit 0.
@@ -216,6 +230,11 @@ batch_rows = 500
 flush_interval = "100ms"
 "#
     )
+}
+
+/// The ids in psql's output, one a line.
+fn ids(out: &str) -> Vec<i64> {
+    out.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
 /// Checks the table holds every good record once, with the right amounts.
@@ -267,13 +286,77 @@ fn kafka_source_recovers_from_every_fault_and_a_broker_restart_with_nothing_lost
         let exists = crate::postgres::psql(&format!("SELECT to_regclass('{table}') IS NOT NULL")) == "t";
         Some(if exists { crate::postgres::psql(&format!("SELECT count(*) FROM {table}")).parse().unwrap() } else { 0 })
     };
-    let (all, _log) = run_through(&p, &faults, &produce, &count, "Kafka");
+    let held = || Some(ids(&crate::postgres::psql(&format!("SELECT order_id FROM {table}"))));
+    let (all, _log) = run_through(&p, &faults, &produce, &count, &held, "Kafka");
     check_exactly_once(&crate::postgres::psql, &table, &all);
     let (dropped, refused, cut) = fault_counts(&proxy);
     assert!(
         dropped >= 5 && refused >= 1 && cut >= 1,
         "the faults happened: {dropped} dropped, {refused} refused, {cut} cut"
     );
+}
+
+/// A stop while the broker is down: the final commit cannot reach the group coordinator until the
+/// broker is back (librdkafka keeps the request; a "waiting for coordinator" failure is tried
+/// again, see `commit_error_passes`), then sluice exits 0 with every offset committed, so a rerun
+/// reads nothing again.
+#[test]
+fn a_stop_while_the_broker_is_down_commits_once_it_is_back_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::common::free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut broker = Some(start_tansu(dir.path(), port, addr, false));
+    let brokers = addr.to_string();
+    let t = topic("commit-retry");
+    create_on(&brokers, &t, 2);
+    let m = produce_to(&brokers, &t, 2, 1000, 1, 0, dir.path(), &[]);
+    let lake = dir.path().join("lake");
+    let p = dir.path().join("p.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[pipeline]\nname = \"commit-retry\"\n{}\n[sinks.lake]\ntype = \"file\"\ninputs = [\"orders\"]\npath = {:?}\nformat = \"json\"\nrotate = {{ max_rows = 500, max_age = \"1s\" }}\n",
+            source(&brokers, &t),
+            lake.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("sluice.log");
+    let mut child = spawn(&p, &log);
+    let _guard = KillOnDrop(vec![child.id()]);
+    let lines = || -> usize {
+        crate::common::files(&lake, ".ndjson").iter().map(|f| std::fs::read_to_string(f).unwrap().lines().count()).sum()
+    };
+    let started = Instant::now();
+    while lines() < m.good.len() {
+        assert!(started.elapsed() < Duration::from_secs(60), "only {} of {} rows after 60 s", lines(), m.good.len());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(broker.take());
+    signal(&child, "-TERM");
+    let stopped = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "sluice exited before the broker was back:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    broker = Some(start_tansu(dir.path(), port, addr, false));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "exits 0 once committed:\n{}", std::fs::read_to_string(&log).unwrap());
+    let retries =
+        std::fs::read_to_string(&log).unwrap().matches("committing the final offsets failed, retrying").count();
+    eprintln!(
+        "stopped {:.1} s after SIGTERM, the broker down for the first 4 s; final commit retried {retries} times",
+        stopped.elapsed().as_secs_f64()
+    );
+    let offsets = offsets_on(&brokers, &t, &format!("{t}-g"));
+    assert_eq!(offsets.len(), 2);
+    for (partition, (committed, end)) in offsets {
+        assert_eq!(committed, end, "partition {partition}: every offset committed");
+    }
+    assert_eq!(lines(), m.good.len(), "each record written once");
+    drop(broker);
 }
 
 #[test]
@@ -312,7 +395,8 @@ fn postgres_sink_recovers_from_every_fault_and_a_server_restart_exactly_once() {
         }
         cluster.try_psql(&format!("SELECT count(*) FROM {table}"))?.parse().ok()
     };
-    let (all, log) = run_through(&p, &faults, &produce, &count, "PostgreSQL");
+    let held = || cluster.try_psql(&format!("SELECT order_id FROM {table}")).map(|out| ids(&out));
+    let (all, log) = run_through(&p, &faults, &produce, &count, &held, "PostgreSQL");
     check_exactly_once(&|sql| cluster.psql(sql), table, &all);
     let (dropped, refused, cut) = fault_counts(&proxy);
     // The pool opens connections lazily: a drop finds only those open at that moment.
@@ -374,7 +458,8 @@ rotate = {{ max_rows = 1000, max_age = "1s" }}
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
     };
     let count = || read()["rows"].as_i64();
-    let (all, _log) = run_through(&p, &faults, &produce, &count, "S3 (Garage)");
+    let held = || read()["ids"].as_array().map(|a| a.iter().filter_map(serde_json::Value::as_i64).collect());
+    let (all, _log) = run_through(&p, &faults, &produce, &count, &held, "S3 (Garage)");
     let got = read();
     let mut ids: Vec<i64> = got["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
     ids.sort_unstable();

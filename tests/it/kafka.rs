@@ -109,7 +109,12 @@ pub(crate) fn produce_to(
 
 /// partition → (committed offset, end offset) of `group` on `topic`.
 pub(crate) fn offsets(topic: &str, group: &str) -> BTreeMap<i32, (i64, i64)> {
-    let out = tool(&["offsets", "--brokers", &brokers(), "--topic", topic, "--group", group]);
+    offsets_on(&brokers(), topic, group)
+}
+
+/// [`offsets`] on the broker at `brokers`.
+pub(crate) fn offsets_on(brokers: &str, topic: &str, group: &str) -> BTreeMap<i32, (i64, i64)> {
+    let out = tool(&["offsets", "--brokers", brokers, "--topic", topic, "--group", group]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     v.as_object()
         .unwrap()
