@@ -375,7 +375,24 @@ fn workers_share_a_topic_and_survive_kill_join_coordinator_and_rolling_restarts_
     }
 
     let last = producer.finish() as i64;
-    wait_rows(&table, last, Duration::from_secs(120));
+    let start = Instant::now();
+    while count(&table) < last {
+        if start.elapsed() > Duration::from_secs(120) {
+            // What a stall looks like: the missing ids per partition (id i is in partition
+            // i % 12), the coordinator's view, and the live workers' logs.
+            let missing = psql(&format!(
+                "SELECT string_agg(p || ': ' || n || ' missing from id ' || lo, ', ') FROM (SELECT i % 12 AS p, count(*) AS n, min(i) AS lo \
+                 FROM generate_series(1, {last}) i WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE order_id = i) GROUP BY 1 ORDER BY 1) m"
+            ));
+            let logs: String = c.workers.iter().map(|(w, _)| format!("--- {w}\n{}\n", c.logs(w))).collect();
+            panic!(
+                "only {} of {last} rows after 120 s; by partition: {missing}\nstatus: {}\n{logs}",
+                count(&table),
+                serde_json::to_string_pretty(&c.status()).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // Caught up: the coordinator sees no lag left on any shard.
     let start = Instant::now();
     loop {
