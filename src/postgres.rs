@@ -28,6 +28,28 @@ pub const DDL_LOCK: &str = "SELECT pg_advisory_xact_lock(5318008135);";
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Whether `table` (a quoted name) exists with `column`. Bookkeeping tables are created or
+/// altered only when this is false: ALTER TABLE takes the table's ACCESS EXCLUSIVE lock even when
+/// there is nothing to add, so it waits for every open transaction on the table (another
+/// component's write in flight, a stuck client), and everything else on the table queues behind it.
+///
+/// # Errors
+/// The server's error.
+pub async fn has_column(
+    client: &tokio_postgres::Client,
+    table: &str,
+    column: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1::text) \
+             AND attname = $2::text AND NOT attisdropped)",
+            &[&table, &column],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// Parses `url` (a `postgres://` URL or a `key=value` string) without ever echoing it: the message
 /// names the problem only, as the URL holds the password.
 ///

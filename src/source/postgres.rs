@@ -605,6 +605,13 @@ struct CursorStore {
 
 impl CursorStore {
     async fn ensure_table(&self, client: &tokio_postgres::Client) -> Result<(), String> {
+        // Only when the table or its `position` column is missing (see `pg::has_column`).
+        let ready = pg::has_column(client, &self.table, "position")
+            .await
+            .map_err(|e| format!("looking up the positions table {}: {}", self.table, pg::message(&e)))?;
+        if ready {
+            return Ok(());
+        }
         client
             .batch_execute(&format!(
                 "{} CREATE TABLE IF NOT EXISTS {} (pipeline text NOT NULL, source text NOT NULL, shard text NOT NULL, \

@@ -831,3 +831,80 @@ exactly_once = true
     // second run's shard is its own and nothing is skipped (at-least-once).
     assert_eq!(psql(&format!("SELECT count(*), count(DISTINCT id) FROM {s}.heap_copy")), "6000|3000");
 }
+
+/// A transaction left open on the offsets table (another sink's write in flight, a stuck client)
+/// does not hold up the start of an exactly-once sink: once the table is as it should be, the
+/// start takes no lock on it (ALTER TABLE ... IF NOT EXISTS would wait for that transaction, and
+/// every other sink's writes would queue behind the ALTER).
+#[test]
+fn an_open_transaction_on_the_offsets_table_does_not_hold_up_a_new_exactly_once_sink() {
+    use std::io::{BufRead, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("eolock");
+    let offsets = format!("{s}.offsets");
+    let pipeline = |name: &str| {
+        write(
+            dir.path(),
+            &format!("{name}.toml"),
+            &format!(
+                r#"
+[pipeline]
+name = "{name}-{s}"
+
+[sources.gen]
+type = "generator"
+shape = "orders"
+count = 1000
+seed = 7
+
+[sinks.pg]
+type = "postgres"
+inputs = ["gen"]
+url = "{url}"
+table = "{s}.{name}"
+create_table = true
+exactly_once = true
+offsets_table = "{offsets}"
+"#,
+                url = url()
+            ),
+        )
+    };
+    // The first run creates the offsets table and its rows.
+    run_ok(&pipeline("first"));
+    // Another client locks those rows in a transaction it leaves open.
+    let mut holder = std::process::Command::new("psql")
+        .arg(url())
+        .args(["-v", "ON_ERROR_STOP=1", "-qAtX"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = holder.stdin.take().unwrap();
+    writeln!(stdin, "BEGIN; UPDATE {offsets} SET position = position; SELECT 'locked';").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "locked");
+    // A second exactly-once pipeline on the same offsets table runs to its end meanwhile.
+    let mut second = sluice().args(["run", "--no-progress"]).arg(pipeline("second")).spawn().unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = second.kill();
+            let waiting = psql(&format!(
+                "SELECT string_agg(query, ' | ') FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%{s}%'"
+            ));
+            panic!("the second pipeline is held up by the open transaction after 60 s; waiting: {waiting}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    writeln!(stdin, "ROLLBACK;").unwrap();
+    drop(stdin);
+    holder.wait().unwrap();
+    assert!(status.success(), "the second pipeline failed: {status:?}");
+    assert_eq!(psql(&format!("SELECT count(*) FROM {s}.second")), "1000");
+    assert_eq!(psql(&format!("SELECT count(*) FROM {offsets} WHERE pipeline = 'second-{s}'")), "1");
+}
