@@ -28,26 +28,38 @@ pub const DDL_LOCK: &str = "SELECT pg_advisory_xact_lock(5318008135);";
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Whether `table` (a quoted name) exists with `column`. Bookkeeping tables are created or
-/// altered only when this is false: ALTER TABLE takes the table's ACCESS EXCLUSIVE lock even when
-/// there is nothing to add, so it waits for every open transaction on the table (another
-/// component's write in flight, a stuck client), and everything else on the table queues behind it.
+/// Creates the bookkeeping table `table` (a quoted name) with `columns` (the CREATE TABLE body), and
+/// adds `added` (`name type`, a column later versions introduced) to one made before it, under
+/// [`DDL_LOCK`]. Only when the table or that column is missing: ALTER TABLE takes the table's
+/// ACCESS EXCLUSIVE lock even when there is nothing to add, so it would wait for every open
+/// transaction on the table (another component's write in flight, a stuck client), and everything
+/// else on the table would queue behind it.
 ///
 /// # Errors
 /// The server's error.
-pub async fn has_column(
+pub async fn ensure_table(
     client: &tokio_postgres::Client,
     table: &str,
-    column: &str,
-) -> Result<bool, tokio_postgres::Error> {
-    let row = client
+    columns: &str,
+    added: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let column = added.split_whitespace().next().unwrap_or_default();
+    let ready: bool = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1::text) \
              AND attname = $2::text AND NOT attisdropped)",
             &[&table, &column],
         )
-        .await?;
-    Ok(row.get(0))
+        .await?
+        .get(0);
+    if ready {
+        return Ok(());
+    }
+    client
+        .batch_execute(&format!(
+            "{DDL_LOCK} CREATE TABLE IF NOT EXISTS {table} ({columns}); ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {added}"
+        ))
+        .await
 }
 
 /// Parses `url` (a `postgres://` URL or a `key=value` string) without ever echoing it: the message

@@ -331,22 +331,15 @@ impl PostgresSink {
         let offsets_table = if self.config.exactly_once {
             let (_, _, t) = pg::quote_table(self.config.offsets_table.as_deref().unwrap_or(DEFAULT_OFFSETS_TABLE))
                 .map_err(|e| self.error(e))?;
-            // Only when the table or its `epoch` column is missing (see `pg::has_column`).
-            let ready = pg::has_column(&client, &t, "epoch")
-                .await
-                .map_err(|e| self.db_error("looking up the offsets table", &e))?;
-            if !ready {
-                client
-                    .batch_execute(&format!(
-                        "{lock} CREATE TABLE IF NOT EXISTS {t} (pipeline text NOT NULL, sink text NOT NULL, shard text NOT NULL, \
-                         position bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now(), \
-                         PRIMARY KEY (pipeline, sink, shard)); \
-                         ALTER TABLE {t} ADD COLUMN IF NOT EXISTS epoch bigint NOT NULL DEFAULT 0",
-                        lock = pg::DDL_LOCK
-                    ))
-                    .await
-                    .map_err(|e| self.db_error("creating the offsets table", &e))?;
-            }
+            pg::ensure_table(
+                &client,
+                &t,
+                "pipeline text NOT NULL, sink text NOT NULL, shard text NOT NULL, position bigint NOT NULL, \
+                 updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, sink, shard)",
+                "epoch bigint NOT NULL DEFAULT 0",
+            )
+            .await
+            .map_err(|e| self.db_error("creating the offsets table", &e))?;
             let rows = client
                 .query(
                     &format!("SELECT shard, position FROM {t} WHERE pipeline = $1 AND sink = $2"),

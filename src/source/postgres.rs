@@ -605,25 +605,16 @@ struct CursorStore {
 
 impl CursorStore {
     async fn ensure_table(&self, client: &tokio_postgres::Client) -> Result<(), String> {
-        // Only when the table or its `position` column is missing (see `pg::has_column`).
-        let ready = pg::has_column(client, &self.table, "position")
-            .await
-            .map_err(|e| format!("looking up the positions table {}: {}", self.table, pg::message(&e)))?;
-        if ready {
-            return Ok(());
-        }
-        client
-            .batch_execute(&format!(
-                "{} CREATE TABLE IF NOT EXISTS {} (pipeline text NOT NULL, source text NOT NULL, shard text NOT NULL, \
-                 cursor text NOT NULL, position bigint NOT NULL DEFAULT 0, \
-                 updated_at timestamptz NOT NULL DEFAULT now(), \
-                 PRIMARY KEY (pipeline, source, shard)); \
-                 ALTER TABLE {1} ADD COLUMN IF NOT EXISTS position bigint NOT NULL DEFAULT 0",
-                pg::DDL_LOCK,
-                self.table
-            ))
-            .await
-            .map_err(|e| format!("creating the positions table {}: {}", self.table, pg::message(&e)))
+        pg::ensure_table(
+            client,
+            &self.table,
+            "pipeline text NOT NULL, source text NOT NULL, shard text NOT NULL, cursor text NOT NULL, \
+             position bigint NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL DEFAULT now(), \
+             PRIMARY KEY (pipeline, source, shard)",
+            "position bigint NOT NULL DEFAULT 0",
+        )
+        .await
+        .map_err(|e| format!("creating the positions table {}: {}", self.table, pg::message(&e)))
     }
 
     async fn load(&self, shard: &str) -> Result<Option<(String, u64)>, String> {

@@ -271,12 +271,27 @@ pub(crate) fn count(table: &str) -> i64 {
     psql(&format!("SELECT count(*) FROM {table}")).parse().unwrap_or(0)
 }
 
-fn wait_rows(table: &str, n: i64, limit: Duration) {
+/// Waits until `table` holds `n` rows; `explain` adds to the failure message.
+fn wait_rows(table: &str, n: i64, limit: Duration, explain: impl Fn() -> String) {
     let start = Instant::now();
     while count(table) < n {
-        assert!(start.elapsed() < limit, "only {} of {n} rows after {limit:?}", count(table));
+        assert!(start.elapsed() < limit, "only {} of {n} rows after {limit:?}{}", count(table), explain());
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// What a stall looks like once ids 1..=`last` were produced: the missing ids per partition (id i
+/// is in partition i % 12), the coordinator's view, and the live workers' logs.
+fn stall_report(c: &Cluster, table: &str, last: i64) -> String {
+    let missing = psql(&format!(
+        "SELECT string_agg(p || ': ' || n || ' missing from id ' || lo, ', ') FROM (SELECT i % 12 AS p, count(*) AS n, min(i) AS lo \
+         FROM generate_series(1, {last}) i WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE order_id = i) GROUP BY 1 ORDER BY 1) m"
+    ));
+    let logs: String = c.workers.iter().map(|(w, _)| format!("--- {w}\n{}\n", c.logs(w))).collect();
+    format!(
+        "; by partition: {missing}\nstatus: {}\n{logs}",
+        serde_json::to_string_pretty(&c.status()).unwrap_or_default()
+    )
 }
 
 fn moved(a: &[(String, String)], b: &[(String, String)]) -> usize {
@@ -303,7 +318,7 @@ fn workers_share_a_topic_and_survive_kill_join_coordinator_and_rolling_restarts_
     let producer = Producer::start(&t, 12, 1, 1200, dir.path());
     let (took, three) = c.wait_balanced(12, &[4, 4, 4], Duration::from_secs(60));
     eprintln!("3 workers balanced 4/4/4 after {took:?}");
-    wait_rows(&table, 1000, Duration::from_secs(60));
+    wait_rows(&table, 1000, Duration::from_secs(60), String::new);
     // Lag per shard (from the broker) and each worker's rate (from its heartbeats).
     let start = Instant::now();
     loop {
@@ -375,24 +390,7 @@ fn workers_share_a_topic_and_survive_kill_join_coordinator_and_rolling_restarts_
     }
 
     let last = producer.finish() as i64;
-    let start = Instant::now();
-    while count(&table) < last {
-        if start.elapsed() > Duration::from_secs(120) {
-            // What a stall looks like: the missing ids per partition (id i is in partition
-            // i % 12), the coordinator's view, and the live workers' logs.
-            let missing = psql(&format!(
-                "SELECT string_agg(p || ': ' || n || ' missing from id ' || lo, ', ') FROM (SELECT i % 12 AS p, count(*) AS n, min(i) AS lo \
-                 FROM generate_series(1, {last}) i WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE order_id = i) GROUP BY 1 ORDER BY 1) m"
-            ));
-            let logs: String = c.workers.iter().map(|(w, _)| format!("--- {w}\n{}\n", c.logs(w))).collect();
-            panic!(
-                "only {} of {last} rows after 120 s; by partition: {missing}\nstatus: {}\n{logs}",
-                count(&table),
-                serde_json::to_string_pretty(&c.status()).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_rows(&table, last, Duration::from_secs(120), || stall_report(&c, &table, last));
     // Caught up: the coordinator sees no lag left on any shard.
     let start = Instant::now();
     loop {
@@ -410,7 +408,7 @@ fn workers_share_a_topic_and_survive_kill_join_coordinator_and_rolling_restarts_
         format!("{last}|{last}|1|{last}"),
         "every produced record exactly once"
     );
-    wait_rows(&alo, last, Duration::from_secs(60));
+    wait_rows(&alo, last, Duration::from_secs(60), || stall_report(&c, &alo, last));
     let (rows, distinct) = {
         let r = psql(&format!("SELECT count(*) || ' ' || count(DISTINCT order_id) FROM {alo}"));
         let mut p = r.split(' ').map(|x| x.parse::<i64>().unwrap());
