@@ -127,6 +127,14 @@ impl ShardContext {
     pub async fn emit(&self, p: Produced) -> Result<()> {
         let started = Instant::now();
         let ack = self.progress.register(p.last);
+        // After a stop nothing more goes downstream. A batch abandoned below (the stop came while
+        // it waited for memory) holds back every later position of its shard, so a later batch
+        // that still got through would be written but never committed: read and written again
+        // by the next run (a reader can have its next batch ready when the stop comes).
+        if self.cancel.is_cancelled() {
+            ack.abandon();
+            return Ok(());
+        }
         if !p.bad.is_empty() {
             if let Err(e) = self.dead_letter.send(&self.metrics, &self.shard, &ack, p.bad).await {
                 // Halt before the ack drops: nothing at or past a bad record may be committed.
@@ -222,5 +230,66 @@ impl ShardContext {
             .await
             .map_err(|e| Error::Internal { component: self.metrics.component.clone(), message: e.to_string() })?;
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::ShardKind;
+    use arrow::array::Int64Array;
+    use std::sync::atomic::AtomicBool;
+
+    fn produced(first: u64, rows: u64) -> Produced {
+        let positions: Vec<u64> = (first..first + rows).collect();
+        let values = Int64Array::from(positions.iter().map(|p| *p as i64).collect::<Vec<_>>());
+        let data = RecordBatch::try_from_iter([("v", Arc::new(values) as arrow::array::ArrayRef)]).unwrap();
+        Produced { data, positions, bad: Vec::new(), first, last: first + rows - 1, raw_bytes: 0 }
+    }
+
+    /// A stop that comes while a batch waits for memory abandons it; a batch the reader had
+    /// ready behind it must not go downstream once memory is free, or it would be written but
+    /// never committed (its shard's position stops before the abandoned one).
+    #[tokio::test]
+    async fn nothing_goes_downstream_after_a_stop_abandoned_a_batch() {
+        let shard = Arc::new(ShardInfo { source: "s".into(), id: "t/0".into(), kind: ShardKind::Sequence });
+        let committer = Arc::new(RecordingCommitter::default());
+        let progress = ShardProgress::new(shard.clone(), committer.clone(), Arc::new(AtomicBool::new(false)));
+        let (tx, mut rx) = mpsc::channel(64);
+        let budget = MemoryBudget::new(1);
+        let ctx = Arc::new(ShardContext {
+            shard,
+            progress,
+            output: Output::new(vec![tx]),
+            budget: budget.clone(),
+            dead_letter: DeadLetter::new(None),
+            metrics: ComponentMetrics::new("s"),
+            cancel: CancellationToken::new(),
+            batch_size: 10,
+            bounded: false,
+        });
+
+        ctx.emit(produced(0, 10)).await.unwrap();
+        drop(rx.recv().await.expect("the first batch goes downstream"));
+        assert_eq!(committer.positions()[&("s".to_string(), "t/0".to_string())], 9);
+
+        // The downstream holds the whole budget; the next batch waits for it, and the stop comes.
+        let held = budget.reserve(u64::MAX).await;
+        let waiting = tokio::spawn({
+            let ctx = ctx.clone();
+            async move { ctx.emit(produced(10, 10)).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the batch waits for memory");
+        ctx.cancel.cancel();
+        waiting.await.unwrap().unwrap();
+        drop(held);
+
+        // Memory is free again; what the reader still had must stay out of the pipeline.
+        for i in 2..22 {
+            ctx.emit(produced(i * 10, 10)).await.unwrap();
+        }
+        assert!(rx.try_recv().is_err(), "a batch went downstream after the stop");
+        assert_eq!(committer.positions()[&("s".to_string(), "t/0".to_string())], 9, "nothing past the stop");
     }
 }
