@@ -242,26 +242,52 @@ impl PostgresSink {
     }
 
     /// Looks at the table (creating it if asked), checks every column, and loads the stored
-    /// positions: all before the first row is written.
+    /// positions: all before the first row is written. A connection lost meanwhile (a restart,
+    /// a terminated backend) is tried again on a fresh one, as writes are; every step can be run
+    /// twice.
     async fn prepare(&mut self) -> Result<Arc<Plan>> {
         if let Some(p) = &self.plan {
             return Ok(p.clone());
         }
+        let max_attempts = self.config.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        let mut attempt = 1;
+        loop {
+            match self.prepare_once().await {
+                Ok(plan) => return Ok(plan),
+                Err(Prep { error, transient: true }) if attempt < max_attempts => {
+                    let wait = pg::backoff(attempt);
+                    tracing::warn!(component = %self.component, attempt, "preparing {} failed, retrying in {wait:?}: {error}", self.target);
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(Prep { error, .. }) => return Err(error),
+            }
+        }
+    }
+
+    /// A database error of [`prepare_once`](Self::prepare_once), transient or not.
+    fn db_prep(&self, what: &str, e: &tokio_postgres::Error) -> Prep {
+        Prep { error: self.db_error(what, e), transient: pg::is_transient(e) }
+    }
+
+    async fn prepare_once(&mut self) -> Result<Arc<Plan>, Prep> {
         let client = self.pool.get().await.map_err(|e| self.error(pg::pool_error(&e, &self.describe)))?;
         let mut table =
-            pg::table_columns(&client, &self.target).await.map_err(|e| self.db_error("reading the columns", &e))?;
+            pg::table_columns(&client, &self.target).await.map_err(|e| self.db_prep("reading the columns", &e))?;
         if table.is_none() && self.config.create_table {
             let ddl = self.create_table_sql();
-            client.batch_execute(&ddl).await.map_err(|e| self.db_error("creating the table", &e))?;
+            client.batch_execute(&ddl).await.map_err(|e| self.db_prep("creating the table", &e))?;
             tracing::info!(component = %self.component, table = %self.target, "created the table");
             table =
-                pg::table_columns(&client, &self.target).await.map_err(|e| self.db_error("reading the columns", &e))?;
+                pg::table_columns(&client, &self.target).await.map_err(|e| self.db_prep("reading the columns", &e))?;
         }
         let Some(table) = table else {
-            return Err(self.error(format!(
-                "table {} does not exist in {}; create it, or set create_table = true",
-                self.target, self.describe
-            )));
+            return Err(self
+                .error(format!(
+                    "table {} does not exist in {}; create it, or set create_table = true",
+                    self.target, self.describe
+                ))
+                .into());
         };
         let columns =
             plan_columns(&self.schema, &table).map_err(|e| self.error(format!("table {}: {e}", self.target)))?;
@@ -269,10 +295,12 @@ impl PostgresSink {
             // DISTINCT ON treats null keys as equal where a unique constraint does not: rows
             // with a null key would be merged away unseen.
             if let Some(c) = table.iter().find(|c| self.config.key.contains(&c.name) && !c.not_null) {
-                return Err(self.error(format!(
-                    "upsert key column `{}` of {} may be null; make it NOT NULL (a primary key is)",
-                    c.name, self.target
-                )));
+                return Err(self
+                    .error(format!(
+                        "upsert key column `{}` of {} may be null; make it NOT NULL (a primary key is)",
+                        c.name, self.target
+                    ))
+                    .into());
             }
         }
         let names: Vec<String> = columns.iter().map(|(i, _)| pg::quote_ident(self.schema.field(*i).name())).collect();
@@ -320,12 +348,15 @@ impl PostgresSink {
             .await;
             let _ = client.batch_execute("ROLLBACK").await;
             check.map_err(|e| {
-                self.error(format!(
+                if pg::is_transient(&e) {
+                    return self.db_prep("checking the upsert", &e);
+                }
+                Prep::from(self.error(format!(
                     "upsert into {} on key ({}) cannot work: {} (the key needs a primary key or unique constraint)",
                     self.target,
                     self.config.key.join(", "),
                     pg::message(&e)
-                ))
+                )))
             })?;
         }
         let offsets_table = if self.config.exactly_once {
@@ -339,14 +370,14 @@ impl PostgresSink {
                 "epoch bigint NOT NULL DEFAULT 0",
             )
             .await
-            .map_err(|e| self.db_error("creating the offsets table", &e))?;
+            .map_err(|e| self.db_prep("creating the offsets table", &e))?;
             let rows = client
                 .query(
                     &format!("SELECT shard, position FROM {t} WHERE pipeline = $1 AND sink = $2"),
                     &[&self.pipeline, &self.component],
                 )
                 .await
-                .map_err(|e| self.db_error("reading the stored positions", &e))?;
+                .map_err(|e| self.db_prep("reading the stored positions", &e))?;
             for r in rows {
                 // -1: claimed by a worker before it wrote anything.
                 if let Ok(p) = u64::try_from(r.get::<_, i64>(1)) {
@@ -984,6 +1015,18 @@ async fn write_with_retries(
                 return Err(err(format!("writing to {} failed {attempt} times; last: {why}", plan.target)));
             }
         }
+    }
+}
+
+/// Why preparing the sink failed, and whether trying again on a fresh connection may help.
+struct Prep {
+    error: Error,
+    transient: bool,
+}
+
+impl From<Error> for Prep {
+    fn from(error: Error) -> Self {
+        Prep { error, transient: false }
     }
 }
 

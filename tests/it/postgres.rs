@@ -908,3 +908,65 @@ offsets_table = "{offsets}"
     assert_eq!(psql(&format!("SELECT count(*) FROM {s}.second")), "1000");
     assert_eq!(psql(&format!("SELECT count(*) FROM {offsets} WHERE pipeline = 'second-{s}'")), "1");
 }
+
+/// A connection cut while the sink prepares (here: waiting for the DDL lock to create its offsets
+/// table) is tried again on a fresh one instead of failing the run.
+#[test]
+fn a_connection_cut_while_the_sink_prepares_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("prep");
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            r#"
+[pipeline]
+name = "pg-prep-{s}"
+
+[sources.gen]
+type = "generator"
+shape = "orders"
+count = 1000
+seed = 3
+
+[sinks.pg]
+type = "postgres"
+inputs = ["gen"]
+url = "{url}&application_name=sluice-{s}"
+table = "{s}.orders"
+create_table = true
+exactly_once = true
+offsets_table = "{s}.offsets"
+"#,
+            url = if url().contains('?') { url() } else { format!("{}?sslmode=disable", url()) }
+        ),
+    );
+    // Another session holds the lock sluice takes to create the offsets table.
+    let mut holder = std::process::Command::new("psql")
+        .arg(url())
+        .args(["-v", "ON_ERROR_STOP=1", "-qAtX", "-c"])
+        .arg("BEGIN; SELECT pg_advisory_xact_lock(5318008135); SELECT pg_sleep(3); COMMIT;")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted") == "0" {
+        assert!(started.elapsed() < Duration::from_secs(10), "the lock was never taken");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let child = sluice().args(["run", "--no-progress"]).arg(&p).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Once sluice waits for the lock, cut its connection.
+    let waiting = format!("application_name = 'sluice-{s}' AND wait_event_type = 'Lock'");
+    while psql(&format!("SELECT count(*) FROM pg_stat_activity WHERE {waiting}")) == "0" {
+        assert!(started.elapsed() < Duration::from_secs(20), "sluice never waited for the lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    psql(&format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {waiting}"));
+    holder.wait().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("preparing") && err.contains("retrying"), "no retry was logged: {err}");
+    assert_eq!(psql(&format!("SELECT count(*), count(DISTINCT order_id) FROM {s}.orders")), "1000|1000");
+    assert_eq!(psql(&format!("SELECT count(*) FROM {s}.offsets")), "1");
+}
