@@ -43,6 +43,43 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     p
 }
 
+/// The test server's URL with sluice's connections named `sluice-{s}` (for pg_stat_activity).
+fn named_url(s: &str) -> String {
+    let u = url();
+    format!("{u}{}application_name=sluice-{s}", if u.contains('?') { '&' } else { '?' })
+}
+
+/// `NAME.toml`: 1000 generated orders into `{s}.NAME` through an exactly-once sink that keeps its
+/// positions in `offsets`, as pipeline `NAME-{s}`, its connections named as by [`named_url`].
+fn exactly_once_pipeline(dir: &Path, s: &str, name: &str, offsets: &str) -> std::path::PathBuf {
+    write(
+        dir,
+        &format!("{name}.toml"),
+        &format!(
+            r#"
+[pipeline]
+name = "{name}-{s}"
+
+[sources.gen]
+type = "generator"
+shape = "orders"
+count = 1000
+seed = 7
+
+[sinks.pg]
+type = "postgres"
+inputs = ["gen"]
+url = "{url}"
+table = "{s}.{name}"
+create_table = true
+exactly_once = true
+offsets_table = "{offsets}"
+"#,
+            url = named_url(s)
+        ),
+    )
+}
+
 fn run(pipeline: &Path) -> std::process::Output {
     sluice().args(["run", "--no-progress"]).arg(pipeline).output().unwrap()
 }
@@ -485,13 +522,13 @@ seed = 7
 [sinks.pg]
 type = "postgres"
 inputs = ["gen"]
-url = "{url}&application_name=sluice-{s}"
+url = "{url}"
 table = "{s}.orders"
 create_table = true
 exactly_once = true
 batch_rows = 40000
 "#,
-            url = if url().contains('?') { url() } else { format!("{}?sslmode=disable", url()) }
+            url = named_url(&s)
         ),
     );
     let mut child =
@@ -842,34 +879,7 @@ fn an_open_transaction_on_the_offsets_table_does_not_hold_up_a_new_exactly_once_
     let dir = tempfile::tempdir().unwrap();
     let s = schema("eolock");
     let offsets = format!("{s}.offsets");
-    let pipeline = |name: &str| {
-        write(
-            dir.path(),
-            &format!("{name}.toml"),
-            &format!(
-                r#"
-[pipeline]
-name = "{name}-{s}"
-
-[sources.gen]
-type = "generator"
-shape = "orders"
-count = 1000
-seed = 7
-
-[sinks.pg]
-type = "postgres"
-inputs = ["gen"]
-url = "{url}"
-table = "{s}.{name}"
-create_table = true
-exactly_once = true
-offsets_table = "{offsets}"
-"#,
-                url = url()
-            ),
-        )
-    };
+    let pipeline = |name: &str| exactly_once_pipeline(dir.path(), &s, name, &offsets);
     // The first run creates the offsets table and its rows.
     run_ok(&pipeline("first"));
     // Another client locks those rows in a transaction it leaves open.
@@ -915,37 +925,12 @@ offsets_table = "{offsets}"
 fn a_connection_cut_while_the_sink_prepares_is_retried() {
     let dir = tempfile::tempdir().unwrap();
     let s = schema("prep");
-    let p = write(
-        dir.path(),
-        "p.toml",
-        &format!(
-            r#"
-[pipeline]
-name = "pg-prep-{s}"
-
-[sources.gen]
-type = "generator"
-shape = "orders"
-count = 1000
-seed = 3
-
-[sinks.pg]
-type = "postgres"
-inputs = ["gen"]
-url = "{url}&application_name=sluice-{s}"
-table = "{s}.orders"
-create_table = true
-exactly_once = true
-offsets_table = "{s}.offsets"
-"#,
-            url = if url().contains('?') { url() } else { format!("{}?sslmode=disable", url()) }
-        ),
-    );
+    let p = exactly_once_pipeline(dir.path(), &s, "orders", &format!("{s}.offsets"));
     // Another session holds the lock sluice takes to create the offsets table.
     let mut holder = std::process::Command::new("psql")
         .arg(url())
         .args(["-v", "ON_ERROR_STOP=1", "-qAtX", "-c"])
-        .arg("BEGIN; SELECT pg_advisory_xact_lock(5318008135); SELECT pg_sleep(3); COMMIT;")
+        .arg(format!("BEGIN; {} SELECT pg_sleep(3); COMMIT;", sluice::postgres::DDL_LOCK))
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
