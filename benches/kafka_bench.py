@@ -95,7 +95,7 @@ def cmd_load(a):
     # One record per batch: tansu's memory engine answers a fetch that starts inside a batch with
     # the next batch (the rest of that one is skipped), and a consumer that pauses a partition
     # resumes mid-batch; real Kafka returns the whole batch. This also makes its end offsets right.
-    p = Producer({"bootstrap.servers": a.brokers, "linger.ms": 5, "batch.num.messages": 1,
+    p = Producer({"bootstrap.servers": a.brokers, "linger.ms": 5, "batch.num.messages": a.batch_records,
                   "queue.buffering.max.kbytes": 262144, "enable.idempotence": False})
     nbytes = 0
     started = time.time()
@@ -434,6 +434,8 @@ def main():
             s.add_argument("--partitions", type=int, default=12)
         if name == "load":
             s.add_argument("--data", default="", help="produce the lines of this NDJSON file (from `gen`)")
+            s.add_argument("--batch-records", type=int, default=1,
+                           help="records per producer batch (the default 1 is safe with tansu's memory engine)")
         if name in ("python", "quix", "bytewax"):
             s.add_argument("--out", default="")
         if name == "python":

@@ -247,7 +247,8 @@ def render(a, results, outputs, same):
     L.append(harness.machine_md([
         ("records", f"{a.records:,} from the file and the generator (as NDJSON, "
                     f"{os.path.getsize(a.data) / a.records:.0f} bytes each); {a.kafka_records:,} from Kafka "
-                    f"(~250-byte JSON, {a.partitions if hasattr(a, 'partitions') else 12} partitions)"),
+                    f"(~250-byte JSON, {a.partitions if hasattr(a, 'partitions') else 12} partitions, "
+                    f"{a.kafka_batch} record{'s' if a.kafka_batch > 1 else ''} per producer batch)"),
         ("S3 server", "Garage 2.5.0 on the same 2-core machine (sqlite metadata)"),
     ]))
     L += ["", f"Medians of {a.runs} alternating runs (min–max). CPU is user+sys of the measured process "
@@ -274,7 +275,7 @@ def render(a, results, outputs, same):
     L += ["", f"Rows in the bucket per run (must be equal per scenario): {outputs} — "
           f"{'equal' if same else 'DIFFERENT'}.", "",
           f"Parquet zstd, objects of {ROWS_PER_FILE:,} rows, 8 MiB multipart parts on both sides.", "",
-          "Reproduce: `benches/s3.sh` (BENCH_RECORDS, BENCH_KAFKA_RECORDS, BENCH_RUNS).", ""]
+          "Reproduce: `benches/s3.sh` (BENCH_RECORDS, BENCH_KAFKA_RECORDS, BENCH_KAFKA_BATCH, BENCH_RUNS).", ""]
     return "\n".join(L)
 
 
@@ -298,6 +299,7 @@ def main():
     c.add_argument("--brokers", default="")
     c.add_argument("--topic", default="")
     c.add_argument("--kafka-records", type=int, default=0)
+    c.add_argument("--kafka-batch", type=int, default=1, help="records per producer batch in the topic (for the table)")
     c.add_argument("--runs", type=int, default=3)
     c.add_argument("--results", required=True)
     c.set_defaults(func=cmd_compare)
