@@ -92,10 +92,12 @@ def cmd_load(a):
 
     admin = AdminClient({"bootstrap.servers": a.brokers})
     admin.create_topics([NewTopic(a.topic, num_partitions=a.partitions, replication_factor=1)])[a.topic].result(30)
-    # One record per batch: tansu's memory engine answers a fetch that starts inside a batch with
-    # the next batch (the rest of that one is skipped), and a consumer that pauses a partition
-    # resumes mid-batch; real Kafka returns the whole batch. This also makes its end offsets right.
-    p = Producer({"bootstrap.servers": a.brokers, "linger.ms": 5, "batch.num.messages": a.batch_records,
+    # One record per batch unless --batch-records says otherwise: tansu's memory engine answers a
+    # fetch that starts inside a batch with the next batch (the rest of that one is skipped), and
+    # a consumer that pauses a partition resumes mid-batch; real Kafka returns the whole batch.
+    # With N > 1 the producer lingers long enough for every batch to fill to N records.
+    p = Producer({"bootstrap.servers": a.brokers, "linger.ms": 5 if a.batch_records == 1 else 200,
+                  "batch.num.messages": a.batch_records,
                   "queue.buffering.max.kbytes": 262144, "enable.idempotence": False})
     nbytes = 0
     started = time.time()
