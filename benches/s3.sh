@@ -9,8 +9,9 @@
 #   BENCH_RECORDS        records from the file and the generator (default 2000000)
 #   BENCH_KAFKA_RECORDS  records through Kafka (default 1000000; 0 skips the Kafka scenario)
 #   BENCH_PARTITIONS     Kafka partitions (default 12)
-#   BENCH_KAFKA_BATCH    records per producer batch in the loaded topic (default 200, as a producer
-#                        writing at this rate batches; 1 is the worst case for per-record overhead).
+#   BENCH_KAFKA_BATCH    records per producer batch in the loaded topic (default 200: full batches,
+#                        as a producer working through a backlog writes them; 1 is the worst case
+#                        for the per-record overhead both pipelines pay).
 #                        tansu's memory engine skips the rest of a batch when a fetch starts inside
 #                        it, as after a paused partition resumes: the row check then fails the run
 #   BENCH_RUNS           timed runs of each, alternating (default 3)
