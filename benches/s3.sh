@@ -23,6 +23,7 @@ source scripts/lib.sh
 records="${BENCH_RECORDS:-2000000}"
 krecords="${BENCH_KAFKA_RECORDS:-1000000}"
 partitions="${BENCH_PARTITIONS:-12}"
+kbatch="${BENCH_KAFKA_BATCH:-200}"
 s3_port="${BENCH_S3_PORT:-13920}"
 kafka_port="${BENCH_KAFKA_PORT:-19093}"
 
@@ -58,9 +59,9 @@ if [ "$krecords" != 0 ]; then
   start_tansu "$kafka_port" memory
   topic="bench-s3-$(date +%s)"
   "$py" benches/kafka_bench.py load --brokers "127.0.0.1:$kafka_port" --topic "$topic" --count "$krecords" \
-    --partitions "$partitions" --batch-records "${BENCH_KAFKA_BATCH:-200}"
+    --partitions "$partitions" --batch-records "$kbatch"
   kafka_args=(--brokers "127.0.0.1:$kafka_port" --topic "$topic" --kafka-records "$((krecords + partitions))"
-    --kafka-batch "${BENCH_KAFKA_BATCH:-200}")
+    --kafka-batch "$kbatch")
 fi
 
 step "compare"
