@@ -421,10 +421,10 @@ fn workers_share_a_topic_and_survive_kill_join_coordinator_and_rolling_restarts_
 /// (rows, distinct order ids) in the sink.
 type Rows = dyn Fn() -> (i64, i64);
 
-fn wait_sink(rows: &Rows, n: i64, limit: Duration) {
+fn wait_sink(rows: &Rows, n: i64, limit: Duration, explain: impl Fn() -> String) {
     let start = Instant::now();
     while rows().0 < n {
-        assert!(start.elapsed() < limit, "only {:?} of {n} rows after {limit:?}", rows());
+        assert!(start.elapsed() < limit, "only {:?} of {n} rows after {limit:?}{}", rows(), explain());
         std::thread::sleep(Duration::from_millis(300));
     }
 }
@@ -432,7 +432,8 @@ fn wait_sink(rows: &Rows, n: i64, limit: Duration) {
 /// A worker paused past its lease (SIGSTOP) loses its shards; when it resumes (SIGCONT) with
 /// records read and not yet written, its writes and commits are refused: the sink ends with
 /// every record once.
-fn zombie(name: &str, sink: &str, rows: &Rows) {
+/// `missing` lists the ids of 1..=n the sink lacks (for the failure message).
+fn zombie(name: &str, sink: &str, rows: &Rows, missing: &dyn Fn(i64) -> String) {
     let dir = tempfile::tempdir().unwrap();
     let t = topic(name);
     create(&t, 4);
@@ -441,14 +442,15 @@ fn zombie(name: &str, sink: &str, rows: &Rows) {
     c.start_worker("z2");
     let producer = Producer::start(&t, 4, 1, 800, dir.path());
     c.wait_balanced(4, &[2, 2], Duration::from_secs(60));
-    wait_sink(rows, 1500, Duration::from_secs(60));
+    let logs = |c: &Cluster| -> String { ["z1", "z2"].iter().map(|w| format!("\n--- {w}\n{}", c.logs(w))).collect() };
+    wait_sink(rows, 1500, Duration::from_secs(60), || logs(&c));
 
     // Paused past its lease: its shards move to z2, which writes on.
     c.signal("z1", "-STOP");
     let (took, _) = c.wait_balanced(4, &[4], Duration::from_secs(15));
     eprintln!("{name}: z1 stopped; its shards moved after {took:?}");
     let moved_at = rows().0;
-    wait_sink(rows, moved_at + 1500, Duration::from_secs(60));
+    wait_sink(rows, moved_at + 1500, Duration::from_secs(60), || logs(&c));
     c.signal("z1", "-CONT");
     let start = Instant::now();
     while !c.logs("z1").contains("fenced") {
@@ -460,7 +462,7 @@ fn zombie(name: &str, sink: &str, rows: &Rows) {
     }
     c.wait_balanced(4, &[2, 2], Duration::from_secs(30));
     let last = producer.finish() as i64;
-    wait_sink(rows, last, Duration::from_secs(120));
+    wait_sink(rows, last, Duration::from_secs(120), || format!("; missing ids: {}{}", missing(last), logs(&c)));
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(rows(), (last, last), "no duplicate from the zombie, nothing lost");
 }
@@ -479,7 +481,14 @@ fn a_zombie_worker_cannot_commit_or_write_to_postgres_after_its_lease() {
             (p.next().unwrap(), p.next().unwrap())
         }
     };
-    zombie("zombie-pg", &pg_pipeline_sink(&table), &rows);
+    let sink = pg_pipeline_sink(&table);
+    let missing = move |n: i64| {
+        psql(&format!(
+            "SELECT coalesce(string_agg(i::text, ', '), 'none') FROM generate_series(1, {n}) i \
+             WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE order_id = i)"
+        ))
+    };
+    zombie("zombie-pg", &sink, &rows, &missing);
 }
 
 #[test]
@@ -498,13 +507,24 @@ rotate = {{ max_rows = 400 }}
 "#,
         crate::s3::connection(&b, &crate::s3::endpoint())
     );
-    let rows = move || {
+    let ids = move || -> Vec<i64> {
         let got = crate::s3::read_back(&b, "z/");
-        let ids: Vec<i64> = got["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-        let distinct: std::collections::HashSet<i64> = ids.iter().copied().collect();
-        (ids.len() as i64, distinct.len() as i64)
+        got["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect()
     };
-    zombie("zombie-s3", &sink, &rows);
+    let rows = {
+        let ids = ids.clone();
+        move || {
+            let ids = ids();
+            let distinct: std::collections::HashSet<i64> = ids.iter().copied().collect();
+            (ids.len() as i64, distinct.len() as i64)
+        }
+    };
+    let missing = move |n: i64| {
+        let have: std::collections::HashSet<i64> = ids().into_iter().collect();
+        let lacking: Vec<String> = (1..=n).filter(|i| !have.contains(i)).map(|i| i.to_string()).collect();
+        if lacking.is_empty() { "none".to_string() } else { lacking.join(", ") }
+    };
+    zombie("zombie-s3", &sink, &rows, &missing);
 }
 
 #[test]
