@@ -522,7 +522,11 @@ rotate = {{ max_rows = 400 }}
     let missing = move |n: i64| {
         let have: std::collections::HashSet<i64> = ids().into_iter().collect();
         let lacking: Vec<String> = (1..=n).filter(|i| !have.contains(i)).map(|i| i.to_string()).collect();
-        if lacking.is_empty() { "none".to_string() } else { lacking.join(", ") }
+        if lacking.is_empty() {
+            "none".to_string()
+        } else {
+            lacking.join(", ")
+        }
     };
     zombie("zombie-s3", &sink, &rows, &missing);
 }
