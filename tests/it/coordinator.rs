@@ -462,7 +462,9 @@ fn zombie(name: &str, sink: &str, rows: &Rows, missing: &dyn Fn(i64) -> String) 
     }
     c.wait_balanced(4, &[2, 2], Duration::from_secs(30));
     let last = producer.finish() as i64;
-    wait_sink(rows, last, Duration::from_secs(120), || format!("; missing ids: {}{}", missing(last), logs(&c)));
+    wait_sink(rows, last, Duration::from_secs(120), || {
+        format!("; missing ids (id i is in partition i % 4): {}{}", missing(last), logs(&c))
+    });
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(rows(), (last, last), "no duplicate from the zombie, nothing lost");
 }
