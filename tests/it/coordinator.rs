@@ -181,10 +181,11 @@ impl Drop for Cluster {
     }
 }
 
-/// The coordinator's and workers' log filter: `sluice=info`, or `SLUICE_TEST_RUST_LOG` to look
-/// closer at a failing run.
+/// The coordinator's and workers' log filter, or `SLUICE_TEST_RUST_LOG` to look closer at a
+/// failing run. The Kafka source at debug: a failure that lost a record then shows whether a
+/// partition's read skipped an offset ("offset gap") and where each commit landed.
 fn log_filter() -> String {
-    std::env::var("SLUICE_TEST_RUST_LOG").unwrap_or_else(|_| "sluice=info".to_string())
+    std::env::var("SLUICE_TEST_RUST_LOG").unwrap_or_else(|_| "sluice=info,sluice::source::kafka=debug".to_string())
 }
 
 pub(crate) fn pg_pipeline(name: &str, t: &str, table: &str) -> String {
