@@ -166,6 +166,11 @@ impl Cluster {
     pub(crate) fn logs(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
+
+    /// Every worker's log, each under its name.
+    fn worker_logs(&self) -> String {
+        self.workers.iter().map(|(w, _)| format!("--- {w}\n{}\n", self.logs(w))).collect()
+    }
 }
 
 impl Drop for Cluster {
@@ -281,18 +286,24 @@ fn wait_rows(table: &str, n: i64, limit: Duration, explain: impl Fn() -> String)
     }
 }
 
-/// What a stall looks like once ids 1..=`last` were produced: the missing ids per partition (id i
-/// is in partition i % 12), the coordinator's view, and the live workers' logs.
+/// What a stall looks like once ids 1..=`last` were produced: the missing ids per partition, the
+/// coordinator's view, and the live workers' logs.
 fn stall_report(c: &Cluster, table: &str, last: i64) -> String {
-    let missing = psql(&format!(
-        "SELECT string_agg(p || ': ' || n || ' missing from id ' || lo, ', ') FROM (SELECT i % 12 AS p, count(*) AS n, min(i) AS lo \
-         FROM generate_series(1, {last}) i WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE order_id = i) GROUP BY 1 ORDER BY 1) m"
-    ));
-    let logs: String = c.workers.iter().map(|(w, _)| format!("--- {w}\n{}\n", c.logs(w))).collect();
     format!(
-        "; by partition: {missing}\nstatus: {}\n{logs}",
-        serde_json::to_string_pretty(&c.status()).unwrap_or_default()
+        "; by partition: {}\nstatus: {}\n{}",
+        missing_by_partition(table, last, 12),
+        serde_json::to_string_pretty(&c.status()).unwrap_or_default(),
+        c.worker_logs()
     )
+}
+
+/// The ids of 1..=`last` that `table` lacks, per partition (id i is in partition i % `partitions`):
+/// how many and the lowest.
+fn missing_by_partition(table: &str, last: i64, partitions: i64) -> String {
+    psql(&format!(
+        "SELECT coalesce(string_agg(p || ': ' || n || ' missing from id ' || lo, ', '), 'none') FROM (SELECT i % {partitions} AS p, count(*) AS n, min(i) AS lo \
+         FROM generate_series(1, {last}) i WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE order_id = i) GROUP BY 1 ORDER BY 1) m"
+    ))
 }
 
 fn moved(a: &[(String, String)], b: &[(String, String)]) -> usize {
@@ -433,7 +444,7 @@ fn wait_sink(rows: &Rows, n: i64, limit: Duration, explain: impl Fn() -> String)
 /// A worker paused past its lease (SIGSTOP) loses its shards; when it resumes (SIGCONT) with
 /// records read and not yet written, its writes and commits are refused: the sink ends with
 /// every record once.
-/// `missing` lists the ids of 1..=n the sink lacks (for the failure message).
+/// `missing` says which ids of 1..=n the sink lacks (for the failure message).
 fn zombie(name: &str, sink: &str, rows: &Rows, missing: &dyn Fn(i64) -> String) {
     let dir = tempfile::tempdir().unwrap();
     let t = topic(name);
@@ -443,15 +454,14 @@ fn zombie(name: &str, sink: &str, rows: &Rows, missing: &dyn Fn(i64) -> String) 
     c.start_worker("z2");
     let producer = Producer::start(&t, 4, 1, 800, dir.path());
     c.wait_balanced(4, &[2, 2], Duration::from_secs(60));
-    let logs = |c: &Cluster| -> String { ["z1", "z2"].iter().map(|w| format!("\n--- {w}\n{}", c.logs(w))).collect() };
-    wait_sink(rows, 1500, Duration::from_secs(60), || logs(&c));
+    wait_sink(rows, 1500, Duration::from_secs(60), || c.worker_logs());
 
     // Paused past its lease: its shards move to z2, which writes on.
     c.signal("z1", "-STOP");
     let (took, _) = c.wait_balanced(4, &[4], Duration::from_secs(15));
     eprintln!("{name}: z1 stopped; its shards moved after {took:?}");
     let moved_at = rows().0;
-    wait_sink(rows, moved_at + 1500, Duration::from_secs(60), || logs(&c));
+    wait_sink(rows, moved_at + 1500, Duration::from_secs(60), || c.worker_logs());
     c.signal("z1", "-CONT");
     let start = Instant::now();
     while !c.logs("z1").contains("fenced") {
@@ -464,7 +474,7 @@ fn zombie(name: &str, sink: &str, rows: &Rows, missing: &dyn Fn(i64) -> String) 
     c.wait_balanced(4, &[2, 2], Duration::from_secs(30));
     let last = producer.finish() as i64;
     wait_sink(rows, last, Duration::from_secs(120), || {
-        format!("; missing ids (id i is in partition i % 4): {}{}", missing(last), logs(&c))
+        format!("; missing (id i is in partition i % 4): {}\n{}", missing(last), c.worker_logs())
     });
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(rows(), (last, last), "no duplicate from the zombie, nothing lost");
@@ -485,12 +495,7 @@ fn a_zombie_worker_cannot_commit_or_write_to_postgres_after_its_lease() {
         }
     };
     let sink = pg_pipeline_sink(&table);
-    let missing = move |n: i64| {
-        psql(&format!(
-            "SELECT coalesce(string_agg(i::text, ', '), 'none') FROM generate_series(1, {n}) i \
-             WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE order_id = i)"
-        ))
-    };
+    let missing = move |n: i64| missing_by_partition(&table, n, 4);
     zombie("zombie-pg", &sink, &rows, &missing);
 }
 
