@@ -256,6 +256,8 @@ impl PostgresSink {
                 Ok(plan) => return Ok(plan),
                 Err(Prep { error, transient: true }) if attempt < max_attempts => {
                     let wait = pg::backoff(attempt);
+                    metrics::counter!(names::POSTGRES_RETRIES_TOTAL, "component" => self.component.clone())
+                        .increment(1);
                     tracing::warn!(component = %self.component, attempt, "preparing {} failed, retrying in {wait:?}: {error}", self.target);
                     tokio::time::sleep(wait).await;
                     attempt += 1;
@@ -937,12 +939,15 @@ async fn write_with_retries(
             Ok(client) => {
                 // A commit whose answer was lost may have landed: the stored positions tell.
                 if maybe_committed && plan.offsets_table.is_some() {
-                    match stored_covers(plan, &client, &p.positions).await {
-                        Ok(true) => {
+                    match stored_covers(plan, &client, p).await {
+                        Ok(Landed::Yes) => {
                             tracing::info!(component = %plan.component, "the lost commit had landed");
                             return Ok(p.positions.clone());
                         }
-                        Ok(false) => {}
+                        Ok(Landed::No) => {}
+                        Ok(Landed::Fenced(why)) => {
+                            return Err(Error::Fenced { component: plan.component.clone(), message: why });
+                        }
                         Err(e) => {
                             let _ = deadpool_postgres::Object::take(client);
                             tracing::warn!(component = %plan.component, "checking the stored positions failed: {}", pg::message(&e));
@@ -1030,21 +1035,67 @@ impl From<Error> for Prep {
     }
 }
 
-/// Whether the stored positions already cover `positions` (the transaction committed).
+/// What the offsets table says about a transaction whose COMMIT got no answer.
+#[derive(Debug, PartialEq)]
+enum Landed {
+    /// Every shard's stored position covers the transaction's: it committed.
+    Yes,
+    No,
+    /// Worker mode: a newer epoch wrote one of the shards since. Its position then says nothing
+    /// about this transaction, and the shard is another worker's now.
+    Fenced(String),
+}
+
+/// Reads the stored positions and epochs of this sink's shards and judges a lost commit by them.
 async fn stored_covers(
     plan: &Plan,
     client: &tokio_postgres::Client,
-    positions: &HashMap<String, u64>,
-) -> Result<bool, tokio_postgres::Error> {
-    let Some(t) = &plan.offsets_table else { return Ok(false) };
+    p: &Pending,
+) -> Result<Landed, tokio_postgres::Error> {
+    let Some(t) = &plan.offsets_table else { return Ok(Landed::No) };
     let rows = client
         .query(
-            &format!("SELECT shard, position FROM {t} WHERE pipeline = $1 AND sink = $2"),
+            &format!("SELECT shard, position, epoch FROM {t} WHERE pipeline = $1 AND sink = $2"),
             &[&plan.pipeline, &plan.component],
         )
         .await?;
-    let stored: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(positions.iter().all(|(s, p)| stored.get(s).is_some_and(|v| u64::try_from(*v).is_ok_and(|v| v >= *p))))
+    let stored: HashMap<String, (i64, i64)> = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+    Ok(judge_lost_commit(&stored, &p.positions, &epochs_of(p), crate::fence::active()).map_or_else(
+        |shard| {
+            Landed::Fenced(format!(
+                "{t} holds a newer epoch for {shard} than this worker's lost commit (another worker owns it now)"
+            ))
+        },
+        |covered| if covered { Landed::Yes } else { Landed::No },
+    ))
+}
+
+/// Whether `stored` (shard → position, epoch) covers `positions`; with `fenced` (worker mode), the
+/// first shard whose stored epoch is newer than ours is returned as the error: a newer owner may
+/// have moved its position past ours whether or not our transaction landed.
+fn judge_lost_commit(
+    stored: &HashMap<String, (i64, i64)>,
+    positions: &HashMap<String, u64>,
+    epochs: &HashMap<String, i64>,
+    fenced: bool,
+) -> Result<bool, String> {
+    let mut covered = true;
+    for (shard, position) in positions {
+        let Some(&(at, epoch)) = stored.get(shard) else {
+            covered = false;
+            continue;
+        };
+        if fenced && epoch > epochs.get(shard).copied().unwrap_or(0) {
+            return Err(shard.clone());
+        }
+        covered &= u64::try_from(at).is_ok_and(|at| at >= *position);
+    }
+    Ok(covered)
+}
+
+/// The epoch each shard of `p` was granted with (0 outside worker mode).
+fn epochs_of(p: &Pending) -> HashMap<String, i64> {
+    p.batches.iter().map(|b| (shard_key(b), b.ack.epoch().unwrap_or(0) as i64)).collect()
 }
 
 /// One attempt up to the COMMIT: BEGIN, the rows (bisecting around refused ones), the positions.
@@ -1088,8 +1139,7 @@ async fn transaction(
             let positions: Vec<i64> = p.positions.values().map(|v| *v as i64).collect();
             // Worker mode: each shard's row carries the epoch of the worker that wrote it last,
             // and a write with an older epoch (a zombie whose shard moved) updates nothing.
-            let epochs: HashMap<String, i64> =
-                p.batches.iter().map(|b| (shard_key(b), b.ack.epoch().unwrap_or(0) as i64)).collect();
+            let epochs = epochs_of(p);
             let epoch_of: Vec<i64> = p.positions.keys().map(|k| epochs.get(k).copied().unwrap_or(0)).collect();
             let fenced = crate::fence::active();
             let (set_epoch, guard) =
@@ -1349,6 +1399,23 @@ mod tests {
         }
         assert_eq!(&out[4..], &want[..]);
         assert_eq!(i32::from_be_bytes(out[..4].try_into().unwrap()) as usize, want.len());
+    }
+
+    #[test]
+    fn a_lost_commit_is_judged_by_position_and_epoch() {
+        let map = |v: &[(&str, (i64, i64))]| v.iter().map(|(k, x)| (k.to_string(), *x)).collect::<HashMap<_, _>>();
+        let positions: HashMap<String, u64> = [("t/0".to_string(), 100), ("t/1".to_string(), 50)].into();
+        let epochs: HashMap<String, i64> = [("t/0".to_string(), 7), ("t/1".to_string(), 7)].into();
+        let ours = map(&[("t/0", (100, 7)), ("t/1", (60, 7))]);
+        assert_eq!(judge_lost_commit(&ours, &positions, &epochs, true), Ok(true));
+        let before = map(&[("t/0", (90, 7)), ("t/1", (60, 7))]);
+        assert_eq!(judge_lost_commit(&before, &positions, &epochs, true), Ok(false));
+        assert_eq!(judge_lost_commit(&map(&[("t/0", (100, 7))]), &positions, &epochs, true), Ok(false));
+        // A newer owner moved t/1 past our position: that is not our commit landing.
+        let moved = map(&[("t/0", (100, 7)), ("t/1", (80, 9))]);
+        assert_eq!(judge_lost_commit(&moved, &positions, &epochs, true), Err("t/1".to_string()));
+        // Outside worker mode epochs are not kept (all 0) and not looked at.
+        assert_eq!(judge_lost_commit(&moved, &positions, &HashMap::new(), false), Ok(true));
     }
 
     #[test]
