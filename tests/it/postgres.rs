@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Decimal128Type, Int64Type};
 
-use crate::common::{read_ndjson, read_parquet, rows, sluice};
+use crate::common::{free_port, http_get, read_ndjson, read_parquet, rows, sluice};
 use crate::kafka::{create, produce, run_bounded, topic};
 
 /// The test database's URL (no password: the test server trusts local connections).
@@ -931,6 +931,10 @@ fn a_connection_cut_while_the_sink_prepares_is_retried() {
     let dir = tempfile::tempdir().unwrap();
     let s = schema("prep");
     let p = exactly_once_pipeline(dir.path(), &s, "orders", &format!("{s}.offsets"));
+    // Slowed down (4 s of records) so that its metrics can be read while it runs.
+    let text = std::fs::read_to_string(&p).unwrap().replace("count = 1000\n", "count = 1000\nrate = 250\n");
+    std::fs::write(&p, text).unwrap();
+    let port = free_port();
     // Another session holds the lock sluice takes to create the offsets table.
     let mut holder = std::process::Command::new("psql")
         .arg(url())
@@ -944,7 +948,12 @@ fn a_connection_cut_while_the_sink_prepares_is_retried() {
         assert!(started.elapsed() < Duration::from_secs(10), "the lock was never taken");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let child = sluice().args(["run", "--no-progress"]).arg(&p).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = sluice()
+        .args(["run", "--no-progress", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .arg(&p)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     // Once sluice waits for the lock, cut its connection.
     let waiting = format!("application_name = 'sluice-{s}' AND wait_event_type = 'Lock'");
     while psql(&format!("SELECT count(*) FROM pg_stat_activity WHERE {waiting}")) == "0" {
@@ -953,6 +962,20 @@ fn a_connection_cut_while_the_sink_prepares_is_retried() {
     }
     psql(&format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {waiting}"));
     holder.wait().unwrap();
+    // The retry is counted.
+    let counted = |body: &str| {
+        body.lines()
+            .filter(|l| l.starts_with("sluice_postgres_retries_total{") && l.contains("component=\"pg\""))
+            .any(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v >= 1.0))
+    };
+    let mut last = String::new();
+    while !counted(&last) {
+        assert!(started.elapsed() < Duration::from_secs(30), "no retry in sluice_postgres_retries_total:\n{last}");
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some((_, body)) = http_get(port, "/metrics") {
+            last = body;
+        }
+    }
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
