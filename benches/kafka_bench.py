@@ -397,7 +397,8 @@ def render(a, total, results, outputs, same):
     med = harness.med
     L = ["# Kafka benchmarks: sluice vs a bare rdkafka loop and a hand-written Python pipeline", ""]
     L.append(harness.machine_md([("records", f"{total:,} (~250-byte JSON, {a.partitions} partitions)"),
-                             ("broker", "tansu 0.6.0, memory engine, on the same 2-core machine")]))
+                             ("broker", "tansu 0.6.0, memory engine, on the same 2-core machine"),
+                             ("producer batches", f"{a.kafka_batch} record(s) each")]))
     L += ["", f"Medians of {a.runs} alternating runs (min–max). CPU is user+sys of the measured process only.", "",
           "| run | wall s | records/s (wall) | MB/s (wall) | records per CPU-second | peak RSS MiB |",
           "|---|---|---|---|---|---|"]
@@ -417,7 +418,7 @@ def render(a, total, results, outputs, same):
           f"**{stats['sluice-parquet'][1] / stats['python-parquet'][1]:.2f}×** (target ≥ 2.5×)",
           "", f"Rows written (must be equal): {outputs} — {'equal' if same else 'DIFFERENT'}.", "",
           f"Query: `{QUERY}`; Parquet zstd, files of 1,000,000 rows.", "",
-          "Reproduce: `benches/kafka.sh` (BENCH_RECORDS, BENCH_RUNS, BENCH_PARTITIONS).", ""]
+          "Reproduce: `benches/kafka.sh` (BENCH_RECORDS, BENCH_RUNS, BENCH_PARTITIONS, BENCH_KAFKA_BATCH).", ""]
     return "\n".join(L)
 
 
@@ -450,6 +451,7 @@ def main():
             s.add_argument("--sluice", required=True)
             s.add_argument("--bare", required=True)
             s.add_argument("--results", required=True)
+            s.add_argument("--kafka-batch", type=int, default=1, help="records per producer batch in the topic (for the table)")
     a = ap.parse_args()
     {"gen": cmd_gen, "load": cmd_load, "python": cmd_python, "python-pg": cmd_python_pg, "quix": cmd_quix, "bytewax": cmd_bytewax,
      "compare": cmd_compare}[a.cmd](a)
