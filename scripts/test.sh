@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 step "toolchain"
-ensure_debian_packages libssl-dev pkg-config openssl
+ensure_debian_packages libssl-dev pkg-config openssl libjemalloc2
 ensure_rust
 ensure_python_env
 export PATH="$SLUICE_VENV/bin:$PATH"
@@ -46,6 +46,8 @@ start_garage "$SLUICE_S3_PORT"
 # shellcheck disable=SC1090
 source "$SLUICE_CACHE/run/garage-$SLUICE_S3_PORT/env"
 export SLUICE_TEST_PYTHON="$SLUICE_VENV/bin/python"
+# The allocator of README's flat-memory recipe (tests/it/memory.rs runs sluice under it).
+export SLUICE_TEST_JEMALLOC=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 # PostgreSQL: the machine's server on 127.0.0.1:5432 (started or installed when missing).
 start_postgres
 export SLUICE_TEST_PG_URL="${SLUICE_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/sluice_test}"

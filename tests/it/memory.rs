@@ -51,3 +51,44 @@ fn peak_memory_does_not_grow_with_input_size() {
     assert!(large < small * 1.5 + 16.0 * 1048576.0, "peak RSS grew with input: {small} → {large}");
     assert!(large < 400.0 * 1048576.0, "peak RSS {large} is far above the configured budgets");
 }
+
+/// README's setting for a flat RSS (section Memory, "Freed memory"), kept in step with it here.
+const FLAT_MALLOC_CONF: &str = "narenas:1,hpa:true,hpa_slab_max_alloc:2097152,hpa_dirty_mult:0.1";
+
+/// The README's flat-memory recipe works: sluice under jemalloc (LD_PRELOAD) with those options
+/// runs generator → Parquet to the end with every record written, and it was jemalloc, with
+/// those options, that served it (its statistics, printed at exit, say so). sluice's own glibc
+/// tuning (mallopt, the trim thread) must not get in its way.
+#[test]
+fn the_readme_jemalloc_recipe_runs_a_pipeline() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(readme.contains(&format!("`MALLOC_CONF={FLAT_MALLOC_CONF}`")), "README no longer gives {FLAT_MALLOC_CONF}");
+    let lib = std::env::var("SLUICE_TEST_JEMALLOC")
+        .expect("SLUICE_TEST_JEMALLOC is not set: run the tests with scripts/test.sh, which installs libjemalloc2");
+    assert!(readme.contains(&format!("`LD_PRELOAD={lib}`")), "README names another library than {lib}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    let out_dir = dir.path().join("out");
+    std::fs::write(
+        &path,
+        format!(
+            "[pipeline]\nname = \"flat\"\n\n[sources.orders]\ntype = \"generator\"\nshape = \"orders\"\ncount = 300000\n\n\
+             [sinks.lake]\ntype = \"file\"\ninputs = [\"orders\"]\npath = \"{}\"\nformat = \"parquet\"\n",
+            out_dir.display()
+        ),
+    )
+    .unwrap();
+    let out = sluice()
+        .args(["run", "--no-progress"])
+        .arg(&path)
+        .env("LD_PRELOAD", &lib)
+        .env("MALLOC_CONF", format!("{FLAT_MALLOC_CONF},stats_print:true"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for opt in ["opt.narenas: 1", "opt.hpa: true", "opt.hpa_slab_max_alloc: 2097152", "opt.hpa_dirty_mult: \"0.09"] {
+        assert!(stderr.contains(opt), "jemalloc's statistics lack `{opt}`:\n{stderr}");
+    }
+    assert_eq!(crate::common::rows(&crate::common::read_parquet(&out_dir)), 300_000);
+}
