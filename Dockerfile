@@ -46,10 +46,11 @@ LABEL org.opencontainers.image.title="sluice" \
       org.opencontainers.image.description="Streaming ETL runtime: Kafka, PostgreSQL and S3 as Arrow record batches, transformed with DataFusion SQL" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
-# libssl3 for librdkafka's TLS, CA certificates for every TLS client. Not pinned, as above.
+# libssl3 for librdkafka's TLS, CA certificates for every TLS client, libjemalloc2 for README's
+# flat-memory setting (unused unless LD_PRELOAD names it). Not pinned, as above.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates libssl3 \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 libjemalloc2 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 sluice \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
