@@ -876,7 +876,7 @@ class DockerfileTest(unittest.TestCase):
             self.assertIn("-y", ins.split())
             self.assertIn("rm -rf /var/lib/apt/lists/*", ins, "apt lists are removed in the same layer")
         runtime_packages = re.search(r"--no-install-recommends ([^&]+)", installs[-1]).group(1).split()
-        self.assertEqual(sorted(runtime_packages), ["ca-certificates", "libssl3"])
+        self.assertEqual(sorted(runtime_packages), ["ca-certificates", "libjemalloc2", "libssl3"])
 
     def test_final_stage_is_small_and_non_root(self):
         final_from, final = self.stages[-1]
