@@ -945,8 +945,12 @@ async fn write_with_retries(
                             return Ok(p.positions.clone());
                         }
                         Ok(Landed::No) => {}
-                        Ok(Landed::Fenced(why)) => {
-                            return Err(Error::Fenced { component: plan.component.clone(), message: why });
+                        Ok(Landed::Fenced(shard)) => {
+                            let t = plan.offsets_table.as_deref().unwrap_or_default();
+                            let message = format!(
+                                "{t} holds a newer epoch for {shard} than this worker's lost commit (another worker owns it now)"
+                            );
+                            return Err(Error::Fenced { component: plan.component.clone(), message });
                         }
                         Err(e) => {
                             let _ = deadpool_postgres::Object::take(client);
@@ -1041,8 +1045,8 @@ enum Landed {
     /// Every shard's stored position covers the transaction's: it committed.
     Yes,
     No,
-    /// Worker mode: a newer epoch wrote one of the shards since. Its position then says nothing
-    /// about this transaction, and the shard is another worker's now.
+    /// Worker mode: a newer epoch wrote this shard since. Its position then says nothing about
+    /// this transaction, and the shard is another worker's now.
     Fenced(String),
 }
 
@@ -1060,25 +1064,19 @@ async fn stored_covers(
         )
         .await?;
     let stored: HashMap<String, (i64, i64)> = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
-    Ok(judge_lost_commit(&stored, &p.positions, &epochs_of(p), crate::fence::active()).map_or_else(
-        |shard| {
-            Landed::Fenced(format!(
-                "{t} holds a newer epoch for {shard} than this worker's lost commit (another worker owns it now)"
-            ))
-        },
-        |covered| if covered { Landed::Yes } else { Landed::No },
-    ))
+    Ok(judge_lost_commit(&stored, &p.positions, &epochs_of(p), crate::fence::active()))
 }
 
-/// Whether `stored` (shard → position, epoch) covers `positions`; with `fenced` (worker mode), the
-/// first shard whose stored epoch is newer than ours is returned as the error: a newer owner may
-/// have moved its position past ours whether or not our transaction landed.
+/// Judges a lost commit by `stored` (shard → position, epoch): landed when every stored position
+/// covers ours. With `fenced` (worker mode), the first shard whose stored epoch is newer than ours
+/// is [`Landed::Fenced`]: a newer owner may have moved its position past ours whether or not our
+/// transaction landed.
 fn judge_lost_commit(
     stored: &HashMap<String, (i64, i64)>,
     positions: &HashMap<String, u64>,
     epochs: &HashMap<String, i64>,
     fenced: bool,
-) -> Result<bool, String> {
+) -> Landed {
     let mut covered = true;
     for (shard, position) in positions {
         let Some(&(at, epoch)) = stored.get(shard) else {
@@ -1086,11 +1084,15 @@ fn judge_lost_commit(
             continue;
         };
         if fenced && epoch > epochs.get(shard).copied().unwrap_or(0) {
-            return Err(shard.clone());
+            return Landed::Fenced(shard.clone());
         }
         covered &= u64::try_from(at).is_ok_and(|at| at >= *position);
     }
-    Ok(covered)
+    if covered {
+        Landed::Yes
+    } else {
+        Landed::No
+    }
 }
 
 /// The epoch each shard of `p` was granted with (0 outside worker mode).
@@ -1407,15 +1409,15 @@ mod tests {
         let positions: HashMap<String, u64> = [("t/0".to_string(), 100), ("t/1".to_string(), 50)].into();
         let epochs: HashMap<String, i64> = [("t/0".to_string(), 7), ("t/1".to_string(), 7)].into();
         let ours = map(&[("t/0", (100, 7)), ("t/1", (60, 7))]);
-        assert_eq!(judge_lost_commit(&ours, &positions, &epochs, true), Ok(true));
+        assert_eq!(judge_lost_commit(&ours, &positions, &epochs, true), Landed::Yes);
         let before = map(&[("t/0", (90, 7)), ("t/1", (60, 7))]);
-        assert_eq!(judge_lost_commit(&before, &positions, &epochs, true), Ok(false));
-        assert_eq!(judge_lost_commit(&map(&[("t/0", (100, 7))]), &positions, &epochs, true), Ok(false));
+        assert_eq!(judge_lost_commit(&before, &positions, &epochs, true), Landed::No);
+        assert_eq!(judge_lost_commit(&map(&[("t/0", (100, 7))]), &positions, &epochs, true), Landed::No);
         // A newer owner moved t/1 past our position: that is not our commit landing.
         let moved = map(&[("t/0", (100, 7)), ("t/1", (80, 9))]);
-        assert_eq!(judge_lost_commit(&moved, &positions, &epochs, true), Err("t/1".to_string()));
+        assert_eq!(judge_lost_commit(&moved, &positions, &epochs, true), Landed::Fenced("t/1".to_string()));
         // Outside worker mode epochs are not kept (all 0) and not looked at.
-        assert_eq!(judge_lost_commit(&moved, &positions, &HashMap::new(), false), Ok(true));
+        assert_eq!(judge_lost_commit(&moved, &positions, &HashMap::new(), false), Landed::Yes);
     }
 
     #[test]
