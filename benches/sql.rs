@@ -19,7 +19,8 @@ fn bench_sql(c: &mut Criterion) {
     let schema = shape_schema(Shape::Orders);
     let data = generate(Shape::Orders, &schema, 1, 0, ROWS);
     let bytes = data.get_array_memory_size() as u64;
-    let shard = Arc::new(ShardInfo { source: "orders".into(), id: "gen-0".into(), kind: ShardKind::Sequence });
+    let shard =
+        Arc::new(ShardInfo { source: "orders".into(), id: "gen-0".into(), kind: ShardKind::Sequence, epoch: None });
     let batch = Batch {
         data,
         shard: shard.clone(),

@@ -35,6 +35,12 @@ pub struct ShardInfo {
     /// Unique within the source, stable across runs (a path, `topic/partition`, `gen-0`).
     pub id: String,
     pub kind: ShardKind,
+    /// Worker mode: the epoch of the coordinator's grant under which this shard is being read.
+    /// Batches read under one grant are refused once the worker holds the shard at another epoch
+    /// (granted to it again after its lease ran out), so a generation that is still draining cannot
+    /// write with its successor's epoch. `None` outside worker mode and in the coordinator's lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 impl ShardInfo {
@@ -268,7 +274,8 @@ impl Ack {
         self.0.progress.shard()
     }
 
-    /// Worker mode: the epoch at which this worker holds the batch's shard, when it still does.
+    /// Worker mode: the epoch of the grant the batch was read under, while this worker still holds
+    /// the batch's shard at that epoch.
     pub fn epoch(&self) -> Option<u64> {
         crate::fence::check(self.shard()).ok().flatten()
     }
@@ -296,6 +303,7 @@ mod tests {
             source: "s".into(),
             id: "data/a b.ndjson".into(),
             kind: ShardKind::File { path: "data/a b.ndjson".into() },
+            epoch: None,
         })
     }
 

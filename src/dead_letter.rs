@@ -268,6 +268,7 @@ mod tests {
             source: "in".into(),
             id: "a.json".into(),
             kind: ShardKind::File { path: "a.json".into() },
+            epoch: None,
         });
         let m = ComponentMetrics::new("in");
         let rec = BadRecord {
@@ -288,6 +289,7 @@ mod tests {
             source: "in".into(),
             id: "a.json".into(),
             kind: ShardKind::File { path: "a.json".into() },
+            epoch: None,
         });
         let (tx, mut rx) = mpsc::channel(1);
         let m = ComponentMetrics::new("in");

@@ -62,31 +62,41 @@ impl Fence {
         st.valid_until.is_some_and(|u| Instant::now() < u)
     }
 
-    fn check(&self, source: &str, shard: &str) -> Result<u64, String> {
+    /// The epoch at which the worker holds `source/shard`; `read_at`, the epoch of the grant the
+    /// data was read under, must be that one when given.
+    fn check(&self, source: &str, shard: &str, read_at: Option<u64>) -> Result<u64, String> {
         let st = self.state.read().unwrap_or_else(|e| e.into_inner());
         if st.valid_until.is_none_or(|u| Instant::now() >= u) {
             return Err(format!(
                 "this worker's lease with the coordinator has expired; shard {source}/{shard} may belong to another worker now"
             ));
         }
-        st.epochs.get(&(source.to_string(), shard.to_string())).copied().ok_or_else(|| {
+        let held = st.epochs.get(&(source.to_string(), shard.to_string())).copied().ok_or_else(|| {
             format!("shard {source}/{shard} is no longer assigned to this worker (the coordinator moved it)")
-        })
+        })?;
+        match read_at {
+            Some(read) if read != held => Err(format!(
+                "shard {source}/{shard} was read under the grant of epoch {read}, and this worker holds it at epoch {held} now \
+                 (it was granted again after the lease ran out); the new grant reads it again from the committed position"
+            )),
+            _ => Ok(held),
+        }
     }
 }
 
-/// `Ok(None)` outside worker mode; `Ok(Some(epoch))` while this worker may commit `shard`;
-/// `Err(why)` when it is fenced.
+/// `Ok(None)` outside worker mode; `Ok(Some(epoch))` while this worker may commit `shard` (at the
+/// epoch of the grant it was read under, [`ShardInfo::epoch`], when that is set); `Err(why)` when
+/// it is fenced.
 pub fn check(shard: &ShardInfo) -> Result<Option<u64>, String> {
-    check_id(&shard.source, &shard.id)
+    check_id(&shard.source, &shard.id, shard.epoch)
 }
 
-/// [`check`] by (source, shard id).
-pub fn check_id(source: &str, shard: &str) -> Result<Option<u64>, String> {
+/// [`check`] by (source, shard id, epoch of the grant the data was read under).
+pub fn check_id(source: &str, shard: &str, read_at: Option<u64>) -> Result<Option<u64>, String> {
     match get() {
         None => Ok(None),
         Some(f) => {
-            let r = f.check(source, shard).map(Some);
+            let r = f.check(source, shard, read_at).map(Some);
             if r.is_err() {
                 metrics::counter!(crate::observe::names::FENCED_TOTAL, "component" => source.to_string()).increment(1);
             }
@@ -108,15 +118,29 @@ mod tests {
     #[test]
     fn a_fence_refuses_after_its_lease_and_for_shards_it_lost() {
         let f = Fence::default();
-        assert!(f.check("s", "t/0").is_err(), "no lease yet");
+        assert!(f.check("s", "t/0", None).is_err(), "no lease yet");
         let epochs = HashMap::from([(("s".to_string(), "t/0".to_string()), 7)]);
         f.update(Instant::now() + Duration::from_secs(60), epochs);
-        assert_eq!(f.check("s", "t/0"), Ok(7));
-        let e = f.check("s", "t/1").unwrap_err();
+        assert_eq!(f.check("s", "t/0", None), Ok(7));
+        let e = f.check("s", "t/1", None).unwrap_err();
         assert!(e.contains("no longer assigned"), "{e}");
         f.update(Instant::now() - Duration::from_millis(1), HashMap::from([(("s".into(), "t/0".into()), 7)]));
-        let e = f.check("s", "t/0").unwrap_err();
+        let e = f.check("s", "t/0", None).unwrap_err();
         assert!(e.contains("lease"), "{e}");
         assert!(!f.lease_valid());
+    }
+
+    #[test]
+    fn data_read_under_an_earlier_grant_is_refused_after_the_shard_is_granted_again() {
+        let f = Fence::default();
+        let held = |epoch| HashMap::from([(("s".to_string(), "t/0".to_string()), epoch)]);
+        f.update(Instant::now() + Duration::from_secs(60), held(7));
+        assert_eq!(f.check("s", "t/0", Some(7)), Ok(7), "read under the grant it is held at");
+        assert_eq!(f.check("s", "t/0", None), Ok(7), "no grant recorded: any epoch the shard is held at");
+        // The lease ran out, another worker held the shard at 8, and it came back at 9.
+        f.update(Instant::now() + Duration::from_secs(60), held(9));
+        let e = f.check("s", "t/0", Some(7)).unwrap_err();
+        assert!(e.contains("epoch 7") && e.contains("epoch 9"), "{e}");
+        assert_eq!(f.check("s", "t/0", Some(9)), Ok(9), "the new generation's data still commits");
     }
 }

@@ -210,6 +210,7 @@ pub fn coordinator_bodies(data: &[u8]) {
             source: "orders".into(),
             id: format!("t/{i}"),
             kind: ShardKind::Partition { topic: "t".into(), partition: i },
+            epoch: None,
         })
         .collect();
     core.set_shards(shards, t0);

@@ -859,6 +859,7 @@ mod tests {
             source: "orders".into(),
             id: format!("t/{i}"),
             kind: ShardKind::Partition { topic: "t".into(), partition: i },
+            epoch: None,
         }
     }
 

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::Client;
 use super::{Grant, HeartbeatRequest, HeartbeatResponse, ShardReport};
+use crate::batch::ShardInfo;
 use crate::config::LoadedPipeline;
 use crate::fence::Fence;
 use crate::observe::{names, Health};
@@ -101,6 +102,17 @@ impl Report {
     }
 }
 
+/// The shards of an assignment by source, each carrying the epoch of its grant: the fence refuses
+/// what a generation read once the worker holds the shard at another epoch.
+fn shards_by_source(assignment: &[Grant]) -> HashMap<String, Vec<Arc<ShardInfo>>> {
+    let mut by_source: HashMap<String, Vec<Arc<ShardInfo>>> = HashMap::new();
+    for g in assignment {
+        let shard = ShardInfo { epoch: Some(g.epoch), ..g.shard.clone() };
+        by_source.entry(g.shard.source.clone()).or_default().push(Arc::new(shard));
+    }
+    by_source
+}
+
 fn grant_set(g: &[Grant]) -> HashSet<(String, u64)> {
     g.iter().map(|g| (g.key(), g.epoch)).collect()
 }
@@ -170,10 +182,7 @@ pub async fn run(loaded: LoadedPipeline, opts: WorkerOptions) -> Result<()> {
                 _ = latest.changed() => continue,
             }
         }
-        let mut assigned: HashMap<String, Vec<Arc<crate::batch::ShardInfo>>> = HashMap::new();
-        for g in &current.assignment {
-            assigned.entry(g.shard.source.clone()).or_default().push(Arc::new(g.shard.clone()));
-        }
+        let assigned = shards_by_source(&current.assignment);
         let pipeline = match crate::runtime::build(&loaded).await {
             Ok(p) => p,
             Err(e) => break Err(e.into()),
@@ -337,5 +346,29 @@ async fn heartbeats(
             _ = tokio::time::sleep(interval) => {}
             _ = beat_now.notified() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::ShardKind;
+
+    #[test]
+    fn each_assigned_shard_carries_the_epoch_of_its_grant() {
+        let grant = |source: &str, id: &str, epoch| Grant {
+            shard: ShardInfo { source: source.into(), id: id.into(), kind: ShardKind::Sequence, epoch: None },
+            epoch,
+        };
+        let by_source = shards_by_source(&[grant("a", "gen-0", 3), grant("a", "gen-1", 5), grant("b", "t/0", 8)]);
+        let epochs = |source: &str| -> Vec<(String, Option<u64>)> {
+            by_source[source].iter().map(|s| (s.id.clone(), s.epoch)).collect()
+        };
+        assert_eq!(epochs("a"), [("gen-0".to_string(), Some(3)), ("gen-1".to_string(), Some(5))]);
+        assert_eq!(epochs("b"), [("t/0".to_string(), Some(8))]);
+        // On the wire a shard has no epoch of its own: the grant carries it.
+        let wire = serde_json::to_value(grant("a", "gen-0", 3)).unwrap();
+        assert_eq!(wire["shard"].get("epoch"), None, "{wire}");
+        assert_eq!(wire["epoch"], 3);
     }
 }

@@ -1054,7 +1054,8 @@ mod tests {
     }
 
     fn progress() -> Arc<ShardProgress> {
-        let shard = Arc::new(ShardInfo { source: "g".into(), id: "gen-0".into(), kind: ShardKind::Sequence });
+        let shard =
+            Arc::new(ShardInfo { source: "g".into(), id: "gen-0".into(), kind: ShardKind::Sequence, epoch: None });
         ShardProgress::new(shard, Arc::new(RecordingCommitter::default()), Arc::new(AtomicBool::new(false)))
     }
 
@@ -1226,7 +1227,8 @@ mod tests {
         assert_eq!(w.open_files(), 2, "day 1 has been idle for two batches: still open");
         // Another shard's batches do not count against this shard's files.
         let other = {
-            let shard = Arc::new(ShardInfo { source: "g".into(), id: "gen-1".into(), kind: ShardKind::Sequence });
+            let shard =
+                Arc::new(ShardInfo { source: "g".into(), id: "gen-1".into(), kind: ShardKind::Sequence, epoch: None });
             ShardProgress::new(shard, Arc::new(RecordingCommitter::default()), Arc::new(AtomicBool::new(false)))
         };
         for i in 0..5 {

@@ -248,7 +248,12 @@ impl Source for FileSource {
             .iter()
             .map(|p| {
                 let path = p.display().to_string();
-                Arc::new(ShardInfo { source: self.id.clone(), id: path.clone(), kind: ShardKind::File { path } })
+                Arc::new(ShardInfo {
+                    source: self.id.clone(),
+                    id: path.clone(),
+                    kind: ShardKind::File { path },
+                    epoch: None,
+                })
             })
             .collect())
     }

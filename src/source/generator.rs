@@ -210,7 +210,14 @@ impl Source for GeneratorSource {
 
     async fn shards(&self) -> Result<Vec<Arc<ShardInfo>>> {
         Ok((0..self.config.shards)
-            .map(|i| Arc::new(ShardInfo { source: self.id.clone(), id: format!("gen-{i}"), kind: ShardKind::Sequence }))
+            .map(|i| {
+                Arc::new(ShardInfo {
+                    source: self.id.clone(),
+                    id: format!("gen-{i}"),
+                    kind: ShardKind::Sequence,
+                    epoch: None,
+                })
+            })
             .collect())
     }
 

@@ -432,6 +432,7 @@ impl KafkaSource {
             source: self.id.clone(),
             id: format!("{topic}/{partition}"),
             kind: ShardKind::Partition { topic: topic.to_string(), partition },
+            epoch: None,
         })
     }
 
@@ -1671,6 +1672,9 @@ pub struct KafkaCommitter {
     /// `assignment = "group"`: only these partitions' offsets are committed (a partition the group
     /// gave to another member is that member's to commit).
     gate: std::sync::OnceLock<PartitionSet>,
+    /// Worker mode: the epoch of the grant each partition is read under ([`ShardInfo::epoch`]),
+    /// checked again when its queued offset is sent.
+    read_at: Mutex<std::collections::HashMap<(String, i32), u64>>,
 }
 
 impl KafkaCommitter {
@@ -1681,6 +1685,7 @@ impl KafkaCommitter {
             pending: Mutex::new(IndexMap::new()),
             sent: Mutex::new(IndexMap::new()),
             gate: std::sync::OnceLock::new(),
+            read_at: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -1708,9 +1713,14 @@ impl KafkaCommitter {
         };
         // Worker mode: a shard that moved away, or a lease that ran out while the offsets waited
         // here, commits nothing (the shard's new owner has read from the last commit).
+        let read_at = self.read_at.lock().unwrap_or_else(|e| e.into_inner());
         let batch: IndexMap<(String, i32), i64> = batch
             .into_iter()
-            .filter(|((t, p), o)| match crate::fence::check_id(&self.source, &format!("{t}/{p}")) {
+            .filter(|((t, p), o)| match crate::fence::check_id(
+                &self.source,
+                &format!("{t}/{p}"),
+                read_at.get(&(t.clone(), *p)).copied(),
+            ) {
                 Ok(_) => true,
                 Err(why) => {
                     tracing::warn!(source = %self.source, "not committing offset {o} of {t}/{p}: fenced: {why}");
@@ -1726,6 +1736,7 @@ impl KafkaCommitter {
                 ok
             })
             .collect();
+        drop(read_at);
         if batch.is_empty() {
             return Ok(());
         }
@@ -1782,6 +1793,9 @@ impl PositionCommitter for KafkaCommitter {
             return;
         }
         let next = position as i64 + 1;
+        if let Some(epoch) = shard.epoch {
+            self.read_at.lock().unwrap_or_else(|e| e.into_inner()).insert((topic.clone(), *partition), epoch);
+        }
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         pending.entry((topic.clone(), *partition)).and_modify(|o| *o = (*o).max(next)).or_insert(next);
         metrics::counter!(names::COMMITS_TOTAL, "component" => shard.source.clone()).increment(1);

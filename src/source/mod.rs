@@ -252,7 +252,8 @@ mod tests {
     /// never committed (its shard's position stops before the abandoned one).
     #[tokio::test]
     async fn nothing_goes_downstream_after_a_stop_abandoned_a_batch() {
-        let shard = Arc::new(ShardInfo { source: "s".into(), id: "t/0".into(), kind: ShardKind::Sequence });
+        let shard =
+            Arc::new(ShardInfo { source: "s".into(), id: "t/0".into(), kind: ShardKind::Sequence, epoch: None });
         let committer = Arc::new(RecordingCommitter::default());
         let progress = ShardProgress::new(shard.clone(), committer.clone(), Arc::new(AtomicBool::new(false)));
         let (tx, mut rx) = mpsc::channel(64);

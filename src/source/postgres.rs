@@ -8,7 +8,7 @@
 //! `safety_margin` ago (so a transaction that took that value's turn has had that long to commit),
 //! and a position is committed only at a value whose rows have all been read.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -220,6 +220,7 @@ impl PostgresSource {
                         source: id.to_string(),
                         marks: Mutex::new(BTreeMap::new()),
                         latest: Mutex::new(None),
+                        read_at: Mutex::new(HashMap::new()),
                         written: tokio::sync::Mutex::new(None),
                     }),
                 })
@@ -494,7 +495,12 @@ impl Source for PostgresSource {
             format!("@{}", self.run_started)
         };
         let shard = |id: String| {
-            Arc::new(ShardInfo { source: self.id.clone(), id: format!("{id}{nonce}"), kind: ShardKind::Sequence })
+            Arc::new(ShardInfo {
+                source: self.id.clone(),
+                id: format!("{id}{nonce}"),
+                kind: ShardKind::Sequence,
+                epoch: None,
+            })
         };
         if self.shards == 1 {
             return Ok(vec![shard("all".into())]);
@@ -601,6 +607,9 @@ struct CursorStore {
     latest: Mutex<Option<(String, String, u64)>>,
     /// The one last written (so a flush writes only what changed).
     written: tokio::sync::Mutex<Option<(String, String, u64)>>,
+    /// Worker mode: the epoch of the grant each shard is read under ([`ShardInfo::epoch`]),
+    /// checked again when its position is written.
+    read_at: Mutex<HashMap<String, u64>>,
 }
 
 impl CursorStore {
@@ -662,6 +671,9 @@ impl PositionCommitter for CursorStore {
             tracing::warn!(source = %self.source, "not committing cursor position {position} of {}: fenced: {why}", shard.id);
             return;
         }
+        if let Some(epoch) = shard.epoch {
+            self.read_at.lock().unwrap_or_else(|e| e.into_inner()).insert(shard.id.clone(), epoch);
+        }
         let value = {
             let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
             let key = (shard.id.clone(), position);
@@ -682,7 +694,8 @@ impl PositionCommitter for CursorStore {
         let mut written = self.written.lock().await;
         if latest.is_some() && *written != latest {
             if let Some((shard, value, position)) = &latest {
-                if let Err(why) = crate::fence::check_id(&self.source, shard) {
+                let read_at = self.read_at.lock().unwrap_or_else(|e| e.into_inner()).get(shard).copied();
+                if let Err(why) = crate::fence::check_id(&self.source, shard, read_at) {
                     return Err(Error::Fenced { component: self.source.clone(), message: why });
                 }
                 self.write(shard, value, *position)

@@ -340,6 +340,7 @@ impl Source for S3Source {
                     source: self.id.clone(),
                     kind: ShardKind::File { path: format!("s3://{bucket}/{key}") },
                     id: key,
+                    epoch: None,
                 })
             })
             .collect())

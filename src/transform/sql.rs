@@ -240,7 +240,8 @@ mod tests {
     use arrow::datatypes::Int64Type;
 
     fn batch(data: RecordBatch) -> Batch {
-        let shard = Arc::new(ShardInfo { source: "orders".into(), id: "gen-0".into(), kind: ShardKind::Sequence });
+        let shard =
+            Arc::new(ShardInfo { source: "orders".into(), id: "gen-0".into(), kind: ShardKind::Sequence, epoch: None });
         let n = data.num_rows() as u64;
         Batch {
             data,
