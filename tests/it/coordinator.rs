@@ -277,6 +277,16 @@ pub(crate) fn count(table: &str) -> i64 {
     psql(&format!("SELECT count(*) FROM {table}")).parse().unwrap_or(0)
 }
 
+/// (rows, distinct order ids) in `table`; (0, 0) before it exists.
+fn rows_and_distinct(table: &str) -> (i64, i64) {
+    if count(table) == 0 {
+        return (0, 0);
+    }
+    let r = psql(&format!("SELECT count(*) || ' ' || count(DISTINCT order_id) FROM {table}"));
+    let mut p = r.split(' ').map(|x| x.parse::<i64>().unwrap());
+    (p.next().unwrap(), p.next().unwrap())
+}
+
 /// Waits until `table` holds `n` rows; `explain` adds to the failure message.
 fn wait_rows(table: &str, n: i64, limit: Duration, explain: impl Fn() -> String) {
     let start = Instant::now();
@@ -480,19 +490,100 @@ fn zombie(name: &str, sink: &str, rows: &Rows, missing: &dyn Fn(i64) -> String) 
     assert_eq!(rows(), (last, last), "no duplicate from the zombie, nothing lost");
 }
 
+/// A worker paused past its lease gets its shards back at new epochs (the worker that took them
+/// over left meanwhile) while the generation that read under the old grants still holds rows it
+/// has not written. Those rows were written by the other worker too; writing them with the new
+/// epochs would add duplicates. The fence refuses them because they were read under the old
+/// grants; the new generation reads on from the stored positions.
+#[test]
+fn a_worker_granted_its_shards_again_refuses_what_it_read_under_the_old_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = topic("regrant");
+    create(&t, 4);
+    let table = format!("{}.orders", schema("regrant"));
+    // Written only at 1,000 buffered rows or when a generation stops, never on a timer: the
+    // rows a worker holds when it is paused stay unwritten until its generation drains.
+    let sink = format!(
+        r#"
+[sinks.pg]
+type = "postgres"
+inputs = ["orders"]
+url = "{url}"
+table = "{table}"
+create_table = true
+exactly_once = true
+batch_rows = 1000
+flush_interval = "1h"
+"#,
+        url = url()
+    );
+    let rows = || rows_and_distinct(&table);
+    let mut c = Cluster::new(dir.path(), &pipeline("regrant", &t, &sink));
+    c.start_worker("r1");
+    c.start_worker("r2");
+    let (_, owners) = c.wait_balanced(4, &[2, 2], Duration::from_secs(60));
+    let n = 3000;
+    produce(&t, 4, n, 1, 0, dir.path());
+    // Each worker reads 1,500 records in batches of at most 500: one write of 1,000 or more, and
+    // the rest held.
+    wait_rows(&table, 2000, Duration::from_secs(60), || c.worker_logs());
+    std::thread::sleep(Duration::from_secs(1));
+    let r1_partitions: Vec<i64> =
+        owners.iter().filter(|(_, o)| o == "r1").map(|(k, _)| k.rsplit('/').next().unwrap().parse().unwrap()).collect();
+    let held_by_r1 = |p: &[i64]| -> i64 {
+        let list = p.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        let written: i64 =
+            psql(&format!("SELECT count(*) FROM {table} WHERE order_id % 4 IN ({list})")).parse().unwrap();
+        (n as i64) / 2 - written
+    };
+    let held = held_by_r1(&r1_partitions);
+    assert!(held > 0 && held < 1000, "r1 should hold some rows unwritten, holds {held} ({:?} written)", rows());
+
+    c.signal("r1", "-STOP");
+    c.wait_balanced(4, &[4], Duration::from_secs(15));
+    // r2 takes r1's partitions from their stored positions. More records make it write: once
+    // every id of the first lot is in the table, it has written the rows r1 holds.
+    produce(&t, 4, n, n + 1, 0, dir.path());
+    let first_lot = || -> i64 { psql(&format!("SELECT count(*) FROM {table} WHERE order_id <= {n}")).parse().unwrap() };
+    let start = Instant::now();
+    while first_lot() < n as i64 {
+        assert!(start.elapsed() < Duration::from_secs(60), "r2 wrote {} of the first {n} records", first_lot());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Then it leaves, writing all it read.
+    c.signal("r2", "-TERM");
+    assert!(c.wait_worker("r2").success());
+    let (written, distinct) = rows();
+    assert_eq!(written, distinct, "r2 wrote every record once before r1 resumed");
+
+    c.signal("r1", "-CONT");
+    let start = Instant::now();
+    while !c.logs("r1").contains("fenced") {
+        assert!(start.elapsed() < Duration::from_secs(20), "r1 never refused a write:\n{}", c.logs("r1"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.wait_balanced(4, &[4], Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    let (written, distinct) = rows();
+    assert_eq!(written - distinct, 0, "r1 wrote the {held} rows it held under its old grants again\n{}", c.logs("r1"));
+    let logs = c.logs("r1");
+    assert!(
+        logs.contains("was read under the grant of epoch"),
+        "r1's refusal was not the one for an earlier grant:\n{logs}"
+    );
+    // Stopped gracefully, r1 writes nothing more: every record once.
+    c.signal("r1", "-TERM");
+    assert!(c.wait_worker("r1").success());
+    let all = 2 * n as i64;
+    assert_eq!(rows(), (all, all));
+}
+
 #[test]
 fn a_zombie_worker_cannot_commit_or_write_to_postgres_after_its_lease() {
     let table = format!("{}.orders", schema("zombie"));
     let rows = {
         let table = table.clone();
-        move || {
-            if count(&table) == 0 {
-                return (0, 0);
-            }
-            let r = psql(&format!("SELECT count(*) || ' ' || count(DISTINCT order_id) FROM {table}"));
-            let mut p = r.split(' ').map(|x| x.parse::<i64>().unwrap());
-            (p.next().unwrap(), p.next().unwrap())
-        }
+        move || rows_and_distinct(&table)
     };
     let sink = pg_pipeline_sink(&table);
     let missing = move |n: i64| missing_by_partition(&table, n, 4);
