@@ -47,7 +47,8 @@ start_garage "$SLUICE_S3_PORT"
 source "$SLUICE_CACHE/run/garage-$SLUICE_S3_PORT/env"
 export SLUICE_TEST_PYTHON="$SLUICE_VENV/bin/python"
 # The allocator of README's flat-memory recipe (tests/it/memory.rs runs sluice under it).
-export SLUICE_TEST_JEMALLOC=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+SLUICE_TEST_JEMALLOC="$(dpkg -L libjemalloc2 | grep '/libjemalloc\.so\.2$' | head -n 1)"
+export SLUICE_TEST_JEMALLOC
 # PostgreSQL: the machine's server on 127.0.0.1:5432 (started or installed when missing).
 start_postgres
 export SLUICE_TEST_PG_URL="${SLUICE_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/sluice_test}"
