@@ -198,6 +198,11 @@ pub(crate) fn pg_pipeline(name: &str, t: &str, table: &str) -> String {
 }
 
 fn pg_pipeline_sink(table: &str) -> String {
+    pg_sink(table, r#"flush_interval = "300ms""#)
+}
+
+/// An exactly-once PostgreSQL sink into `table`, with `flush` (its flush settings).
+fn pg_sink(table: &str, flush: &str) -> String {
     format!(
         r#"
 [sinks.pg]
@@ -207,7 +212,7 @@ url = "{url}"
 table = "{table}"
 create_table = true
 exactly_once = true
-flush_interval = "300ms"
+{flush}
 "#,
         url = url()
     )
@@ -503,20 +508,7 @@ fn a_worker_granted_its_shards_again_refuses_what_it_read_under_the_old_grants()
     let table = format!("{}.orders", schema("regrant"));
     // Written only at 1,000 buffered rows or when a generation stops, never on a timer: the
     // rows a worker holds when it is paused stay unwritten until its generation drains.
-    let sink = format!(
-        r#"
-[sinks.pg]
-type = "postgres"
-inputs = ["orders"]
-url = "{url}"
-table = "{table}"
-create_table = true
-exactly_once = true
-batch_rows = 1000
-flush_interval = "1h"
-"#,
-        url = url()
-    );
+    let sink = pg_sink(&table, "batch_rows = 1000\nflush_interval = \"1h\"");
     let rows = || rows_and_distinct(&table);
     let mut c = Cluster::new(dir.path(), &pipeline("regrant", &t, &sink));
     c.start_worker("r1");
