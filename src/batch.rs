@@ -274,12 +274,6 @@ impl Ack {
         self.0.progress.shard()
     }
 
-    /// Worker mode: the epoch of the grant the batch was read under, while this worker still holds
-    /// the batch's shard at that epoch.
-    pub fn epoch(&self) -> Option<u64> {
-        crate::fence::check(self.shard()).ok().flatten()
-    }
-
     /// Marks the batch as not delivered: it never counts as done, so its shard's committed
     /// position stops just before it and it is read again next time.
     pub fn abandon(self) {

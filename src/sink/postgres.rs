@@ -1095,9 +1095,9 @@ fn judge_lost_commit(
     }
 }
 
-/// The epoch each shard of `p` was granted with (0 outside worker mode).
+/// The epoch of the grant each shard of `p` was read under (0 outside worker mode).
 fn epochs_of(p: &Pending) -> HashMap<String, i64> {
-    p.batches.iter().map(|b| (shard_key(b), b.ack.epoch().unwrap_or(0) as i64)).collect()
+    p.batches.iter().map(|b| (shard_key(b), b.shard.epoch.unwrap_or(0) as i64)).collect()
 }
 
 /// One attempt up to the COMMIT: BEGIN, the rows (bisecting around refused ones), the positions.
