@@ -26,8 +26,8 @@ pub struct Fence {
 #[derive(Debug, Default)]
 struct State {
     valid_until: Option<Instant>,
-    /// (source, shard id) → epoch.
-    epochs: HashMap<(String, String), u64>,
+    /// source → shard id → epoch (nested, so a check looks up by `&str` without allocating).
+    epochs: HashMap<String, HashMap<String, u64>>,
 }
 
 static FENCE: OnceLock<Arc<Fence>> = OnceLock::new();
@@ -44,9 +44,13 @@ fn get() -> Option<&'static Arc<Fence>> {
 impl Fence {
     /// Renews the lease until `until` and replaces the shards that may commit, in one step.
     pub fn update(&self, until: Instant, epochs: HashMap<(String, String), u64>) {
+        let mut nested: HashMap<String, HashMap<String, u64>> = HashMap::new();
+        for ((source, shard), epoch) in epochs {
+            nested.entry(source).or_default().insert(shard, epoch);
+        }
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         st.valid_until = Some(until);
-        st.epochs = epochs;
+        st.epochs = nested;
     }
 
     /// Ends the lease now (the worker left, or gave up on the coordinator).
@@ -71,7 +75,7 @@ impl Fence {
                 "this worker's lease with the coordinator has expired; shard {source}/{shard} may belong to another worker now"
             ));
         }
-        let held = st.epochs.get(&(source.to_string(), shard.to_string())).copied().ok_or_else(|| {
+        let held = st.epochs.get(source).and_then(|s| s.get(shard)).copied().ok_or_else(|| {
             format!("shard {source}/{shard} is no longer assigned to this worker (the coordinator moved it)")
         })?;
         match read_at {
