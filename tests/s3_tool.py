@@ -6,6 +6,7 @@ sets them for the Garage server it starts). Prints JSON on stdout.
   s3_tool.py put BUCKET KEY FILE
   s3_tool.py read BUCKET PREFIX [--id-column C]   # rows, files, ids, pending multipart uploads
   s3_tool.py keys BUCKET PREFIX
+  s3_tool.py etag BUCKET KEY                      # without quotes
 """
 
 import io
@@ -73,6 +74,8 @@ def main():
         with open(sys.argv[4], "rb") as f:
             s3.put_object(Bucket=sys.argv[2], Key=sys.argv[3], Body=f.read())
         print(json.dumps({"ok": True}))
+    elif cmd == "etag":
+        print(json.dumps(s3.head_object(Bucket=sys.argv[2], Key=sys.argv[3])["ETag"].strip('"')))
     elif cmd == "keys":
         print(json.dumps(keys(s3, sys.argv[2], sys.argv[3])))
     elif cmd == "read":

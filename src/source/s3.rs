@@ -5,13 +5,21 @@
 //! size) and read with the `file` source's readers; positions are 1-based line numbers (record
 //! numbers for Parquet), as for files.
 //!
-//! Positions live in the bucket: a JSON state object (default `_sluice/{pipeline}/{source}.json`,
-//! outside the listed prefix's data) records, per object key and ETag, the last committed position
-//! and, once the object has been read to its end, its last position. An object whose every record
-//! is committed is skipped by later runs; one that was partly committed resumes after its committed
-//! position. The state is written about every second while it changes and at the end of a run.
+//! Positions live in the bucket, one small object per data object, under the state prefix
+//! (default `_sluice/{pipeline}/{source}/`, never read as data):
+//! - `progress/{key}`: JSON with the ETag read, the last committed position and, once the object
+//!   was read to its end, its last position; written about every second while it changes and at
+//!   the end of a run, and read when the object is read again (it resumes after the committed
+//!   position, or from the start when the object was rewritten since: another ETag);
+//! - `done/{etag}/{key}`: an empty marker written once every record of the object is committed
+//!   (the progress object is then deleted). Listing `done/` tells which objects to skip without
+//!   reading any state object.
+//!
+//! Each object's state is written only by the process reading it, so workers sharing a source
+//! under the coordinator never overwrite each other's positions; in worker mode each write is
+//! fenced by the epoch of the grant the object was read under.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,6 +29,7 @@ use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::file::{infer_from, open_reader, FileFormat, SchemaSpec};
@@ -36,8 +45,10 @@ use crate::{Error, Result};
 const INFER_BYTES: u64 = 1 << 20;
 /// Bytes read from the end of a Parquet object to find its schema (more when its footer is larger).
 const FOOTER_GUESS: u64 = 64 << 10;
-/// How often changed positions are written to the state object.
+/// How often changed positions are written.
 const STATE_INTERVAL: Duration = Duration::from_secs(1);
+/// Progress objects written at once.
+const WRITE_CONCURRENCY: usize = 16;
 
 /// `[sources.ID] type = "s3"`.
 #[derive(Debug, Clone, Deserialize)]
@@ -54,8 +65,8 @@ pub struct S3SourceConfig {
     /// As for the `file` source: columns and SQL types, or `"infer"` (JSON, CSV); Parquet objects
     /// carry their schema.
     pub schema: Option<SchemaSpec>,
-    /// Object holding the source's positions (default `_sluice/{pipeline}/{source id}.json`).
-    pub state_key: Option<String>,
+    /// Prefix of the objects holding the source's positions (default `_sluice/{pipeline}/{source id}/`).
+    pub state_prefix: Option<String>,
     /// List the prefix again at this interval and read new objects (runs without `--bounded`).
     pub poll_interval: Option<HumanDuration>,
     pub endpoint: Option<String>,
@@ -97,6 +108,8 @@ pub struct S3Source {
     poll_interval: Option<Duration>,
     download_dir: PathBuf,
     state: Arc<ObjectState>,
+    /// Keys the coordinator's listing returned before (see `list_shards`).
+    listed: Mutex<HashSet<String>>,
 }
 
 impl S3Source {
@@ -112,7 +125,18 @@ impl S3Source {
             Some(p) => Some(glob::Pattern::new(p).map_err(|e| ("pattern", format!("`{p}` is not a valid glob: {e}")))?),
             None => None,
         };
-        let state_key = config.state_key.clone().unwrap_or_else(|| format!("_sluice/{pipeline}/{id}.json"));
+        let mut state_prefix = config
+            .state_prefix
+            .clone()
+            .unwrap_or_else(|| format!("_sluice/{pipeline}/{id}/"))
+            .trim_start_matches('/')
+            .to_string();
+        if state_prefix.is_empty() {
+            return Err(("state_prefix", "must not be empty: positions need a prefix of their own".into()));
+        }
+        if !state_prefix.ends_with('/') {
+            state_prefix.push('/');
+        }
         let client = connection.client().await;
         let prefix = config.prefix.trim_start_matches('/').to_string();
         let declared = match &config.schema {
@@ -132,7 +156,7 @@ impl S3Source {
             }
         };
         let (schema, cast_to) = if needs_sample {
-            let keys = list(id, &client, &connection, &prefix, pattern.as_ref(), &state_key)
+            let keys = list(id, &client, &connection, &prefix, pattern.as_ref(), &state_prefix)
                 .await
                 .map_err(|e| ("bucket", e.to_string()))?;
             let Some((first, _)) = keys.first() else {
@@ -159,10 +183,13 @@ impl S3Source {
         let state = Arc::new(ObjectState {
             component: id.to_string(),
             connection: connection.clone(),
-            key: state_key,
+            prefix: state_prefix,
             client: OnceLock::new(),
             objects: Mutex::default(),
-            dirty: Default::default(),
+            dirty: Mutex::default(),
+            writing: tokio::sync::Mutex::new(()),
+            legacy: format!("_sluice/{pipeline}/{id}.json"),
+            migrated: tokio::sync::OnceCell::new(),
         });
         Ok(S3Source {
             id: id.to_string(),
@@ -176,11 +203,12 @@ impl S3Source {
             poll_interval: config.poll_interval.map(|d| d.0),
             download_dir: config.download_dir.clone().unwrap_or_else(std::env::temp_dir),
             state,
+            listed: Mutex::default(),
         })
     }
 
-    /// Downloads `key` into an anonymous temporary file.
-    async fn download(&self, key: &str) -> Result<std::fs::File> {
+    /// Downloads `key` into an anonymous temporary file; returns it with the ETag of what was read.
+    async fn download(&self, key: &str) -> Result<(std::fs::File, String)> {
         let out = self
             .client
             .get_object()
@@ -189,6 +217,7 @@ impl S3Source {
             .send()
             .await
             .map_err(|e| self.error(key, "cannot read", describe_error(&e)))?;
+        let etag = bare_etag(out.e_tag().unwrap_or_default()).to_string();
         let dir = self.download_dir.clone();
         let mut file =
             tempfile::tempfile_in(&dir).map_err(|e| Error::io("cannot create a download file in", &dir, e))?;
@@ -204,7 +233,39 @@ impl S3Source {
         }
         use std::io::Seek;
         file.rewind().map_err(|e| Error::io("cannot rewind a download file in", &dir, e))?;
-        Ok(file)
+        Ok((file, etag))
+    }
+
+    /// The objects to read: all listed but those marked done, and with `sticky`, those returned
+    /// by an earlier call with `sticky` too.
+    async fn listing(&self, sticky: bool) -> Result<Vec<Arc<ShardInfo>>> {
+        let keys =
+            list(&self.id, &self.client, &self.connection, &self.prefix, self.pattern.as_ref(), &self.state.prefix)
+                .await?;
+        self.state.migrated.get_or_try_init(|| self.state.migrate(&self.client)).await?;
+        let done = self.state.done(&self.client).await?;
+        let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
+        let keys: Vec<String> = keys
+            .into_iter()
+            .filter(|(key, etag)| !done.contains(&(key.clone(), etag.clone())) || (sticky && listed.contains(key)))
+            .map(|(key, _)| key)
+            .collect();
+        if sticky {
+            // Only keys still in the bucket are remembered.
+            *listed = keys.iter().cloned().collect();
+        }
+        let bucket = &self.connection.bucket;
+        Ok(keys
+            .into_iter()
+            .map(|key| {
+                Arc::new(ShardInfo {
+                    source: self.id.clone(),
+                    kind: ShardKind::File { path: format!("s3://{bucket}/{key}") },
+                    id: key,
+                    epoch: None,
+                })
+            })
+            .collect())
     }
 
     fn error(&self, key: &str, what: &str, detail: String) -> Error {
@@ -212,14 +273,15 @@ impl S3Source {
     }
 }
 
-/// Keys (with ETags) under `prefix` that match `pattern`, in key order, without the state object.
+/// Keys (with ETags, without quotes) under `prefix` that match `pattern`, in key order, without
+/// the state objects.
 async fn list(
     component: &str,
     client: &Client,
     connection: &Connection,
     prefix: &str,
     pattern: Option<&glob::Pattern>,
-    state_key: &str,
+    state_prefix: &str,
 ) -> Result<Vec<(String, String)>> {
     let mut pages = client.list_objects_v2().bucket(&connection.bucket).prefix(prefix).into_paginator().send();
     let mut keys = Vec::new();
@@ -231,13 +293,13 @@ async fn list(
         for o in page.contents() {
             let Some(key) = o.key() else { continue };
             // Positions and exactly-once manifests, here or under a sink's prefix.
-            if key == state_key || key.ends_with('/') || key.split('/').any(|seg| seg == "_sluice") {
+            if key.starts_with(state_prefix) || key.ends_with('/') || key.split('/').any(|seg| seg == "_sluice") {
                 continue;
             }
             if pattern.is_some_and(|p| !p.matches_with(key, options)) {
                 continue;
             }
-            keys.push((key.to_string(), o.e_tag().unwrap_or_default().to_string()));
+            keys.push((key.to_string(), bare_etag(o.e_tag().unwrap_or_default()).to_string()));
         }
     }
     keys.sort();
@@ -327,29 +389,24 @@ impl Source for S3Source {
     }
 
     async fn shards(&self) -> Result<Vec<Arc<ShardInfo>>> {
-        self.state.load(&self.client).await?;
-        let keys = list(&self.id, &self.client, &self.connection, &self.prefix, self.pattern.as_ref(), &self.state.key)
-            .await?;
-        let bucket = &self.connection.bucket;
-        Ok(keys
-            .into_iter()
-            .filter(|(key, etag)| !self.state.is_done(key, etag))
-            .map(|(key, etag)| {
-                self.state.remember_etag(&key, &etag);
-                Arc::new(ShardInfo {
-                    source: self.id.clone(),
-                    kind: ShardKind::File { path: format!("s3://{bucket}/{key}") },
-                    id: key,
-                    epoch: None,
-                })
-            })
-            .collect())
+        self.listing(false).await
+    }
+
+    /// The coordinator's listing, every few seconds: an object it listed once stays listed while
+    /// it exists, even once marked done, so it is not taken back from a worker that is still
+    /// reading other objects (the worker reports it finished at the end of its run). After a
+    /// coordinator restart, objects marked done are not listed, so not granted again.
+    async fn list_shards(&self) -> Result<Vec<Arc<ShardInfo>>> {
+        self.listing(true).await
     }
 
     async fn read_shard(&self, ctx: ShardContext) -> Result<()> {
         let key = ctx.shard.id.clone();
-        let skip = self.state.committed(&key);
-        let file = self.download(&key).await?;
+        let (file, etag) = self.download(&key).await?;
+        let skip = match self.state.open(&self.client, &ctx.shard, &etag).await? {
+            Resume::Done => return Ok(()),
+            Resume::After(skip) => skip,
+        };
         let path = PathBuf::from(format!("s3://{}/{key}", self.connection.bucket));
         let mut reader =
             open_reader(&self.id, file, &path, &self.format, &self.schema, self.cast_to.clone(), ctx.batch_size)?;
@@ -404,7 +461,12 @@ fn trim(p: Produced, skip: u64) -> Result<Produced> {
     })
 }
 
-/// One object's progress, as stored in the state object.
+/// An ETag as listed or returned, without its quotes.
+fn bare_etag(etag: &str) -> &str {
+    etag.trim_matches('"')
+}
+
+/// One object's progress, as stored in its progress object.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 struct ObjectProgress {
     etag: String,
@@ -422,69 +484,180 @@ impl ObjectProgress {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct StateFile {
-    version: u32,
-    objects: BTreeMap<String, ObjectProgress>,
+/// Where the read of an object starts.
+#[derive(Debug, PartialEq, Eq)]
+enum Resume {
+    /// Every record is committed: nothing to read (its done marker is written next).
+    Done,
+    /// After this position (`None`: from the start).
+    After(Option<u64>),
 }
 
-/// The source's positions, kept in an object of the bucket; see the module docs.
+/// What `open` makes of an object's stored progress, given the ETag of the content read now.
+fn resume(stored: Option<&ObjectProgress>, etag: &str) -> Resume {
+    match stored {
+        Some(p) if p.etag == etag && p.done() => Resume::Done,
+        Some(p) if p.etag == etag => Resume::After(p.committed),
+        _ => Resume::After(None),
+    }
+}
+
+/// An object being read by this process: its progress, and the shard it was granted as (the
+/// fence checks that grant's epoch before each write).
+struct Open {
+    progress: ObjectProgress,
+    shard: Arc<ShardInfo>,
+}
+
+/// The source's positions, one object per data object under `prefix`; see the module docs.
 struct ObjectState {
     component: String,
     connection: Connection,
-    key: String,
+    /// Ends with `/`.
+    prefix: String,
     client: OnceLock<Client>,
-    objects: Mutex<BTreeMap<String, ObjectProgress>>,
-    dirty: std::sync::atomic::AtomicBool,
+    /// The objects this process reads, by key.
+    objects: Mutex<HashMap<String, Open>>,
+    /// Keys whose progress changed since it was last written.
+    dirty: Mutex<BTreeSet<String>>,
+    /// One write at a time: an older snapshot never lands after a newer one.
+    writing: tokio::sync::Mutex<()>,
+    /// The one state object of earlier builds, moved to per-object state on the first listing.
+    legacy: String,
+    migrated: tokio::sync::OnceCell<()>,
 }
 
 impl ObjectState {
-    async fn load(&self, client: &Client) -> Result<()> {
-        let got = client.get_object().bucket(&self.connection.bucket).key(&self.key).send().await;
-        let body = match got {
-            Ok(o) => o.body.collect().await.map_err(|e| self.error(e.to_string()))?.to_vec(),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(()),
-            Err(e) => return Err(self.error(describe_error(&e))),
-        };
-        let file: StateFile = serde_json::from_slice(&body)
-            .map_err(|e| self.error(format!("is not a sluice state object ({e}); delete it to start over")))?;
-        let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
-        for (k, v) in file.objects {
-            objects.entry(k).or_insert(v);
+    fn progress_key(&self, key: &str) -> String {
+        format!("{}progress/{key}", self.prefix)
+    }
+
+    fn done_prefix(&self) -> String {
+        format!("{}done/", self.prefix)
+    }
+
+    fn done_key(&self, key: &str, etag: &str) -> String {
+        format!("{}{etag}/{key}", self.done_prefix())
+    }
+
+    fn error(&self, key: &str, detail: String) -> Error {
+        service(&self.component, format!("positions in s3://{}/{key}: {detail}", self.connection.bucket))
+    }
+
+    /// (key, ETag) of every object whose records are all committed, from the done markers.
+    async fn done(&self, client: &Client) -> Result<HashSet<(String, String)>> {
+        let prefix = self.done_prefix();
+        let mut pages =
+            client.list_objects_v2().bucket(&self.connection.bucket).prefix(&prefix).into_paginator().send();
+        let mut done = HashSet::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.error(&prefix, format!("cannot list: {}", describe_error(&e))))?;
+            for o in page.contents() {
+                let marker = o.key().and_then(|k| k.strip_prefix(&prefix)).and_then(|rest| rest.split_once('/'));
+                if let Some((etag, key)) = marker {
+                    done.insert((key.to_string(), etag.to_string()));
+                }
+            }
         }
+        Ok(done)
+    }
+
+    /// Moves the positions of the one state object earlier builds kept (`{source}.json`, a map of
+    /// key → progress) to done markers and progress objects, then deletes it.
+    async fn migrate(&self, client: &Client) -> Result<()> {
+        #[derive(Deserialize)]
+        struct Legacy {
+            objects: std::collections::BTreeMap<String, ObjectProgress>,
+        }
+        let got = client.get_object().bucket(&self.connection.bucket).key(&self.legacy).send().await;
+        let body = match got {
+            Ok(o) => {
+                o.body.collect().await.map_err(|e| self.error(&self.legacy, format!("cannot read: {e}")))?.to_vec()
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(()),
+            Err(e) => return Err(self.error(&self.legacy, format!("cannot read: {}", describe_error(&e)))),
+        };
+        let legacy: Legacy = serde_json::from_slice(&body).map_err(|e| {
+            self.error(
+                &self.legacy,
+                format!("is not a state object of an earlier sluice ({e}); delete it to start over"),
+            )
+        })?;
+        let moved: Vec<(String, ObjectProgress)> = legacy
+            .objects
+            .into_iter()
+            .filter(|(_, p)| p.done() || p.committed.is_some())
+            .map(|(key, p)| (key, ObjectProgress { etag: bare_etag(&p.etag).to_string(), ..p }))
+            .collect();
+        let n = moved.len();
+        let results: Vec<Result<()>> = futures::stream::iter(moved)
+            .map(|(key, p)| async move { self.write_one(client, &key, &p).await })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        client
+            .delete_object()
+            .bucket(&self.connection.bucket)
+            .key(&self.legacy)
+            .send()
+            .await
+            .map_err(|e| self.error(&self.legacy, format!("cannot delete: {}", describe_error(&e))))?;
+        tracing::info!(
+            source = %self.component,
+            "moved the positions of {n} objects from s3://{}/{} (an earlier build's state object) to {}",
+            self.connection.bucket,
+            self.legacy,
+            self.prefix
+        );
         Ok(())
     }
 
-    fn error(&self, detail: String) -> Error {
-        service(&self.component, format!("state object s3://{}/{}: {detail}", self.connection.bucket, self.key))
-    }
-
-    fn is_done(&self, key: &str, etag: &str) -> bool {
-        let objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
-        objects.get(key).is_some_and(|p| p.etag == etag && p.done())
-    }
-
-    /// Records the ETag listed for `key`; an object rewritten since (another ETag) starts over.
-    fn remember_etag(&self, key: &str, etag: &str) {
-        let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
-        let p = objects.entry(key.to_string()).or_default();
-        if p.etag != etag {
-            *p = ObjectProgress { etag: etag.to_string(), ..Default::default() };
+    /// Starts tracking `shard`'s object, whose content read now has `etag`: reads its stored
+    /// progress and says where to resume.
+    async fn open(&self, client: &Client, shard: &Arc<ShardInfo>, etag: &str) -> Result<Resume> {
+        let key = self.progress_key(&shard.id);
+        let got = client.get_object().bucket(&self.connection.bucket).key(&key).send().await;
+        let stored: Option<ObjectProgress> = match got {
+            Ok(o) => {
+                let body = o.body.collect().await.map_err(|e| self.error(&key, format!("cannot read: {e}")))?.to_vec();
+                Some(serde_json::from_slice(&body).map_err(|e| {
+                    self.error(
+                        &key,
+                        format!("is not a sluice progress object ({e}); delete it to read the object again"),
+                    )
+                })?)
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => None,
+            Err(e) => return Err(self.error(&key, format!("cannot read: {}", describe_error(&e)))),
+        };
+        let r = resume(stored.as_ref(), etag);
+        let progress = match (&r, stored) {
+            (Resume::After(None), _) | (_, None) => ObjectProgress { etag: etag.to_string(), ..Default::default() },
+            (_, Some(p)) => p,
+        };
+        self.objects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(shard.id.clone(), Open { progress, shard: shard.clone() });
+        if r == Resume::Done {
+            self.mark_dirty(&shard.id);
         }
+        Ok(r)
     }
 
-    fn committed(&self, key: &str) -> Option<u64> {
-        self.objects.lock().unwrap_or_else(|e| e.into_inner()).get(key).and_then(|p| p.committed)
+    fn mark_dirty(&self, key: &str) {
+        self.dirty.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string());
     }
 
     fn read_to_end(&self, key: &str, end: u64) {
-        if let Some(p) = self.objects.lock().unwrap_or_else(|e| e.into_inner()).get_mut(key) {
-            p.end = Some(end);
+        if let Some(o) = self.objects.lock().unwrap_or_else(|e| e.into_inner()).get_mut(key) {
+            o.progress.end = Some(end);
         }
-        self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.mark_dirty(key);
     }
 
-    /// Writes the state object about every second while positions change.
+    /// Writes changed positions about every second.
     fn start_writer(self: Arc<Self>) {
         let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
         let weak = Arc::downgrade(&self);
@@ -500,36 +673,96 @@ impl ObjectState {
         });
     }
 
+    /// Writes the progress of every object that changed (a done marker for those now complete).
+    /// An object whose grant this worker no longer holds is not written (and not retried).
     async fn write(&self) -> Result<()> {
-        if !self.dirty.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        let Some(client) = self.client.get() else { return Ok(()) };
+        let _one = self.writing.lock().await;
+        let keys = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut fenced = None;
+        let mut writes = Vec::new();
+        {
+            let objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+            for key in keys {
+                let Some(o) = objects.get(&key) else { continue };
+                match crate::fence::check(&o.shard) {
+                    Ok(_) => writes.push((key, o.progress.clone())),
+                    Err(why) => fenced = Some(why),
+                }
+            }
+        }
+        let results: Vec<(String, bool, Result<()>)> = futures::stream::iter(writes)
+            .map(|(key, progress)| async move {
+                let r = self.write_one(client, &key, &progress).await;
+                (key, progress.done(), r)
+            })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .collect()
+            .await;
+        let mut first = None;
+        for (key, done, r) in results {
+            match r {
+                // Nothing more happens to a done object: forget it (memory stays bounded in runs
+                // that poll for new objects).
+                Ok(()) if done => drop(self.objects.lock().unwrap_or_else(|e| e.into_inner()).remove(&key)),
+                Ok(()) => {}
+                Err(e) => {
+                    self.mark_dirty(&key);
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first {
+            return Err(e);
+        }
+        match fenced {
+            Some(message) => Err(Error::Fenced { component: self.component.clone(), message }),
+            None => Ok(()),
+        }
+    }
+
+    async fn write_one(&self, client: &Client, key: &str, progress: &ObjectProgress) -> Result<()> {
+        let bucket = &self.connection.bucket;
+        let put = |at: String, body: Vec<u8>, content_type: &'static str| async move {
+            client
+                .put_object()
+                .bucket(bucket)
+                .key(&at)
+                .content_type(content_type)
+                .body(ByteStream::from(body))
+                .send()
+                .await
+                .map_err(|e| self.error(&at, format!("cannot write: {}", describe_error(&e))))
+                .map(drop)
+        };
+        if progress.done() {
+            put(self.done_key(key, &progress.etag), Vec::new(), "application/octet-stream").await?;
+            let at = self.progress_key(key);
+            client
+                .delete_object()
+                .bucket(bucket)
+                .key(&at)
+                .send()
+                .await
+                .map_err(|e| self.error(&at, format!("cannot delete: {}", describe_error(&e))))?;
             return Ok(());
         }
-        let Some(client) = self.client.get() else { return Ok(()) };
-        let file = StateFile { version: 1, objects: self.objects.lock().unwrap_or_else(|e| e.into_inner()).clone() };
-        let body = serde_json::to_vec_pretty(&file).map_err(|e| self.error(e.to_string()))?;
-        let r = client
-            .put_object()
-            .bucket(&self.connection.bucket)
-            .key(&self.key)
-            .content_type("application/json")
-            .body(ByteStream::from(body))
-            .send()
-            .await;
-        if let Err(e) = r {
-            self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
-            return Err(self.error(describe_error(&e)));
-        }
-        Ok(())
+        let body = serde_json::to_vec(progress).map_err(|e| self.error(key, e.to_string()))?;
+        put(self.progress_key(key), body, "application/json").await
     }
 }
 
 #[async_trait]
 impl PositionCommitter for ObjectState {
     fn commit(&self, shard: &ShardInfo, position: u64) {
-        if let Some(p) = self.objects.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&shard.id) {
-            p.committed = Some(p.committed.map_or(position, |c| c.max(position)));
+        if let Err(why) = crate::fence::check(shard) {
+            tracing::warn!(source = %self.component, "not committing position {position} of {}: fenced: {why}", shard.id);
+            return;
         }
-        self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(o) = self.objects.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&shard.id) {
+            o.progress.committed = Some(o.progress.committed.map_or(position, |c| c.max(position)));
+        }
+        self.mark_dirty(&shard.id);
         metrics::counter!(names::COMMITS_TOTAL, "component" => shard.source.clone()).increment(1);
     }
 
@@ -552,6 +785,21 @@ mod tests {
         assert!(p.done());
         let empty = ObjectProgress { etag: "e".into(), committed: None, end: Some(0) };
         assert!(empty.done());
+    }
+
+    #[test]
+    fn an_object_resumes_after_its_committed_position_unless_rewritten() {
+        let p = |committed, end| ObjectProgress { etag: "e1".into(), committed, end };
+        assert_eq!(resume(None, "e1"), Resume::After(None), "never read");
+        assert_eq!(resume(Some(&p(Some(40), None)), "e1"), Resume::After(Some(40)));
+        assert_eq!(
+            resume(Some(&p(Some(40), Some(90))), "e1"),
+            Resume::After(Some(40)),
+            "read to its end, not all committed"
+        );
+        assert_eq!(resume(Some(&p(Some(90), Some(90))), "e1"), Resume::Done);
+        assert_eq!(resume(Some(&p(Some(90), Some(90))), "e2"), Resume::After(None), "rewritten since: from the start");
+        assert_eq!(bare_etag("\"abc-2\""), "abc-2");
     }
 
     #[test]

@@ -24,7 +24,7 @@ fn endpoint_addr() -> SocketAddr {
 }
 
 /// Runs tests/s3_tool.py; returns its JSON output.
-fn tool(args: &[&str]) -> serde_json::Value {
+pub(crate) fn tool(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&python_tool("s3_tool.py", args)).unwrap()
 }
 
@@ -328,7 +328,7 @@ rotate = {{ max_rows = 1500 }}
 }
 
 /// Writes `lines` as an object (gzip-compressed when the key ends in `.gz`).
-fn put_lines(dir: &Path, bucket: &str, key: &str, lines: &[String]) {
+pub(crate) fn put_lines(dir: &Path, bucket: &str, key: &str, lines: &[String]) {
     let local = dir.join(key.replace('/', "_"));
     let text = lines.join("\n") + "\n";
     if key.ends_with(".gz") {
@@ -406,16 +406,87 @@ fn s3_source_reads_each_object_once_across_runs_and_dead_letters_bad_lines() {
     assert_eq!(dead[0]["position"]["file"], format!("s3://{b}/in/b.ndjson.gz"), "{}", dead[0]);
     assert_eq!(dead[0]["position"]["line"], 3, "{}", dead[0]);
 
-    // The state object marks both objects done: a second run reads nothing.
+    // A done marker per object (and no progress object left): a second run reads nothing.
     let second = run("run2");
     assert!(ids_in(&second.join("out")).is_empty(), "nothing is read twice");
     let keys = tool(&["keys", &b, "_sluice/"]);
-    assert_eq!(keys, serde_json::json!(["_sluice/s3-source-it/events.json"]));
+    let keys: Vec<&str> = keys.as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+    let mut marked: Vec<&str> = keys
+        .iter()
+        .filter_map(|k| k.strip_prefix("_sluice/s3-source-it/events/done/"))
+        .filter_map(|rest| rest.split_once('/').map(|(_etag, key)| key))
+        .collect();
+    marked.sort_unstable();
+    assert_eq!(marked, ["in/a.ndjson", "in/b.ndjson.gz"], "one done marker per object: {keys:?}");
+    assert_eq!(keys.len(), 2, "nothing but the markers: {keys:?}");
 
     // A new object is read by the next run, alone.
     put_lines(dir.path(), &b, "in/d.ndjson", &lines(7000, 7100));
     let third = run("run3");
     assert_eq!(ids_in(&third.join("out")), (7000..7100).collect::<Vec<_>>());
+}
+
+#[test]
+fn s3_source_resumes_after_the_committed_position_unless_the_object_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = bucket("resume");
+    let lines =
+        |from: i64, to: i64| (from..to).map(|i| format!(r#"{{"id": {i}, "name": "n{i}"}}"#)).collect::<Vec<_>>();
+    put_lines(dir.path(), &b, "in/a.ndjson", &lines(0, 1000));
+    put_lines(dir.path(), &b, "in/b.ndjson", &lines(1000, 1500));
+    // As a run stopped mid-object leaves them: 400 lines of a committed; b's for other content.
+    let etag = tool(&["etag", &b, "in/a.ndjson"]);
+    let progress = |key: &str, etag: &str, committed: u64| {
+        let local = dir.path().join(format!("progress-{committed}.json"));
+        std::fs::write(&local, format!(r#"{{"etag": "{etag}", "committed": {committed}}}"#)).unwrap();
+        tool(&["put", &b, &format!("_sluice/s3-source-it/events/progress/{key}"), local.to_str().unwrap()]);
+    };
+    progress("in/a.ndjson", etag.as_str().unwrap(), 400);
+    progress("in/b.ndjson", "0123456789abcdef0123456789abcdef", 300);
+    let out = dir.path().join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    run_bounded(&write_pipeline(&out, &source_pipeline(&b, &out, "")));
+    let want: Vec<i64> = (400..1500).collect();
+    assert_eq!(ids_in(&out.join("out")), want, "a from line 401, b (rewritten since) from its start");
+    let keys = tool(&["keys", &b, "_sluice/"]);
+    let keys: Vec<&str> = keys.as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+    assert!(keys.iter().all(|k| k.contains("/events/done/")), "progress objects are gone once done: {keys:?}");
+    assert_eq!(keys.len(), 2, "{keys:?}");
+}
+
+#[test]
+fn s3_source_moves_an_earlier_builds_state_object_to_per_object_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = bucket("legacy");
+    let lines =
+        |from: i64, to: i64| (from..to).map(|i| format!(r#"{{"id": {i}, "name": "n{i}"}}"#)).collect::<Vec<_>>();
+    put_lines(dir.path(), &b, "in/a.ndjson", &lines(0, 300));
+    put_lines(dir.path(), &b, "in/b.ndjson", &lines(300, 800));
+    put_lines(dir.path(), &b, "in/c.ndjson", &lines(800, 900));
+    let etag = |key: &str| tool(&["etag", &b, key]).as_str().unwrap().to_string();
+    // As earlier builds wrote it: quoted ETags as listed; a done, b committed to line 200, c listed only.
+    let legacy = serde_json::json!({"version": 1, "objects": {
+        "in/a.ndjson": {"etag": format!("\"{}\"", etag("in/a.ndjson")), "committed": 300, "end": 300},
+        "in/b.ndjson": {"etag": format!("\"{}\"", etag("in/b.ndjson")), "committed": 200},
+        "in/c.ndjson": {"etag": format!("\"{}\"", etag("in/c.ndjson"))},
+    }});
+    let local = dir.path().join("legacy.json");
+    std::fs::write(&local, legacy.to_string()).unwrap();
+    tool(&["put", &b, "_sluice/s3-source-it/events.json", local.to_str().unwrap()]);
+    let out = dir.path().join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    let p = write_pipeline(&out, &source_pipeline(&b, &out, ""));
+    let run =
+        sluice().env("RUST_LOG", "sluice=info").args(["run", "--bounded", "--no-progress"]).arg(&p).output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr).to_string();
+    assert!(run.status.success(), "{stderr}");
+    let want: Vec<i64> = (500..900).collect();
+    assert_eq!(ids_in(&out.join("out")), want, "a skipped, b from line 201, c whole");
+    assert!(stderr.contains("moved the positions of 2 objects"), "{stderr}");
+    let keys = tool(&["keys", &b, "_sluice/"]);
+    let keys: Vec<&str> = keys.as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+    assert!(!keys.contains(&"_sluice/s3-source-it/events.json"), "the old state object is gone: {keys:?}");
+    assert_eq!(keys.len(), 3, "a done marker per object: {keys:?}");
 }
 
 #[test]
