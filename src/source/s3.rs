@@ -189,6 +189,7 @@ impl S3Source {
             dirty: Mutex::default(),
             writing: tokio::sync::Mutex::new(()),
             legacy: format!("_sluice/{pipeline}/{id}.json"),
+            check: crate::fence::check,
             migrated: tokio::sync::OnceCell::new(),
         });
         Ok(S3Source {
@@ -524,6 +525,8 @@ struct ObjectState {
     writing: tokio::sync::Mutex<()>,
     /// The one state object of earlier builds, moved to per-object state on the first listing.
     legacy: String,
+    /// Whether this process may still commit a shard ([`crate::fence::check`]; tests fence by hand).
+    check: fn(&ShardInfo) -> Result<Option<u64>, String>,
     migrated: tokio::sync::OnceCell<()>,
 }
 
@@ -685,7 +688,7 @@ impl ObjectState {
             let objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
             for key in keys {
                 let Some(o) = objects.get(&key) else { continue };
-                match crate::fence::check(&o.shard) {
+                match (self.check)(&o.shard) {
                     Ok(_) => writes.push((key, o.progress.clone())),
                     Err(why) => fenced = Some(why),
                 }
@@ -755,7 +758,7 @@ impl ObjectState {
 #[async_trait]
 impl PositionCommitter for ObjectState {
     fn commit(&self, shard: &ShardInfo, position: u64) {
-        if let Err(why) = crate::fence::check(shard) {
+        if let Err(why) = (self.check)(shard) {
             tracing::warn!(source = %self.component, "not committing position {position} of {}: fenced: {why}", shard.id);
             return;
         }
@@ -800,6 +803,66 @@ mod tests {
         assert_eq!(resume(Some(&p(Some(90), Some(90))), "e1"), Resume::Done);
         assert_eq!(resume(Some(&p(Some(90), Some(90))), "e2"), Resume::After(None), "rewritten since: from the start");
         assert_eq!(bare_etag("\"abc-2\""), "abc-2");
+    }
+
+    /// A state for object `a` (committed to 5), on a server that refuses connections.
+    async fn state(check: fn(&ShardInfo) -> Result<Option<u64>, String>) -> ObjectState {
+        let connection = Connection {
+            bucket: "b".into(),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: Some("r".into()),
+            force_path_style: Some(true),
+            access_key_id: Some("k".into()),
+            secret_access_key: Some("s".into()),
+            max_attempts: 1,
+            request_timeout: Duration::from_secs(2),
+        };
+        let st = ObjectState {
+            component: "src".into(),
+            client: OnceLock::from(connection.client().await),
+            connection,
+            prefix: "_sluice/p/src/".into(),
+            objects: Mutex::default(),
+            dirty: Mutex::default(),
+            writing: tokio::sync::Mutex::new(()),
+            legacy: "_sluice/p/src.json".into(),
+            check,
+            migrated: tokio::sync::OnceCell::new(),
+        };
+        let shard = Arc::new(ShardInfo {
+            source: "src".into(),
+            id: "a".into(),
+            kind: ShardKind::File { path: "s3://b/a".into() },
+            epoch: Some(3),
+        });
+        let progress = ObjectProgress { etag: "e".into(), committed: Some(5), end: None };
+        st.objects.lock().unwrap().insert("a".into(), Open { progress, shard });
+        st
+    }
+
+    #[tokio::test]
+    async fn a_fenced_object_is_neither_committed_nor_written() {
+        let st = state(|s| Err(format!("shard {} moved", s.id))).await;
+        let shard = st.objects.lock().unwrap()["a"].shard.clone();
+        st.commit(&shard, 9);
+        assert_eq!(st.objects.lock().unwrap()["a"].progress.committed, Some(5), "a fenced commit changes nothing");
+        st.mark_dirty("a");
+        match st.write().await {
+            Err(Error::Fenced { message, .. }) => assert!(message.contains("shard a moved"), "{message}"),
+            other => panic!("expected a fenced error, got {other:?}"),
+        }
+        assert!(st.dirty.lock().unwrap().is_empty(), "a fenced object is not retried");
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_retried_and_names_the_progress_object() {
+        let st = state(|_| Ok(Some(3))).await;
+        let shard = st.objects.lock().unwrap()["a"].shard.clone();
+        st.commit(&shard, 9);
+        assert_eq!(st.objects.lock().unwrap()["a"].progress.committed, Some(9));
+        let e = st.write().await.unwrap_err().to_string();
+        assert!(e.contains("s3://b/_sluice/p/src/progress/a") && e.contains("cannot write"), "{e}");
+        assert!(st.dirty.lock().unwrap().contains("a"), "written again on the next round");
     }
 
     #[test]
