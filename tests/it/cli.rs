@@ -5,7 +5,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::{free_port, http_get, read_parquet, rows, sluice};
+use crate::common::{free_port, http_get, read_parquet, rows, samples, sluice};
 
 const BASE: &str = r#"[pipeline]
 name = "v"
@@ -155,8 +155,8 @@ fn sigterm_stops_gracefully_with_complete_files_and_metrics_are_served() {
     assert!(metrics.contains("component=\"g\""), "{metrics}");
     // Process gauges, set at each scrape: plausible values, not just names.
     let gauge = |name: &str| -> f64 {
-        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}: {metrics}"));
-        line.rsplit(' ').next().unwrap().parse().unwrap()
+        let (_, value) = samples(&metrics, name).next().unwrap_or_else(|| panic!("no {name}: {metrics}"));
+        value
     };
     let rss = gauge("sluice_process_resident_memory_bytes");
     assert!((1e6..4e9).contains(&rss), "resident memory {rss}");

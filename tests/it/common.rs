@@ -126,6 +126,19 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// The samples of metric `name` in a Prometheus text exposition: each line's labels (the text
+/// between the braces, empty without) and value.
+pub fn samples<'a>(exposition: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+    exposition.lines().filter_map(move |line| {
+        let rest = line.strip_prefix(name)?;
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        Some((labels, value.trim().parse().ok()?))
+    })
+}
+
 /// A plain HTTP GET on 127.0.0.1: the status code and the whole response, or None when the
 /// server is not there (yet).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use arrow::array::AsArray;
 use arrow::datatypes::{Decimal128Type, Int64Type};
 
-use crate::common::{files, read_ndjson, read_parquet, rows, sluice};
+use crate::common::{files, read_ndjson, read_parquet, rows, samples, sluice};
 
 /// The broker the test script started.
 pub(crate) fn brokers() -> String {
@@ -731,16 +731,15 @@ fn lag_records_gauge_counts_the_backlog_per_partition_and_falls_to_zero() {
     let scrape = || -> Option<(BTreeMap<String, f64>, f64)> {
         let (code, body) = http_get(port, "/metrics")?;
         (code == 200).then_some(())?;
-        let (mut lag, mut consumed) = (BTreeMap::new(), 0.0);
-        for line in body.lines().filter(|l| l.contains(&format!("topic=\"{t}\""))) {
-            let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
-            let partition = line.split("partition=\"").nth(1)?.split('"').next()?.to_string();
-            if line.starts_with("sluice_kafka_lag_records{") {
-                lag.insert(partition, value);
-            } else if line.starts_with("sluice_kafka_consumed_records_total{") {
-                consumed += value;
-            }
+        let of_topic = format!("topic=\"{t}\"");
+        let mut lag = BTreeMap::new();
+        for (labels, value) in samples(&body, "sluice_kafka_lag_records").filter(|(l, _)| l.contains(&of_topic)) {
+            lag.insert(labels.split("partition=\"").nth(1)?.split('"').next()?.to_string(), value);
         }
+        let consumed = samples(&body, "sluice_kafka_consumed_records_total")
+            .filter(|(l, _)| l.contains(&of_topic))
+            .map(|(_, v)| v)
+            .sum();
         Some((lag, consumed))
     };
     let total = (m.good.len() + m.bad.len()) as f64;

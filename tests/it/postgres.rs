@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Decimal128Type, Int64Type};
 
-use crate::common::{free_port, http_get, read_ndjson, read_parquet, rows, sluice};
+use crate::common::{free_port, http_get, read_ndjson, read_parquet, rows, samples, sluice};
 use crate::kafka::{create, produce, run_bounded, topic};
 
 /// The test database's URL (no password: the test server trusts local connections).
@@ -964,9 +964,7 @@ fn a_connection_cut_while_the_sink_prepares_is_retried() {
     holder.wait().unwrap();
     // The retry is counted.
     let counted = |body: &str| {
-        body.lines()
-            .filter(|l| l.starts_with("sluice_postgres_retries_total{") && l.contains("component=\"pg\""))
-            .any(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v >= 1.0))
+        samples(body, "sluice_postgres_retries_total").any(|(l, v)| l.contains("component=\"pg\"") && v >= 1.0)
     };
     let mut last = String::new();
     while !counted(&last) {
