@@ -13,7 +13,8 @@
 //!   position, or from the start when the object was rewritten since: another ETag);
 //! - `done/{etag}/{key}`: an empty marker written once every record of the object is committed
 //!   (the progress object is then deleted). Listing `done/` tells which objects to skip without
-//!   reading any state object.
+//!   reading any state object; an object granted again anyway (a worker's next generation) is
+//!   skipped once its ETag (a HEAD request, before any download) has a marker.
 //!
 //! Each object's state is written only by the process reading it, so workers sharing a source
 //! under the coordinator never overwrite each other's positions; in worker mode each write is
@@ -403,11 +404,27 @@ impl Source for S3Source {
 
     async fn read_shard(&self, ctx: ShardContext) -> Result<()> {
         let key = ctx.shard.id.clone();
-        let (file, etag) = self.download(&key).await?;
-        let skip = match self.state.open(&self.client, &ctx.shard, &etag).await? {
+        // The ETag first: an object already done (granted again after its generation was
+        // drained) is not downloaded.
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.connection.bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| self.error(&key, "cannot read", describe_error(&e)))?;
+        let listed = bare_etag(head.e_tag().unwrap_or_default()).to_string();
+        let mut skip = match self.state.open(&self.client, &ctx.shard, &listed).await? {
             Resume::Done => return Ok(()),
             Resume::After(skip) => skip,
         };
+        let (file, etag) = self.download(&key).await?;
+        if etag != listed {
+            // Rewritten in between: what was downloaded is read from its start.
+            self.state.restart(&key, &etag);
+            skip = None;
+        }
         let path = PathBuf::from(format!("s3://{}/{key}", self.connection.bucket));
         let mut reader =
             open_reader(&self.id, file, &path, &self.format, &self.schema, self.cast_to.clone(), ctx.batch_size)?;
@@ -635,6 +652,10 @@ impl ObjectState {
             Err(e) => return Err(self.error(&key, format!("cannot read: {}", describe_error(&e)))),
         };
         let r = resume(stored.as_ref(), etag);
+        if r == Resume::After(None) && self.marked_done(client, &shard.id, etag).await? {
+            // Done before (its progress object deleted): nothing to read or write.
+            return Ok(Resume::Done);
+        }
         let progress = match (&r, stored) {
             (Resume::After(None), _) | (_, None) => ObjectProgress { etag: etag.to_string(), ..Default::default() },
             (_, Some(p)) => p,
@@ -647,6 +668,23 @@ impl ObjectState {
             self.mark_dirty(&shard.id);
         }
         Ok(r)
+    }
+
+    /// Whether the done marker of `key` at `etag` exists.
+    async fn marked_done(&self, client: &Client, key: &str, etag: &str) -> Result<bool> {
+        let at = self.done_key(key, etag);
+        match client.head_object().bucket(&self.connection.bucket).key(&at).send().await {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
+            Err(e) => Err(self.error(&at, format!("cannot read: {}", describe_error(&e)))),
+        }
+    }
+
+    /// The object was rewritten after `open`: its progress starts over at `etag`.
+    fn restart(&self, key: &str, etag: &str) {
+        if let Some(o) = self.objects.lock().unwrap_or_else(|e| e.into_inner()).get_mut(key) {
+            o.progress = ObjectProgress { etag: etag.to_string(), ..Default::default() };
+        }
     }
 
     fn mark_dirty(&self, key: &str) {

@@ -704,6 +704,85 @@ flush_interval = "200ms"
 }
 
 #[test]
+fn an_object_done_while_its_generation_runs_on_is_not_read_again_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = crate::s3::bucket("regrant");
+    let s = schema("regrant");
+    let table = format!("{s}.events");
+    let put = |i: i64| {
+        let lines: Vec<String> =
+            (i * 1000 + 1..=(i + 1) * 1000).map(|n| format!(r#"{{"order_id": {n}, "name": "n{n}"}}"#)).collect();
+        crate::s3::put_lines(dir.path(), &b, &format!("in/o-{i}.ndjson"), &lines);
+    };
+    put(0);
+    // A slow generator keeps the worker's generation running after the object is read, so the
+    // object is marked done but not yet reported finished when the next object changes the
+    // assignment; the sink is not exactly-once, so a second read would show.
+    let text = format!(
+        r#"
+[pipeline]
+name = "{s}"
+
+[sources.events]
+type = "s3"
+prefix = "in/"
+format = {{ type = "json" }}
+{conn}
+
+[sources.events.schema]
+order_id = "bigint not null"
+name = "varchar"
+
+[sources.ticks]
+type = "generator"
+shape = "orders"
+count = 100000000
+rate = 50
+
+[sinks.pg]
+type = "postgres"
+inputs = ["events"]
+url = "{url}"
+table = "{table}"
+create_table = true
+flush_interval = "200ms"
+
+[sinks.nowhere]
+type = "blackhole"
+inputs = ["ticks"]
+"#,
+        conn = crate::s3::connection(&b, &crate::s3::endpoint()),
+        url = url()
+    );
+    let mut c = Cluster::new(dir.path(), &text);
+    c.start_worker("g1");
+    let marked = || {
+        let keys = crate::s3::tool(&["keys", &b, &format!("_sluice/{s}/events/done/")]);
+        keys.as_array().unwrap().len()
+    };
+    let wait = |n: usize, rows: i64| {
+        let start = Instant::now();
+        while marked() < n || count(&table) < rows {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{} of {n} objects marked done, {} of {rows} rows\n{}",
+                marked(),
+                count(&table),
+                c.logs("g1")
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    wait(1, 1000);
+    put(1);
+    wait(2, 2000);
+    let logs = c.logs("g1");
+    assert!(logs.contains("assignment changed"), "the new object did not restart the generation:\n{logs}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(rows_and_distinct(&table), (2000, 2000), "o-0 was read again\n{}", c.logs("g1"));
+}
+
+#[test]
 fn calls_without_the_token_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let t = topic("auth");
