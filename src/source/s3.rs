@@ -138,8 +138,17 @@ impl S3Source {
         if !state_prefix.ends_with('/') {
             state_prefix.push('/');
         }
-        let client = connection.client().await;
         let prefix = config.prefix.trim_start_matches('/').to_string();
+        if prefix.starts_with(&state_prefix) {
+            return Err((
+                "state_prefix",
+                format!(
+                    "`{state_prefix}` holds the listed prefix `{prefix}`, so every object would be taken for positions \
+                     and none read; choose a state_prefix outside it (the default is under `_sluice/`)"
+                ),
+            ));
+        }
+        let client = connection.client().await;
         let declared = match &config.schema {
             Some(SchemaSpec::Columns(cols)) => {
                 Some(schema_from_columns(cols).map_err(|(col, m)| ("schema", format!("column `{col}`: {m}")))?)

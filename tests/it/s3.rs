@@ -252,6 +252,16 @@ fn validate_explains_s3_settings() {
         assert_eq!(out.status.code(), Some(1), "{extra}: {stderr}");
         assert!(stderr.contains(key), "{extra}: the error names `{key}`: {stderr}");
     }
+    // The source's positions may not cover the objects it lists.
+    for (extra, want) in
+        [("state_prefix = \"in\"", "holds the listed prefix `in/`"), ("state_prefix = \"/\"", "must not be empty")]
+    {
+        let p = write_pipeline(dir.path(), &source_pipeline("valid-name", dir.path(), extra));
+        let out = sluice().arg("validate").arg(&p).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra}: {stderr}");
+        assert!(stderr.contains("sources.events.state_prefix") && stderr.contains(want), "{extra}: {stderr}");
+    }
 }
 
 #[test]
