@@ -13,8 +13,9 @@
 //!   position, or from the start when the object was rewritten since: another ETag);
 //! - `done/{etag}/{key}`: an empty marker written once every record of the object is committed
 //!   (the progress object is then deleted). Listing `done/` tells which objects to skip without
-//!   reading any state object; an object granted again anyway (a worker's next generation) is
-//!   skipped once its ETag (a HEAD request, before any download) has a marker.
+//!   reading any state object (a `sluice run` reads a fresh object with one GET and marks it
+//!   with one PUT); under the coordinator an object granted again (a worker's next generation)
+//!   is skipped once its ETag (a HEAD request, before any download) has a marker.
 //!
 //! Each object's state is written only by the process reading it, so workers sharing a source
 //! under the coordinator never overwrite each other's positions; in worker mode each write is
@@ -197,6 +198,7 @@ impl S3Source {
             client: OnceLock::new(),
             objects: Mutex::default(),
             dirty: Mutex::default(),
+            with_progress: Mutex::default(),
             writing: tokio::sync::Mutex::new(()),
             legacy: format!("_sluice/{pipeline}/{id}.json"),
             check: crate::fence::check,
@@ -255,6 +257,9 @@ impl S3Source {
                 .await?;
         self.state.migrated.get_or_try_init(|| self.state.migrate(&self.client)).await?;
         let done = self.state.done(&self.client).await?;
+        let with_progress: HashSet<String> =
+            self.state.keys_under(&self.client, "progress/").await?.into_iter().collect();
+        *self.state.with_progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(with_progress);
         let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
         let keys: Vec<String> = keys
             .into_iter()
@@ -413,27 +418,39 @@ impl Source for S3Source {
 
     async fn read_shard(&self, ctx: ShardContext) -> Result<()> {
         let key = ctx.shard.id.clone();
-        // The ETag first: an object already done (granted again after its generation was
-        // drained) is not downloaded.
-        let head = self
-            .client
-            .head_object()
-            .bucket(&self.connection.bucket)
-            .key(&key)
-            .send()
-            .await
-            .map_err(|e| self.error(&key, "cannot read", describe_error(&e)))?;
-        let listed = bare_etag(head.e_tag().unwrap_or_default()).to_string();
-        let mut skip = match self.state.open(&self.client, &ctx.shard, &listed).await? {
-            Resume::Done => return Ok(()),
-            Resume::After(skip) => skip,
+        // Under the coordinator an object can be granted again after it was done (a worker's
+        // next generation): its ETag comes first (HEAD), so a done one is not downloaded. A
+        // `sluice run` reads only what its listing found not done.
+        let regrant = crate::fence::active();
+        let (file, skip) = if regrant {
+            let head = self
+                .client
+                .head_object()
+                .bucket(&self.connection.bucket)
+                .key(&key)
+                .send()
+                .await
+                .map_err(|e| self.error(&key, "cannot read", describe_error(&e)))?;
+            let listed = bare_etag(head.e_tag().unwrap_or_default()).to_string();
+            let skip = match self.state.open(&self.client, &ctx.shard, &listed, true).await? {
+                Resume::Done => return Ok(()),
+                Resume::After(skip) => skip,
+            };
+            let (file, etag) = self.download(&key).await?;
+            if etag == listed {
+                (file, skip)
+            } else {
+                // Rewritten in between: what was downloaded is read from its start.
+                self.state.restart(&key, &etag);
+                (file, None)
+            }
+        } else {
+            let (file, etag) = self.download(&key).await?;
+            match self.state.open(&self.client, &ctx.shard, &etag, false).await? {
+                Resume::Done => return Ok(()),
+                Resume::After(skip) => (file, skip),
+            }
         };
-        let (file, etag) = self.download(&key).await?;
-        if etag != listed {
-            // Rewritten in between: what was downloaded is read from its start.
-            self.state.restart(&key, &etag);
-            skip = None;
-        }
         let path = PathBuf::from(format!("s3://{}/{key}", self.connection.bucket));
         let mut reader =
             open_reader(&self.id, file, &path, &self.format, &self.schema, self.cast_to.clone(), ctx.batch_size)?;
@@ -534,6 +551,8 @@ fn resume(stored: Option<&ObjectProgress>, etag: &str) -> Resume {
 struct Open {
     progress: ObjectProgress,
     shard: Arc<ShardInfo>,
+    /// A progress object exists for it (read at open, or written since): deleted once done.
+    stored: bool,
 }
 
 /// The source's positions, one object per data object under `prefix`; see the module docs.
@@ -547,6 +566,8 @@ struct ObjectState {
     objects: Mutex<HashMap<String, Open>>,
     /// Keys whose progress changed since it was last written.
     dirty: Mutex<BTreeSet<String>>,
+    /// Keys with a progress object at the last listing (None: not listed, read each one).
+    with_progress: Mutex<Option<HashSet<String>>>,
     /// One write at a time: an older snapshot never lands after a newer one.
     writing: tokio::sync::Mutex<()>,
     /// The one state object of earlier builds, moved to per-object state on the first listing.
@@ -573,22 +594,27 @@ impl ObjectState {
         service(&self.component, format!("positions in s3://{}/{key}: {detail}", self.connection.bucket))
     }
 
-    /// (key, ETag) of every object whose records are all committed, from the done markers.
-    async fn done(&self, client: &Client) -> Result<HashSet<(String, String)>> {
-        let prefix = self.done_prefix();
+    /// The keys under `{prefix}{sub}`, without that prefix.
+    async fn keys_under(&self, client: &Client, sub: &str) -> Result<Vec<String>> {
+        let prefix = format!("{}{sub}", self.prefix);
         let mut pages =
             client.list_objects_v2().bucket(&self.connection.bucket).prefix(&prefix).into_paginator().send();
-        let mut done = HashSet::new();
+        let mut keys = Vec::new();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| self.error(&prefix, format!("cannot list: {}", describe_error(&e))))?;
-            for o in page.contents() {
-                let marker = o.key().and_then(|k| k.strip_prefix(&prefix)).and_then(|rest| rest.split_once('/'));
-                if let Some((etag, key)) = marker {
-                    done.insert((key.to_string(), etag.to_string()));
-                }
-            }
+            keys.extend(page.contents().iter().filter_map(|o| o.key()?.strip_prefix(&prefix).map(str::to_string)));
         }
-        Ok(done)
+        Ok(keys)
+    }
+
+    /// (key, ETag) of every object whose records are all committed, from the done markers.
+    async fn done(&self, client: &Client) -> Result<HashSet<(String, String)>> {
+        Ok(self
+            .keys_under(client, "done/")
+            .await?
+            .into_iter()
+            .filter_map(|rest| rest.split_once('/').map(|(etag, key)| (key.to_string(), etag.to_string())))
+            .collect())
     }
 
     /// Moves the positions of the one state object earlier builds kept (`{source}.json`, a map of
@@ -620,7 +646,7 @@ impl ObjectState {
             .collect();
         let n = moved.len();
         let results: Vec<Result<()>> = futures::stream::iter(moved)
-            .map(|(key, p)| async move { self.write_one(client, &key, &p).await })
+            .map(|(key, p)| async move { self.write_one(client, &key, &p, false).await })
             .buffer_unordered(WRITE_CONCURRENCY)
             .collect()
             .await;
@@ -643,12 +669,26 @@ impl ObjectState {
     }
 
     /// Starts tracking `shard`'s object, whose content read now has `etag`: reads its stored
-    /// progress and says where to resume.
-    async fn open(&self, client: &Client, shard: &Arc<ShardInfo>, etag: &str) -> Result<Resume> {
+    /// progress and says where to resume. With `regrant` (worker mode) the progress object is
+    /// always read and a done marker looked for; otherwise the last listing tells whether there
+    /// is a progress object to read, and done objects were not listed.
+    async fn open(&self, client: &Client, shard: &Arc<ShardInfo>, etag: &str, regrant: bool) -> Result<Resume> {
         let key = self.progress_key(&shard.id);
-        let got = client.get_object().bucket(&self.connection.bucket).key(&key).send().await;
+        let stored_somewhere = regrant
+            || self
+                .with_progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_none_or(|keys| keys.contains(&shard.id));
+        let got = if stored_somewhere {
+            Some(client.get_object().bucket(&self.connection.bucket).key(&key).send().await)
+        } else {
+            None
+        };
         let stored: Option<ObjectProgress> = match got {
-            Ok(o) => {
+            None => None,
+            Some(Ok(o)) => {
                 let body = o.body.collect().await.map_err(|e| self.error(&key, format!("cannot read: {e}")))?.to_vec();
                 Some(serde_json::from_slice(&body).map_err(|e| {
                     self.error(
@@ -657,14 +697,15 @@ impl ObjectState {
                     )
                 })?)
             }
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => None,
-            Err(e) => return Err(self.error(&key, format!("cannot read: {}", describe_error(&e)))),
+            Some(Err(e)) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => None,
+            Some(Err(e)) => return Err(self.error(&key, format!("cannot read: {}", describe_error(&e)))),
         };
         let r = resume(stored.as_ref(), etag);
-        if r == Resume::After(None) && self.marked_done(client, &shard.id, etag).await? {
+        if regrant && r == Resume::After(None) && self.marked_done(client, &shard.id, etag).await? {
             // Done before (its progress object deleted): nothing to read or write.
             return Ok(Resume::Done);
         }
+        let exists = stored.is_some();
         let progress = match (&r, stored) {
             (Resume::After(None), _) | (_, None) => ObjectProgress { etag: etag.to_string(), ..Default::default() },
             (_, Some(p)) => p,
@@ -672,7 +713,7 @@ impl ObjectState {
         self.objects
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(shard.id.clone(), Open { progress, shard: shard.clone() });
+            .insert(shard.id.clone(), Open { progress, shard: shard.clone(), stored: exists });
         if r == Resume::Done {
             self.mark_dirty(&shard.id);
         }
@@ -736,14 +777,14 @@ impl ObjectState {
             for key in keys {
                 let Some(o) = objects.get(&key) else { continue };
                 match (self.check)(&o.shard) {
-                    Ok(_) => writes.push((key, o.progress.clone())),
+                    Ok(_) => writes.push((key, o.progress.clone(), o.stored)),
                     Err(why) => fenced = Some(why),
                 }
             }
         }
         let results: Vec<(String, bool, Result<()>)> = futures::stream::iter(writes)
-            .map(|(key, progress)| async move {
-                let r = self.write_one(client, &key, &progress).await;
+            .map(|(key, progress, stored)| async move {
+                let r = self.write_one(client, &key, &progress, stored).await;
                 (key, progress.done(), r)
             })
             .buffer_unordered(WRITE_CONCURRENCY)
@@ -755,7 +796,11 @@ impl ObjectState {
                 // Nothing more happens to a done object: forget it (memory stays bounded in runs
                 // that poll for new objects).
                 Ok(()) if done => drop(self.objects.lock().unwrap_or_else(|e| e.into_inner()).remove(&key)),
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(o) = self.objects.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key) {
+                        o.stored = true;
+                    }
+                }
                 Err(e) => {
                     self.mark_dirty(&key);
                     first.get_or_insert(e);
@@ -771,7 +816,9 @@ impl ObjectState {
         }
     }
 
-    async fn write_one(&self, client: &Client, key: &str, progress: &ObjectProgress) -> Result<()> {
+    /// Writes `key`'s progress object, or its done marker once done (then deletes the progress
+    /// object when `stored` says there is one).
+    async fn write_one(&self, client: &Client, key: &str, progress: &ObjectProgress, stored: bool) -> Result<()> {
         let bucket = &self.connection.bucket;
         let put = |at: String, body: Vec<u8>, content_type: &'static str| async move {
             client
@@ -787,6 +834,9 @@ impl ObjectState {
         };
         if progress.done() {
             put(self.done_key(key, &progress.etag), Vec::new(), "application/octet-stream").await?;
+            if !stored {
+                return Ok(());
+            }
             let at = self.progress_key(key);
             client
                 .delete_object()
@@ -871,6 +921,7 @@ mod tests {
             prefix: "_sluice/p/src/".into(),
             objects: Mutex::default(),
             dirty: Mutex::default(),
+            with_progress: Mutex::default(),
             writing: tokio::sync::Mutex::new(()),
             legacy: "_sluice/p/src.json".into(),
             check,
@@ -883,7 +934,7 @@ mod tests {
             epoch: Some(3),
         });
         let progress = ObjectProgress { etag: "e".into(), committed: Some(5), end: None };
-        st.objects.lock().unwrap().insert("a".into(), Open { progress, shard });
+        st.objects.lock().unwrap().insert("a".into(), Open { progress, shard, stored: false });
         st
     }
 

@@ -500,6 +500,30 @@ fn s3_source_moves_an_earlier_builds_state_object_to_per_object_state() {
 }
 
 #[test]
+fn s3_source_reads_fresh_objects_with_one_get_and_one_marker_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = bucket("requests");
+    let n = 20;
+    for i in 0..n {
+        let lines: Vec<String> = (i * 50..(i + 1) * 50).map(|id| format!(r#"{{"id": {id}, "name": "n"}}"#)).collect();
+        put_lines(dir.path(), &b, &format!("in/o-{i:02}.ndjson"), &lines);
+    }
+    let proxy = FaultProxy::start(endpoint_addr(), Faults::default());
+    let text = source_pipeline(&b, dir.path(), "").replace(&endpoint(), &proxy.url());
+    assert!(text.contains(&proxy.url()), "{text}");
+    run_bounded(&write_pipeline(dir.path(), &text));
+    assert_eq!(ids_in(&dir.path().join("out")), (0..n * 50).collect::<Vec<_>>());
+    // Listings (objects, done markers, progress objects) and the look for an earlier build's
+    // state object, then per object its GET and its done marker's PUT; a progress object only if
+    // the once-a-second writer caught one mid-read. Worker mode adds a HEAD of the object and of
+    // its marker and a GET of its progress, which a `sluice run` does without.
+    let responses = proxy.stats.responses.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("{responses} responses for {n} objects");
+    assert!(responses as i64 >= 2 * n, "fewer responses than objects read and marked: {responses}");
+    assert!(responses as i64 <= 2 * n + 10, "{responses} requests for {n} fresh objects");
+}
+
+#[test]
 fn dead_letters_can_go_to_a_bucket_too() {
     let dir = tempfile::tempdir().unwrap();
     let b = bucket("dlq");
