@@ -69,6 +69,9 @@ pub struct S3SourceConfig {
     pub schema: Option<SchemaSpec>,
     /// Prefix of the objects holding the source's positions (default `_sluice/{pipeline}/{source id}/`).
     pub state_prefix: Option<String>,
+    /// The one state object of earlier builds (default `_sluice/{pipeline}/{source id}.json`),
+    /// moved to per-object state under `state_prefix` by the first listing.
+    pub state_key: Option<String>,
     /// List the prefix again at this interval and read new objects (runs without `--bounded`).
     pub poll_interval: Option<HumanDuration>,
     pub endpoint: Option<String>,
@@ -200,7 +203,7 @@ impl S3Source {
             dirty: Mutex::default(),
             with_progress: Mutex::default(),
             writing: tokio::sync::Mutex::new(()),
-            legacy: format!("_sluice/{pipeline}/{id}.json"),
+            legacy: config.state_key.clone().unwrap_or_else(|| format!("_sluice/{pipeline}/{id}.json")),
             check: crate::fence::check,
             migrated: tokio::sync::OnceCell::new(),
         });
@@ -257,9 +260,12 @@ impl S3Source {
                 .await?;
         self.state.migrated.get_or_try_init(|| self.state.migrate(&self.client)).await?;
         let done = self.state.done(&self.client).await?;
-        let with_progress: HashSet<String> =
-            self.state.keys_under(&self.client, "progress/").await?.into_iter().collect();
-        *self.state.with_progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(with_progress);
+        if !sticky {
+            // What `open` needs in a `sluice run`; workers read each progress object instead.
+            let with_progress: HashSet<String> =
+                self.state.keys_under(&self.client, "progress/").await?.into_iter().collect();
+            *self.state.with_progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(with_progress);
+        }
         let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
         let keys: Vec<String> = keys
             .into_iter()
@@ -423,14 +429,14 @@ impl Source for S3Source {
         // `sluice run` reads only what its listing found not done.
         let regrant = crate::fence::active();
         let (file, skip) = if regrant {
-            let head = self
-                .client
-                .head_object()
-                .bucket(&self.connection.bucket)
-                .key(&key)
-                .send()
-                .await
-                .map_err(|e| self.error(&key, "cannot read", describe_error(&e)))?;
+            let head = match self.client.head_object().bucket(&self.connection.bucket).key(&key).send().await {
+                Ok(h) => h,
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
+                    tracing::warn!(source = %self.id, "s3://{}/{key} was deleted after it was listed; nothing to read", self.connection.bucket);
+                    return Ok(());
+                }
+                Err(e) => return Err(self.error(&key, "cannot read", describe_error(&e))),
+            };
             let listed = bare_etag(head.e_tag().unwrap_or_default()).to_string();
             let skip = match self.state.open(&self.client, &ctx.shard, &listed, true).await? {
                 Resume::Done => return Ok(()),
@@ -507,7 +513,7 @@ fn trim(p: Produced, skip: u64) -> Result<Produced> {
 
 /// An ETag as listed or returned, without its quotes.
 fn bare_etag(etag: &str) -> &str {
-    etag.trim_matches('"')
+    etag.trim_start_matches("W/").trim_matches('"')
 }
 
 /// One object's progress, as stored in its progress object.
@@ -638,10 +644,14 @@ impl ObjectState {
                 format!("is not a state object of an earlier sluice ({e}); delete it to start over"),
             )
         })?;
+        // Objects with state of their own already (workers of this build wrote it while an
+        // earlier build's wrote the old object) keep it.
+        let mut kept: HashSet<String> = self.keys_under(client, "progress/").await?.into_iter().collect();
+        kept.extend(self.done(client).await?.into_iter().map(|(key, _)| key));
         let moved: Vec<(String, ObjectProgress)> = legacy
             .objects
             .into_iter()
-            .filter(|(_, p)| p.done() || p.committed.is_some())
+            .filter(|(key, p)| (p.done() || p.committed.is_some()) && !kept.contains(key))
             .map(|(key, p)| (key, ObjectProgress { etag: bare_etag(&p.etag).to_string(), ..p }))
             .collect();
         let n = moved.len();
@@ -701,8 +711,9 @@ impl ObjectState {
             Some(Err(e)) => return Err(self.error(&key, format!("cannot read: {}", describe_error(&e)))),
         };
         let r = resume(stored.as_ref(), etag);
-        if regrant && r == Resume::After(None) && self.marked_done(client, &shard.id, etag).await? {
-            // Done before (its progress object deleted): nothing to read or write.
+        if regrant && r != Resume::Done && self.marked_done(client, &shard.id, etag).await? {
+            // Done before (its progress object deleted, or left behind by a stop between the
+            // marker and the delete): nothing to read or write.
             return Ok(Resume::Done);
         }
         let exists = stored.is_some();
@@ -741,11 +752,16 @@ impl ObjectState {
         self.dirty.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string());
     }
 
+    /// Records where the object ends. Only a done object needs a write now: a resumed read
+    /// starts after the committed position and finds the end again.
     fn read_to_end(&self, key: &str, end: u64) {
-        if let Some(o) = self.objects.lock().unwrap_or_else(|e| e.into_inner()).get_mut(key) {
+        let done = self.objects.lock().unwrap_or_else(|e| e.into_inner()).get_mut(key).is_some_and(|o| {
             o.progress.end = Some(end);
+            o.progress.done()
+        });
+        if done {
+            self.mark_dirty(key);
         }
-        self.mark_dirty(key);
     }
 
     /// Writes changed positions about every second.
@@ -900,6 +916,7 @@ mod tests {
         assert_eq!(resume(Some(&p(Some(90), Some(90))), "e1"), Resume::Done);
         assert_eq!(resume(Some(&p(Some(90), Some(90))), "e2"), Resume::After(None), "rewritten since: from the start");
         assert_eq!(bare_etag("\"abc-2\""), "abc-2");
+        assert_eq!(bare_etag("W/\"abc\""), "abc", "a weak ETag from a proxy");
     }
 
     /// A state for object `a` (committed to 5), on a server that refuses connections.
