@@ -19,8 +19,14 @@ use crate::runtime::budget::MemoryReservation;
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ShardKind {
-    /// A file; positions are 1-based line numbers (record numbers for Parquet).
-    File { path: String },
+    /// A file; positions are 1-based line numbers (record numbers for Parquet). `version`
+    /// identifies its content where the store gives one (an S3 ETag): a rewritten object is
+    /// another version, which the coordinator hands out again even if the old one finished.
+    File {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
+    },
     /// A range of a generated sequence; positions are record indexes.
     Sequence,
     /// A Kafka topic partition; positions are offsets.
@@ -47,7 +53,7 @@ impl ShardInfo {
     /// A human-readable position, e.g. `data/orders.ndjson:17` or `orders gen-0 #42`.
     pub fn describe(&self, position: u64) -> String {
         match &self.kind {
-            ShardKind::File { path } => format!("{path}:{position}"),
+            ShardKind::File { path, .. } => format!("{path}:{position}"),
             ShardKind::Sequence => format!("source `{}` shard {} record {position}", self.source, self.id),
             ShardKind::Partition { topic, partition } => {
                 format!("topic {topic} partition {partition} offset {position}")
@@ -296,7 +302,7 @@ mod tests {
         Arc::new(ShardInfo {
             source: "s".into(),
             id: "data/a b.ndjson".into(),
-            kind: ShardKind::File { path: "data/a b.ndjson".into() },
+            kind: ShardKind::File { path: "data/a b.ndjson".into(), version: None },
             epoch: None,
         })
     }

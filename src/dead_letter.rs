@@ -192,7 +192,7 @@ fn to_batch(component: &str, shard: &ShardInfo, records: &[BadRecord]) -> Record
         p_source.append_value(&shard.source);
         p_shard.append_value(&shard.id);
         match &shard.kind {
-            ShardKind::File { path } => {
+            ShardKind::File { path, .. } => {
                 p_file.append_value(path);
                 p_line.append_option(r.position);
                 p_index.append_null();
@@ -267,7 +267,7 @@ mod tests {
         let shard = Arc::new(ShardInfo {
             source: "in".into(),
             id: "a.json".into(),
-            kind: ShardKind::File { path: "a.json".into() },
+            kind: ShardKind::File { path: "a.json".into(), version: None },
             epoch: None,
         });
         let m = ComponentMetrics::new("in");
@@ -288,7 +288,7 @@ mod tests {
         let shard = Arc::new(ShardInfo {
             source: "in".into(),
             id: "a.json".into(),
-            kind: ShardKind::File { path: "a.json".into() },
+            kind: ShardKind::File { path: "a.json".into(), version: None },
             epoch: None,
         });
         let (tx, mut rx) = mpsc::channel(1);

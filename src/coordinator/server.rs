@@ -123,7 +123,7 @@ impl Core {
         let keys: HashSet<String> = listed.iter().map(shard_key).collect();
         for s in listed {
             let key = shard_key(&s);
-            let e = self.shards.entry(key).or_insert_with(|| ShardState {
+            let e = self.shards.entry(key.clone()).or_insert_with(|| ShardState {
                 info: s.clone(),
                 listed: true,
                 finished: false,
@@ -137,6 +137,16 @@ impl Core {
                 prev_end: None,
             });
             e.listed = true;
+            // Another version of a shard no one holds (a rewritten object): a finished one is read
+            // again. One being read keeps its old version until it is done, so the change shows
+            // (and is read) after that.
+            if e.info != s && e.owner.is_none() {
+                if e.finished {
+                    tracing::info!(shard = %key, "shard changed since it finished (rewritten): reading it again");
+                }
+                e.finished = false;
+                e.info = s;
+            }
         }
         for (k, s) in self.shards.iter_mut() {
             if !keys.contains(k) {
@@ -936,6 +946,51 @@ mod tests {
             }
         }
         assert_eq!(d.assignment.len(), 4, "d has its own two and a's two: {d:?}");
+    }
+
+    #[test]
+    fn an_object_rewritten_after_it_finished_is_granted_again_and_one_being_read_waits() {
+        let object = |key: &str, etag: &str| ShardInfo {
+            source: "lake".into(),
+            id: key.into(),
+            kind: ShardKind::File { path: format!("s3://b/{key}"), version: Some(etag.into()) },
+            epoch: None,
+        };
+        let t0 = Instant::now();
+        let mut c = Core::new(T, t0);
+        c.set_shards(vec![object("a", "e1"), object("b", "e1")], t0);
+        let t1 = t0 + Duration::from_secs(11);
+        let w = c.heartbeat(&hb("w", 0, &[]), t1);
+        let w = c.heartbeat(&hb("w", w.version, &w.assignment), t1);
+        assert_eq!(w.assignment.len(), 2);
+        // a is read to its end and reported; b is still being read.
+        let done = HeartbeatRequest { finished: vec!["lake/a".into()], ..hb("w", w.version, &w.assignment) };
+        let w = c.heartbeat(&done, t1);
+        assert_eq!(w.assignment.iter().map(Grant::key).collect::<Vec<_>>(), ["lake/b"]);
+        // Both are rewritten.
+        c.set_shards(vec![object("a", "e2"), object("b", "e2")], t1);
+        let w = c.heartbeat(&hb("w", w.version, &w.assignment), t1);
+        let w = c.heartbeat(&hb("w", w.version, &w.assignment), t1);
+        let versions: Vec<(String, ShardKind)> = w.assignment.iter().map(|g| (g.key(), g.shard.kind.clone())).collect();
+        assert_eq!(
+            versions,
+            [("lake/a".into(), object("a", "e2").kind), ("lake/b".into(), object("b", "e1").kind)],
+            "a again at e2; b kept at e1 while held"
+        );
+        // b finishes (its old content): the next listing hands it out again at e2.
+        let done = HeartbeatRequest { finished: vec!["lake/b".into()], ..hb("w", w.version, &w.assignment) };
+        let w = c.heartbeat(&done, t1);
+        c.set_shards(vec![object("a", "e2"), object("b", "e2")], t1);
+        let w = c.heartbeat(&hb("w", w.version, &w.assignment), t1);
+        let w = c.heartbeat(&hb("w", w.version, &w.assignment), t1);
+        assert!(w.assignment.iter().any(|g| g.key() == "lake/b" && g.shard.kind == object("b", "e2").kind), "{w:?}");
+        // The same listing again changes nothing for a finished object.
+        let done =
+            HeartbeatRequest { finished: vec!["lake/a".into(), "lake/b".into()], ..hb("w", w.version, &w.assignment) };
+        let w = c.heartbeat(&done, t1);
+        c.set_shards(vec![object("a", "e2"), object("b", "e2")], t1);
+        let w = c.heartbeat(&hb("w", w.version, &w.assignment), t1);
+        assert!(w.assignment.is_empty(), "{w:?}");
     }
 
     #[test]

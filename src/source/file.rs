@@ -251,7 +251,7 @@ impl Source for FileSource {
                 Arc::new(ShardInfo {
                     source: self.id.clone(),
                     id: path.clone(),
-                    kind: ShardKind::File { path },
+                    kind: ShardKind::File { path, version: None },
                     epoch: None,
                 })
             })
@@ -259,7 +259,7 @@ impl Source for FileSource {
     }
 
     async fn read_shard(&self, ctx: ShardContext) -> Result<()> {
-        let ShardKind::File { path } = &ctx.shard.kind else {
+        let ShardKind::File { path, .. } = &ctx.shard.kind else {
             return Err(Error::Internal { component: self.id.clone(), message: "not a file shard".into() });
         };
         let path = PathBuf::from(path);

@@ -267,22 +267,21 @@ impl S3Source {
             *self.state.with_progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(with_progress);
         }
         let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
-        let keys: Vec<String> = keys
+        let keys: Vec<(String, String)> = keys
             .into_iter()
             .filter(|(key, etag)| !done.contains(&(key.clone(), etag.clone())) || (sticky && listed.contains(key)))
-            .map(|(key, _)| key)
             .collect();
         if sticky {
             // Only keys still in the bucket are remembered.
-            *listed = keys.iter().cloned().collect();
+            *listed = keys.iter().map(|(key, _)| key.clone()).collect();
         }
         let bucket = &self.connection.bucket;
         Ok(keys
             .into_iter()
-            .map(|key| {
+            .map(|(key, etag)| {
                 Arc::new(ShardInfo {
                     source: self.id.clone(),
-                    kind: ShardKind::File { path: format!("s3://{bucket}/{key}") },
+                    kind: ShardKind::File { path: format!("s3://{bucket}/{key}"), version: Some(etag) },
                     id: key,
                     epoch: None,
                 })
@@ -947,7 +946,7 @@ mod tests {
         let shard = Arc::new(ShardInfo {
             source: "src".into(),
             id: "a".into(),
-            kind: ShardKind::File { path: "s3://b/a".into() },
+            kind: ShardKind::File { path: "s3://b/a".into(), version: None },
             epoch: Some(3),
         });
         let progress = ObjectProgress { etag: "e".into(), committed: Some(5), end: None };
