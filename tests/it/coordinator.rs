@@ -621,25 +621,14 @@ rotate = {{ max_rows = 400 }}
     zombie("zombie-s3", &sink, &rows, &missing);
 }
 
-#[test]
-fn workers_keep_each_objects_position_apart_and_a_restarted_coordinator_grants_only_new_objects() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = crate::s3::bucket("coords3");
-    let s = schema("coords3");
-    let table = format!("{s}.events");
-    let lines =
-        |from: i64, to: i64| (from..to).map(|i| format!(r#"{{"order_id": {i}, "name": "n{i}"}}"#)).collect::<Vec<_>>();
-    let put = |i: i64| {
-        crate::s3::put_lines(dir.path(), &b, &format!("in/o-{i}.ndjson"), &lines(i * 1000 + 1, (i + 1) * 1000 + 1))
-    };
-    for i in 0..6 {
-        put(i);
-    }
-    // A sink that is not exactly-once: records the source reads twice show up as duplicates.
-    let text = format!(
+/// `[sources.events]` (NDJSON objects under `in/` of `bucket`) into `table` by a PostgreSQL sink
+/// that is not exactly-once, so records the source reads twice show up as duplicates; `more`
+/// adds components.
+fn s3_events_pipeline(name: &str, bucket: &str, table: &str, more: &str) -> String {
+    format!(
         r#"
 [pipeline]
-name = "{s}"
+name = "{name}"
 
 [sources.events]
 type = "s3"
@@ -658,41 +647,61 @@ url = "{url}"
 table = "{table}"
 create_table = true
 flush_interval = "200ms"
-"#,
-        conn = crate::s3::connection(&b, &crate::s3::endpoint()),
+{more}"#,
+        conn = crate::s3::connection(bucket, &crate::s3::endpoint()),
         url = url()
-    );
-    let mut c = Cluster::new(dir.path(), &text);
+    )
+}
+
+/// Object `in/o-{i}.ndjson` with order ids `first..first + 1000`.
+fn put_object(dir: &Path, bucket: &str, i: i64, first: i64) {
+    let lines: Vec<String> = (first..first + 1000).map(|n| format!(r#"{{"order_id": {n}, "name": "n{n}"}}"#)).collect();
+    crate::s3::put_lines(dir, bucket, &format!("in/o-{i}.ndjson"), &lines);
+}
+
+/// Waits until `n` objects are marked done under the pipeline `name`'s state and `table` holds
+/// `rows` rows.
+fn wait_done(c: &Cluster, bucket: &str, name: &str, table: &str, n: usize, rows: i64) {
+    let markers =
+        || crate::s3::tool(&["keys", bucket, &format!("_sluice/{name}/events/done/")]).as_array().unwrap().len();
+    let start = Instant::now();
+    while markers() < n || count(table) < rows {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "{} of {n} objects marked done, {} of {rows} rows: {}\n{}",
+            markers(),
+            count(table),
+            serde_json::to_string_pretty(&c.status()).unwrap_or_default(),
+            c.worker_logs()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn workers_keep_each_objects_position_apart_and_a_restarted_coordinator_grants_only_new_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = crate::s3::bucket("coords3");
+    let s = schema("coords3");
+    let table = format!("{s}.events");
+    let put = |i: i64| put_object(dir.path(), &b, i, i * 1000 + 1);
+    for i in 0..6 {
+        put(i);
+    }
+    let mut c = Cluster::new(dir.path(), &s3_events_pipeline(&s, &b, &table, ""));
     c.start_worker("s1");
     c.start_worker("s2");
-    let markers = || {
-        let keys = crate::s3::tool(&["keys", &b, &format!("_sluice/{s}/events/")]);
-        keys.as_array().unwrap().iter().filter(|k| k.as_str().unwrap().contains("/events/done/")).count()
-    };
     // Done markers are written once an object's every record is committed.
-    let wait_done = |c: &Cluster, n: usize, rows: i64| {
-        let start = Instant::now();
-        while markers() < n || count(&table) < rows {
-            assert!(
-                start.elapsed() < Duration::from_secs(90),
-                "{} of {n} objects marked done, {} of {rows} rows: {}\n{}",
-                markers(),
-                count(&table),
-                serde_json::to_string_pretty(&c.status()).unwrap_or_default(),
-                c.worker_logs()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    };
-    wait_done(&c, 6, 6000);
+    wait_done(&c, &b, &s, &table, 6, 6000);
     assert_eq!(rows_and_distinct(&table), (6000, 6000));
     for w in ["s1", "s2"] {
         assert!(c.logs(w).contains("running the assigned shards"), "{w} read no object:\n{}", c.logs(w));
     }
     // An object rewritten after it finished (another ETag) is read again, once.
-    crate::s3::put_lines(dir.path(), &b, "in/o-0.ndjson", &lines(100_001, 101_001));
-    wait_done(&c, 7, 7000);
+    put_object(dir.path(), &b, 0, 100_001);
+    wait_done(&c, &b, &s, &table, 7, 7000);
     assert!(c.logs("coordinator").contains("shard changed since it finished"), "{}", c.logs("coordinator"));
+
     // The coordinator restarts (kill -9): it lists only the objects not marked done, so the two
     // added meanwhile are read and the six done ones are not read again.
     let mut coord = c.coordinator.take().unwrap();
@@ -702,10 +711,11 @@ flush_interval = "200ms"
     put(6);
     put(7);
     c.start_coordinator();
-    wait_done(&c, 9, 9000);
+    wait_done(&c, &b, &s, &table, 9, 9000);
     std::thread::sleep(Duration::from_secs(3)); // three listings: anything granted again would show
     assert_eq!(rows_and_distinct(&table), (9000, 9000), "every record once\n{}", c.worker_logs());
-    assert_eq!(markers(), 9, "two markers for o-0, one per version");
+    let markers = crate::s3::tool(&["keys", &b, &format!("_sluice/{s}/events/done/")]);
+    assert_eq!(markers.as_array().unwrap().len(), 9, "two for o-0, one per version: {markers}");
     // Not only unread (a worker would skip a done object): not granted at all.
     let logs = c.logs("coordinator");
     let since = &logs[before..];
@@ -726,79 +736,32 @@ fn an_object_done_while_its_generation_runs_on_is_not_read_again_by_the_next() {
     let b = crate::s3::bucket("regrant");
     let s = schema("regrant");
     let table = format!("{s}.events");
-    let put = |i: i64| {
-        let lines: Vec<String> =
-            (i * 1000 + 1..=(i + 1) * 1000).map(|n| format!(r#"{{"order_id": {n}, "name": "n{n}"}}"#)).collect();
-        crate::s3::put_lines(dir.path(), &b, &format!("in/o-{i}.ndjson"), &lines);
-    };
-    put(0);
+    put_object(dir.path(), &b, 0, 1);
     // A slow generator keeps the worker's generation running after the object is read, so the
     // object is marked done but not yet reported finished when the next object changes the
-    // assignment; the sink is not exactly-once, so a second read would show.
-    let text = format!(
-        r#"
-[pipeline]
-name = "{s}"
-
-[sources.events]
-type = "s3"
-prefix = "in/"
-format = {{ type = "json" }}
-{conn}
-
-[sources.events.schema]
-order_id = "bigint not null"
-name = "varchar"
-
+    // assignment.
+    let ticks = r#"
 [sources.ticks]
 type = "generator"
 shape = "orders"
 count = 100000000
 rate = 50
 
-[sinks.pg]
-type = "postgres"
-inputs = ["events"]
-url = "{url}"
-table = "{table}"
-create_table = true
-flush_interval = "200ms"
-
 [sinks.nowhere]
 type = "blackhole"
 inputs = ["ticks"]
-"#,
-        conn = crate::s3::connection(&b, &crate::s3::endpoint()),
-        url = url()
-    );
-    let mut c = Cluster::new(dir.path(), &text);
+"#;
+    let mut c = Cluster::new(dir.path(), &s3_events_pipeline(&s, &b, &table, ticks));
     c.start_worker("g1");
-    let marked = || {
-        let keys = crate::s3::tool(&["keys", &b, &format!("_sluice/{s}/events/done/")]);
-        keys.as_array().unwrap().len()
-    };
-    let wait = |n: usize, rows: i64| {
-        let start = Instant::now();
-        while marked() < n || count(&table) < rows {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "{} of {n} objects marked done, {} of {rows} rows\n{}",
-                marked(),
-                count(&table),
-                c.logs("g1")
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    };
-    wait(1, 1000);
+    wait_done(&c, &b, &s, &table, 1, 1000);
     // As a worker stopped between writing the marker and deleting the progress object leaves it:
     // the marker wins over it.
     let etag = crate::s3::tool(&["etag", &b, "in/o-0.ndjson"]);
     let stale = dir.path().join("stale.json");
     std::fs::write(&stale, format!(r#"{{"etag": {etag}, "committed": 600}}"#)).unwrap();
     crate::s3::tool(&["put", &b, &format!("_sluice/{s}/events/progress/in/o-0.ndjson"), stale.to_str().unwrap()]);
-    put(1);
-    wait(2, 2000);
+    put_object(dir.path(), &b, 1, 1001);
+    wait_done(&c, &b, &s, &table, 2, 2000);
     let logs = c.logs("g1");
     assert!(logs.contains("assignment changed"), "the new object did not restart the generation:\n{logs}");
     std::thread::sleep(Duration::from_secs(2));
