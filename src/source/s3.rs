@@ -269,7 +269,9 @@ impl S3Source {
         let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
         let keys: Vec<(String, String)> = keys
             .into_iter()
-            .filter(|(key, etag)| !done.contains(&(key.clone(), etag.clone())) || (sticky && listed.contains(key)))
+            .filter(|(key, etag)| {
+                !done.get(key).is_some_and(|etags| etags.contains(etag)) || (sticky && listed.contains(key))
+            })
             .collect();
         if sticky {
             // Only keys still in the bucket are remembered.
@@ -325,6 +327,24 @@ async fn list(
     }
     keys.sort();
     Ok(keys)
+}
+
+/// `key`'s body, or `None` when there is no such key.
+async fn get_if_exists(client: &Client, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
+    match client.get_object().bucket(bucket).key(key).send().await {
+        Ok(o) => o.body.collect().await.map(|b| Some(b.to_vec())).map_err(|e| format!("cannot read: {e}")),
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+        Err(e) => Err(format!("cannot read: {}", describe_error(&e))),
+    }
+}
+
+/// `key`'s ETag (without quotes), or `None` when there is no such key.
+async fn etag_if_exists(client: &Client, bucket: &str, key: &str) -> Result<Option<String>, String> {
+    match client.head_object().bucket(bucket).key(key).send().await {
+        Ok(h) => Ok(Some(bare_etag(h.e_tag().unwrap_or_default()).to_string())),
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+        Err(e) => Err(format!("cannot read: {}", describe_error(&e))),
+    }
 }
 
 async fn range(client: &Client, connection: &Connection, key: &str, range: String) -> Result<Vec<u8>, String> {
@@ -428,15 +448,13 @@ impl Source for S3Source {
         // `sluice run` reads only what its listing found not done.
         let regrant = crate::fence::active();
         let (file, skip) = if regrant {
-            let head = match self.client.head_object().bucket(&self.connection.bucket).key(&key).send().await {
-                Ok(h) => h,
-                Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
-                    tracing::warn!(source = %self.id, "s3://{}/{key} was deleted after it was listed; nothing to read", self.connection.bucket);
-                    return Ok(());
-                }
-                Err(e) => return Err(self.error(&key, "cannot read", describe_error(&e))),
+            let Some(listed) = etag_if_exists(&self.client, &self.connection.bucket, &key)
+                .await
+                .map_err(|e| service(&self.id, format!("s3://{}/{key}: {e}", self.connection.bucket)))?
+            else {
+                tracing::warn!(source = %self.id, "s3://{}/{key} was deleted after it was listed; nothing to read", self.connection.bucket);
+                return Ok(());
             };
-            let listed = bare_etag(head.e_tag().unwrap_or_default()).to_string();
             let skip = match self.state.open(&self.client, &ctx.shard, &listed, true).await? {
                 Resume::Done => return Ok(()),
                 Resume::After(skip) => skip,
@@ -612,14 +630,15 @@ impl ObjectState {
         Ok(keys)
     }
 
-    /// (key, ETag) of every object whose records are all committed, from the done markers.
-    async fn done(&self, client: &Client) -> Result<HashSet<(String, String)>> {
-        Ok(self
-            .keys_under(client, "done/")
-            .await?
-            .into_iter()
-            .filter_map(|rest| rest.split_once('/').map(|(etag, key)| (key.to_string(), etag.to_string())))
-            .collect())
+    /// Key → the ETags at which its every record is committed, from the done markers.
+    async fn done(&self, client: &Client) -> Result<HashMap<String, HashSet<String>>> {
+        let mut done: HashMap<String, HashSet<String>> = HashMap::new();
+        for rest in self.keys_under(client, "done/").await? {
+            if let Some((etag, key)) = rest.split_once('/') {
+                done.entry(key.to_string()).or_default().insert(etag.to_string());
+            }
+        }
+        Ok(done)
     }
 
     /// Moves the positions of the one state object earlier builds kept (`{source}.json`, a map of
@@ -629,14 +648,8 @@ impl ObjectState {
         struct Legacy {
             objects: std::collections::BTreeMap<String, ObjectProgress>,
         }
-        let got = client.get_object().bucket(&self.connection.bucket).key(&self.legacy).send().await;
-        let body = match got {
-            Ok(o) => {
-                o.body.collect().await.map_err(|e| self.error(&self.legacy, format!("cannot read: {e}")))?.to_vec()
-            }
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(()),
-            Err(e) => return Err(self.error(&self.legacy, format!("cannot read: {}", describe_error(&e)))),
-        };
+        let got = get_if_exists(client, &self.connection.bucket, &self.legacy).await;
+        let Some(body) = got.map_err(|e| self.error(&self.legacy, e))? else { return Ok(()) };
         let legacy: Legacy = serde_json::from_slice(&body).map_err(|e| {
             self.error(
                 &self.legacy,
@@ -646,7 +659,7 @@ impl ObjectState {
         // Objects with state of their own already (workers of this build wrote it while an
         // earlier build's wrote the old object) keep it.
         let mut kept: HashSet<String> = self.keys_under(client, "progress/").await?.into_iter().collect();
-        kept.extend(self.done(client).await?.into_iter().map(|(key, _)| key));
+        kept.extend(self.done(client).await?.into_keys());
         let moved: Vec<(String, ObjectProgress)> = legacy
             .objects
             .into_iter()
@@ -690,24 +703,15 @@ impl ObjectState {
                 .unwrap_or_else(|e| e.into_inner())
                 .as_ref()
                 .is_none_or(|keys| keys.contains(&shard.id));
-        let got = if stored_somewhere {
-            Some(client.get_object().bucket(&self.connection.bucket).key(&key).send().await)
-        } else {
-            None
+        let body = match stored_somewhere {
+            true => get_if_exists(client, &self.connection.bucket, &key).await.map_err(|e| self.error(&key, e))?,
+            false => None,
         };
-        let stored: Option<ObjectProgress> = match got {
+        let stored: Option<ObjectProgress> = match body {
+            Some(body) => Some(serde_json::from_slice(&body).map_err(|e| {
+                self.error(&key, format!("is not a sluice progress object ({e}); delete it to read the object again"))
+            })?),
             None => None,
-            Some(Ok(o)) => {
-                let body = o.body.collect().await.map_err(|e| self.error(&key, format!("cannot read: {e}")))?.to_vec();
-                Some(serde_json::from_slice(&body).map_err(|e| {
-                    self.error(
-                        &key,
-                        format!("is not a sluice progress object ({e}); delete it to read the object again"),
-                    )
-                })?)
-            }
-            Some(Err(e)) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => None,
-            Some(Err(e)) => return Err(self.error(&key, format!("cannot read: {}", describe_error(&e)))),
         };
         let r = resume(stored.as_ref(), etag);
         if regrant && r != Resume::Done && self.marked_done(client, &shard.id, etag).await? {
@@ -733,11 +737,8 @@ impl ObjectState {
     /// Whether the done marker of `key` at `etag` exists.
     async fn marked_done(&self, client: &Client, key: &str, etag: &str) -> Result<bool> {
         let at = self.done_key(key, etag);
-        match client.head_object().bucket(&self.connection.bucket).key(&at).send().await {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
-            Err(e) => Err(self.error(&at, format!("cannot read: {}", describe_error(&e)))),
-        }
+        let marker = etag_if_exists(client, &self.connection.bucket, &at).await.map_err(|e| self.error(&at, e))?;
+        Ok(marker.is_some())
     }
 
     /// The object was rewritten after `open`: its progress starts over at `etag`.
@@ -748,7 +749,10 @@ impl ObjectState {
     }
 
     fn mark_dirty(&self, key: &str) {
-        self.dirty.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string());
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if !dirty.contains(key) {
+            dirty.insert(key.to_string());
+        }
     }
 
     /// Records where the object ends. Only a done object needs a write now: a resumed read
