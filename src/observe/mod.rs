@@ -116,12 +116,13 @@ pub fn process_cpu_seconds() -> f64 {
     0.0
 }
 
-/// Installs the Prometheus recorder with the fixed `pipeline` and `worker` labels.
+/// Installs the Prometheus recorder with the fixed `pipeline` and `worker` labels and, inside a
+/// Tokio runtime, the task that keeps its histograms from growing between scrapes.
 ///
 /// # Errors
 /// When a recorder is already installed in this process.
 pub fn install_recorder(pipeline: &str, worker: &str) -> Result<PrometheusHandle> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .add_global_label("pipeline", pipeline)
         .add_global_label("worker", worker)
         .set_buckets_for_metric(
@@ -129,8 +130,26 @@ pub fn install_recorder(pipeline: &str, worker: &str) -> Result<PrometheusHandle
             &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
         )
         .and_then(|b| b.install_recorder())
-        .map_err(|e| Error::Metrics { addr: String::new(), message: e.to_string() })
+        .map_err(|e| Error::Metrics { addr: String::new(), message: e.to_string() })?;
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let upkeep = handle.clone();
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                upkeep.run_upkeep();
+            }
+        });
+    }
+    Ok(handle)
 }
+
+/// How often the recorder folds histogram samples into their buckets. It keeps every sample
+/// until then (or until a scrape renders them), so without this a process nobody scraped grew
+/// with the batches it moved: 69 MiB instead of 56 after 3,000,000 records in batches of 16,
+/// 82 MiB after 6,000,000 (release build, generator → SQL → blackhole, `--metrics-addr` set).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Readiness shared between the runtime and the health server.
 #[derive(Clone, Default)]
