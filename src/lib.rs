@@ -1,6 +1,7 @@
 //! sluice: a streaming ETL worker runtime that moves Arrow record batches between sources, DataFusion
 //! SQL transforms and sinks, with bounded memory, dead-letter handling and per-shard acknowledgements.
 
+pub mod alloc;
 pub mod autoscale;
 pub mod batch;
 pub mod config;

@@ -230,6 +230,9 @@ enum Command {
     },
 }
 
+#[global_allocator]
+static ALLOCATOR: sluice::alloc::SizeClasses = sluice::alloc::SizeClasses;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     limit_malloc_arenas();
