@@ -63,7 +63,7 @@ fn rounded(layout: Layout) -> Layout {
     if !ENABLED.load(Ordering::Relaxed) {
         return layout;
     }
-    // SAFETY: the class is at least the size and below LARGE, so it does not overflow isize
+    // SAFETY: the class is at least the size and at most LARGE, so it does not overflow isize
     // once aligned; the alignment is the original's.
     unsafe { Layout::from_size_align_unchecked(class(layout.size()), layout.align()) }
 }
