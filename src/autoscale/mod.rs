@@ -43,11 +43,26 @@ pub struct Window {
 }
 
 impl Window {
-    pub fn push(&mut self, s: Sample) {
+    /// Adds a sample and forgets those more than `keep` seconds older than it, so the window
+    /// stays bounded while nobody reads its inputs (the coordinator not settled, the scaler
+    /// failing to read the replica count: one sample a second, each with every shard, kept).
+    pub fn push(&mut self, s: Sample, keep: f64) {
         if s.per_replica_rate.is_some() {
             self.last_rate = s.per_replica_rate;
         }
+        while self.samples.front().is_some_and(|old| s.at - old.at > keep) {
+            self.samples.pop_front();
+        }
         self.samples.push_back(s);
+    }
+
+    /// Samples held.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
     }
 
     /// The means over the last `policy.window` seconds (the rate per replica keeps its last
@@ -85,5 +100,25 @@ impl Window {
             ready_replicas,
             shards,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_nobody_reads_keeps_only_its_last_seconds() {
+        let policy = Policy::default();
+        let mut w = Window::default();
+        for i in 0..10_000u32 {
+            let shards = (0..50).map(|p| (format!("orders/{p}"), (f64::from(i), 0.0))).collect();
+            w.push(Sample { at: f64::from(i), input_rate: f64::from(i), shards, ..Sample::default() }, policy.window);
+        }
+        // One sample a second over the window, its ends included.
+        assert_eq!(w.len(), policy.window as usize + 1, "window of {}s", policy.window);
+        let inputs = w.inputs(&policy, 9_999.0, 1, 1, 50);
+        let expected = (9_999.0 + (9_999.0 - policy.window)) / 2.0;
+        assert!((inputs.input_rate - expected).abs() < 1e-9, "{} vs {expected}", inputs.input_rate);
     }
 }

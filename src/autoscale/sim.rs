@@ -247,16 +247,19 @@ pub fn simulate(trace: &Trace, scaler: &Scaler) -> Outcome {
         let ready = running as u32;
         match scaler {
             Scaler::Sluice { policy, interval } => {
-                window.push(Sample {
-                    at: t,
-                    input_rate: rate,
-                    throughput: processed,
-                    per_replica_rate,
-                    lag_records,
-                    lag_seconds: oldest,
-                    shards: per_shard,
-                    sink_saturated: sink_busy >= super::SINK_SATURATED,
-                });
+                window.push(
+                    Sample {
+                        at: t,
+                        input_rate: rate,
+                        throughput: processed,
+                        per_replica_rate,
+                        lag_records,
+                        lag_seconds: oldest,
+                        shards: per_shard,
+                        sink_saturated: sink_busy >= super::SINK_SATURATED,
+                    },
+                    policy.window,
+                );
                 if t > 0.0 && (t % interval).abs() < 1e-9 {
                     let inputs = window.inputs(policy, t, desired, ready, w.partitions as u32);
                     let (d, next) = decide(policy, &state, &inputs);

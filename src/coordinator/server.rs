@@ -751,7 +751,7 @@ async fn autoscale_loop(
             let c = core.lock().unwrap_or_else(|e| e.into_inner());
             (c.sample(t, now), c.settled(now), c.worker_count(), c.assignable_shards())
         };
-        window.push(sample);
+        window.push(sample, opts.policy.window);
         if !settled || last_decision.is_some_and(|d| now.duration_since(d) < opts.interval) {
             continue;
         }
