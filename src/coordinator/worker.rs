@@ -65,6 +65,9 @@ impl Report {
         let mut rate = 0.0;
         if let Some(reg) = &self.registry {
             let progress = reg.lock().map(|r| r.clone()).unwrap_or_default();
+            // Only the shards of this generation stay (a worker is granted S3 objects for as
+            // long as it lives: keeping every key it ever held grew with them).
+            let mut last = HashMap::with_capacity(progress.len());
             for p in progress {
                 let key = super::shard_key(p.shard());
                 let committed = p.committed();
@@ -76,9 +79,10 @@ impl Report {
                     _ => 0.0,
                 };
                 rate += r;
-                self.last.insert(key.clone(), (committed, now));
+                last.insert(key.clone(), (committed, now));
                 shards.push(ShardReport { key, committed, rate: r });
             }
+            self.last = last;
         }
         let (cpu, sink) = (crate::observe::process_cpu_seconds(), crate::observe::sink_busy_micros());
         let (cpu_busy, sink_busy) = match self.last_busy.replace((cpu, sink, now)) {
@@ -353,6 +357,35 @@ async fn heartbeats(
 mod tests {
     use super::*;
     use crate::batch::ShardKind;
+
+    #[test]
+    fn the_heartbeat_remembers_only_the_shards_of_the_running_generation() {
+        let progress = |id: &str| {
+            let shard =
+                Arc::new(ShardInfo { source: "objects".into(), id: id.into(), kind: ShardKind::Sequence, epoch: None });
+            crate::batch::ShardProgress::new(
+                shard,
+                Arc::new(crate::batch::RecordingCommitter::default()),
+                Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            )
+        };
+        let mut report = Report { cpus: 1.0, ..Report::default() };
+        for generation in 0..100 {
+            let registry: ShardRegistry =
+                Arc::new(Mutex::new(vec![progress(&format!("a-{generation}")), progress("kept")]));
+            report.registry = Some(registry);
+            let request = report.request("w-1", "w", true);
+            assert_eq!(request.shards.len(), 2);
+        }
+        let mut keys: Vec<_> = report.last.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert!(keys.iter().any(|k| k.ends_with("a-99")) && keys.iter().any(|k| k.ends_with("kept")), "{keys:?}");
+        // Between generations (no registry) the last positions are kept for the next one's rates.
+        report.registry = None;
+        report.request("w-1", "w", true);
+        assert_eq!(report.last.len(), 2);
+    }
 
     #[test]
     fn each_assigned_shard_carries_the_epoch_of_its_grant() {
