@@ -4,7 +4,7 @@
 pub mod budget;
 pub mod build;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -341,6 +341,24 @@ impl Pipeline {
     }
 }
 
+/// The shards of a new listing not listed before. What is no longer listed (an S3 object done,
+/// or deleted) is forgotten, and its progress leaves the registry once nothing of it is in
+/// flight: an endless run over ever-new objects kept both for every object it ever read.
+fn newly_listed(
+    seen: &mut HashSet<String>,
+    found: Vec<Arc<crate::batch::ShardInfo>>,
+    registry: &ShardRegistry,
+    source: &str,
+) -> Vec<Arc<crate::batch::ShardInfo>> {
+    let listed: HashSet<String> = found.iter().map(|s| s.id.clone()).collect();
+    let new = found.into_iter().filter(|s| !seen.contains(&s.id)).collect();
+    *seen = listed;
+    if let Ok(mut r) = registry.lock() {
+        r.retain(|p| p.shard().source != source || seen.contains(&p.shard().id) || p.in_flight() > 0);
+    }
+    new
+}
+
 /// One source's shards, read `parallelism` at a time.
 struct SourceRun {
     id: String,
@@ -373,9 +391,10 @@ impl SourceRun {
         // Cancelled on a stop request, or by this source when one of its shards fails.
         let cancel = self.stop.child_token();
         // Shards found by listing again every `poll_interval` (unbounded runs of sources that
-        // gain shards), each read once, until the run stops.
-        let mut seen: std::collections::HashSet<String> = shards.iter().map(|s| s.id.clone()).collect();
+        // gain shards), each read once while it stays listed, until the run stops.
+        let mut seen: HashSet<String> = shards.iter().map(|s| s.id.clone()).collect();
         let poll = self.source.poll_interval().filter(|_| !self.bounded && self.assigned.is_none());
+        let (registry, source_id) = (self.registry.clone(), self.id.clone());
         let later =
             futures::stream::unfold((self.source.clone(), cancel.clone()), move |(source, cancel)| async move {
                 let every = poll?;
@@ -384,16 +403,18 @@ impl SourceRun {
                     _ = cancel.cancelled() => return None,
                 }
                 let found = match source.shards().await {
-                    Ok(found) => found,
+                    Ok(found) => Some(found),
                     Err(e) => {
                         tracing::warn!(error = %e, "listing new shards failed; trying again later");
-                        Vec::new()
+                        None
                     }
                 };
-                Some((futures::stream::iter(found), (source, cancel)))
+                Some((found, (source, cancel)))
             })
-            .flatten()
-            .filter(move |s| futures::future::ready(seen.insert(s.id.clone())))
+            .flat_map(move |found| {
+                let Some(found) = found else { return futures::stream::iter(Vec::new()) };
+                futures::stream::iter(newly_listed(&mut seen, found, &registry, &source_id))
+            })
             .boxed();
         let all = futures::stream::iter(shards).chain(later);
         let mut reads = all
@@ -524,4 +545,55 @@ async fn run_sink(
         sink.abort().await;
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{RecordingCommitter, ShardInfo, ShardKind};
+
+    fn shard(source: &str, id: &str) -> Arc<ShardInfo> {
+        Arc::new(ShardInfo { source: source.into(), id: id.into(), kind: ShardKind::Sequence, epoch: None })
+    }
+
+    fn ids(shards: &[Arc<ShardInfo>]) -> Vec<&str> {
+        shards.iter().map(|s| s.id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_listing_gives_what_is_new_and_forgets_what_is_gone() {
+        let registry: ShardRegistry = Arc::default();
+        let progress = |s: Arc<ShardInfo>| {
+            let p = ShardProgress::new(s, Arc::new(RecordingCommitter::default()), Arc::new(AtomicBool::new(false)));
+            registry.lock().unwrap().push(p.clone());
+            p
+        };
+        let mut seen: HashSet<String> = ["a".to_string()].into();
+        progress(shard("objects", "a"));
+        progress(shard("other", "a")); // another source's shard of the same id
+        let new = newly_listed(&mut seen, vec![shard("objects", "a"), shard("objects", "b")], &registry, "objects");
+        assert_eq!(ids(&new), ["b"]);
+        let b = progress(shard("objects", "b"));
+        let in_flight = b.register(9); // b has a batch not yet done
+                                       // a is done (its marker hides it), b is deleted while its batch is in flight, c is new.
+        let new = newly_listed(&mut seen, vec![shard("objects", "c")], &registry, "objects");
+        assert_eq!(ids(&new), ["c"]);
+        let held = |r: &ShardRegistry| {
+            let mut v: Vec<String> =
+                r.lock().unwrap().iter().map(|p| format!("{}/{}", p.shard().source, p.shard().id)).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(held(&registry), ["objects/b", "other/a"], "b stays while its batch is in flight");
+        drop(in_flight);
+        // Listed again after it left: read again (a rewritten or re-uploaded object).
+        let new = newly_listed(&mut seen, vec![shard("objects", "a"), shard("objects", "c")], &registry, "objects");
+        assert_eq!(ids(&new), ["a"]);
+        assert_eq!(held(&registry), ["other/a"]);
+        // Over many listings of ever-new shards, what is kept is what the last listing holds.
+        for n in 0..1000 {
+            newly_listed(&mut seen, vec![shard("objects", &format!("n-{n}"))], &registry, "objects");
+        }
+        assert_eq!(seen.len(), 1);
+    }
 }

@@ -793,6 +793,11 @@ impl RollingWriter {
 
     fn close(&mut self, key: &(String, String)) -> Result<()> {
         let Some(mut file) = self.open.remove(key) else { return Ok(()) };
+        if !self.open.keys().any(|k| k.1 == key.1) {
+            // The shard's clock only matters to its open files: an endless run over ever-new
+            // shards (S3 objects) would otherwise keep one count per shard it ever wrote.
+            self.shard_batches.remove(&key.1);
+        }
         let name = file.name.clone();
         let finished = std::mem::replace(
             &mut file.encoder,
@@ -1253,6 +1258,35 @@ mod tests {
         }
         assert_eq!(w.open_files(), 2);
         assert!(committed.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_shards_batch_clock_is_dropped_with_its_last_open_file() {
+        let committed = Arc::new(Mutex::new(vec![]));
+        let schema = shape_schema(Shape::Orders);
+        let s = WriterSettings { max_rows: Some(10), ..settings() };
+        let mut w = RollingWriter::new("t", &schema, s, Box::new(MemFactory(false, committed.clone()))).unwrap();
+        // One shard after another, as an endless run over new objects: each file rotates at
+        // 10 rows, so no shard keeps an open file.
+        for n in 0..200 {
+            let shard = Arc::new(ShardInfo {
+                source: "g".into(),
+                id: format!("object-{n}"),
+                kind: ShardKind::Sequence,
+                epoch: None,
+            });
+            let p =
+                ShardProgress::new(shard, Arc::new(RecordingCommitter::default()), Arc::new(AtomicBool::new(false)));
+            w.write(&batch(&p, 0, 10)).unwrap();
+            assert_eq!(p.committed(), Some(9));
+        }
+        assert_eq!(committed.lock().unwrap().len(), 200);
+        assert_eq!(w.open_files(), 0);
+        assert!(w.shard_batches.is_empty(), "{} shard clocks kept", w.shard_batches.len());
+        // A shard with an open file keeps its clock.
+        let p = progress();
+        w.write(&batch(&p, 0, 5)).unwrap();
+        assert_eq!(w.shard_batches.len(), 1);
     }
 
     #[test]
