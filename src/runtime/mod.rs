@@ -341,21 +341,37 @@ impl Pipeline {
     }
 }
 
-/// The shards of a new listing not listed before. What is no longer listed (an S3 object done,
-/// or deleted) is forgotten, and its progress leaves the registry once nothing of it is in
-/// flight: an endless run over ever-new objects kept both for every object it ever read.
+/// The shards of a new listing not listed before; they count as `active` until their read ends.
+/// What is no longer listed (an S3 object done, or deleted) is forgotten once its read has ended
+/// and nothing of it is in flight, and its progress leaves the registry then: an endless run over
+/// ever-new objects kept both for every object it ever read. Until then it is remembered, so an
+/// object deleted and uploaded again while its first read goes on is not read twice at once.
 fn newly_listed(
     seen: &mut HashSet<String>,
     found: Vec<Arc<crate::batch::ShardInfo>>,
     registry: &ShardRegistry,
+    active: &std::sync::Mutex<HashSet<String>>,
     source: &str,
 ) -> Vec<Arc<crate::batch::ShardInfo>> {
-    let listed: HashSet<String> = found.iter().map(|s| s.id.clone()).collect();
-    let new = found.into_iter().filter(|s| !seen.contains(&s.id)).collect();
-    *seen = listed;
+    let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
+    let mut remembered: HashSet<String> = found.iter().map(|s| s.id.clone()).collect();
+    let new: Vec<_> = found.into_iter().filter(|s| !seen.contains(&s.id)).collect();
+    active.extend(new.iter().map(|s| s.id.clone()));
     if let Ok(mut r) = registry.lock() {
-        r.retain(|p| p.shard().source != source || seen.contains(&p.shard().id) || p.in_flight() > 0);
+        r.retain(|p| {
+            let id = &p.shard().id;
+            if p.shard().source != source || remembered.contains(id) {
+                return true;
+            }
+            let keep = active.contains(id) || p.in_flight() > 0;
+            if keep {
+                remembered.insert(id.clone());
+            }
+            keep
+        });
     }
+    remembered.extend(active.iter().cloned());
+    *seen = remembered;
     new
 }
 
@@ -394,7 +410,9 @@ impl SourceRun {
         // gain shards), each read once while it stays listed, until the run stops.
         let mut seen: HashSet<String> = shards.iter().map(|s| s.id.clone()).collect();
         let poll = self.source.poll_interval().filter(|_| !self.bounded && self.assigned.is_none());
-        let (registry, source_id) = (self.registry.clone(), self.id.clone());
+        // Shards handed out and not yet read to their end.
+        let active: Arc<std::sync::Mutex<HashSet<String>>> = Arc::new(std::sync::Mutex::new(seen.clone()));
+        let (registry, source_id, listing_active) = (self.registry.clone(), self.id.clone(), active.clone());
         let later =
             futures::stream::unfold((self.source.clone(), cancel.clone()), move |(source, cancel)| async move {
                 let every = poll?;
@@ -413,7 +431,7 @@ impl SourceRun {
             })
             .flat_map(move |found| {
                 let Some(found) = found else { return futures::stream::iter(Vec::new()) };
-                futures::stream::iter(newly_listed(&mut seen, found, &registry, &source_id))
+                futures::stream::iter(newly_listed(&mut seen, found, &registry, &listing_active, &source_id))
             })
             .boxed();
         let all = futures::stream::iter(shards).chain(later);
@@ -435,9 +453,11 @@ impl SourceRun {
                     bounded: self.bounded,
                 };
                 let source = self.source.clone();
+                let active = active.clone();
                 async move {
                     let r = source.read_shard(ctx).await;
                     tracing::debug!(shard = %shard.id, ok = r.is_ok(), "shard finished");
+                    active.lock().unwrap_or_else(|e| e.into_inner()).remove(&shard.id);
                     r
                 }
             })
@@ -563,37 +583,49 @@ mod tests {
     #[test]
     fn a_listing_gives_what_is_new_and_forgets_what_is_gone() {
         let registry: ShardRegistry = Arc::default();
+        let active = std::sync::Mutex::new(HashSet::new());
         let progress = |s: Arc<ShardInfo>| {
             let p = ShardProgress::new(s, Arc::new(RecordingCommitter::default()), Arc::new(AtomicBool::new(false)));
             registry.lock().unwrap().push(p.clone());
             p
         };
-        let mut seen: HashSet<String> = ["a".to_string()].into();
-        progress(shard("objects", "a"));
-        progress(shard("other", "a")); // another source's shard of the same id
-        let new = newly_listed(&mut seen, vec![shard("objects", "a"), shard("objects", "b")], &registry, "objects");
-        assert_eq!(ids(&new), ["b"]);
-        let b = progress(shard("objects", "b"));
-        let in_flight = b.register(9); // b has a batch not yet done
-                                       // a is done (its marker hides it), b is deleted while its batch is in flight, c is new.
-        let new = newly_listed(&mut seen, vec![shard("objects", "c")], &registry, "objects");
-        assert_eq!(ids(&new), ["c"]);
-        let held = |r: &ShardRegistry| {
+        let listing = |ids: &[&str]| ids.iter().map(|id| shard("objects", id)).collect::<Vec<_>>();
+        let held = || {
             let mut v: Vec<String> =
-                r.lock().unwrap().iter().map(|p| format!("{}/{}", p.shard().source, p.shard().id)).collect();
+                registry.lock().unwrap().iter().map(|p| format!("{}/{}", p.shard().source, p.shard().id)).collect();
             v.sort();
             v
         };
-        assert_eq!(held(&registry), ["objects/b", "other/a"], "b stays while its batch is in flight");
-        drop(in_flight);
-        // Listed again after it left: read again (a rewritten or re-uploaded object).
-        let new = newly_listed(&mut seen, vec![shard("objects", "a"), shard("objects", "c")], &registry, "objects");
-        assert_eq!(ids(&new), ["a"]);
-        assert_eq!(held(&registry), ["other/a"]);
-        // Over many listings of ever-new shards, what is kept is what the last listing holds.
+        let mut seen: HashSet<String> = ["a".to_string()].into();
+        progress(shard("objects", "a"));
+        progress(shard("other", "a")); // another source's shard of the same id
+        assert_eq!(ids(&newly_listed(&mut seen, listing(&["a", "b"]), &registry, &active, "objects")), ["b"]);
+        let b = progress(shard("objects", "b"));
+        let b_batch = b.register(9);
+        // a is done (its marker hides it); b is deleted while being read; c is new.
+        assert_eq!(ids(&newly_listed(&mut seen, listing(&["c"]), &registry, &active, "objects")), ["c"]);
+        assert_eq!(held(), ["objects/b", "other/a"], "a is forgotten, b is still being read");
+        // b uploaded again while its first read goes on: not read twice at once.
+        assert!(newly_listed(&mut seen, listing(&["b", "c"]), &registry, &active, "objects").is_empty());
+        assert!(newly_listed(&mut seen, listing(&["c"]), &registry, &active, "objects").is_empty());
+        // Its read ends but a batch is still in flight (its file not yet committed): remembered.
+        active.lock().unwrap().remove("b");
+        assert!(newly_listed(&mut seen, listing(&["c"]), &registry, &active, "objects").is_empty());
+        assert_eq!(held(), ["objects/b", "other/a"]);
+        drop(b_batch);
+        newly_listed(&mut seen, listing(&["c"]), &registry, &active, "objects");
+        assert_eq!(held(), ["other/a"]);
+        // Listed again after it was forgotten: read again (a rewritten or re-uploaded object).
+        assert_eq!(ids(&newly_listed(&mut seen, listing(&["a", "c"]), &registry, &active, "objects")), ["a"]);
+        // Over many listings of ever-new objects whose reads end, what is kept is what the last
+        // listing holds.
+        active.lock().unwrap().clear();
         for n in 0..1000 {
-            newly_listed(&mut seen, vec![shard("objects", &format!("n-{n}"))], &registry, "objects");
+            let new = newly_listed(&mut seen, listing(&[&format!("n-{n}")]), &registry, &active, "objects");
+            assert_eq!(new.len(), 1);
+            active.lock().unwrap().clear();
         }
         assert_eq!(seen.len(), 1);
+        assert_eq!(held(), ["other/a"]);
     }
 }

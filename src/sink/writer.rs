@@ -590,7 +590,19 @@ impl RollingWriter {
             }
         }
         self.close_idle(&shard, batch_no)?;
-        self.enforce_limits()
+        self.enforce_limits()?;
+        self.forget_closed_shards();
+        Ok(())
+    }
+
+    /// A shard's clock only matters to its open files: an endless run over ever-new shards (S3
+    /// objects) kept one count per shard it ever wrote. Done between batches, never within one
+    /// (a clock restarted mid-batch would date the batch's new files in the old count).
+    fn forget_closed_shards(&mut self) {
+        if self.shard_batches.len() > self.open.len() {
+            let open = &self.open;
+            self.shard_batches.retain(|shard, _| open.keys().any(|k| &k.1 == shard));
+        }
     }
 
     /// Closes the files of `shard` that its last `max_idle_batches` batches did not write to.
@@ -793,11 +805,6 @@ impl RollingWriter {
 
     fn close(&mut self, key: &(String, String)) -> Result<()> {
         let Some(mut file) = self.open.remove(key) else { return Ok(()) };
-        if !self.open.keys().any(|k| k.1 == key.1) {
-            // The shard's clock only matters to its open files: an endless run over ever-new
-            // shards (S3 objects) would otherwise keep one count per shard it ever wrote.
-            self.shard_batches.remove(&key.1);
-        }
         let name = file.name.clone();
         let finished = std::mem::replace(
             &mut file.encoder,
