@@ -56,15 +56,6 @@ impl Window {
         self.samples.push_back(s);
     }
 
-    /// Samples held.
-    pub fn len(&self) -> usize {
-        self.samples.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
-    }
-
     /// The means over the last `policy.window` seconds (the rate per replica keeps its last
     /// measured value when no worker measured one in the window).
     pub fn inputs(&mut self, p: &Policy, now: f64, current_replicas: u32, ready_replicas: u32, shards: u32) -> Inputs {
@@ -116,7 +107,7 @@ mod tests {
             w.push(Sample { at: f64::from(i), input_rate: f64::from(i), shards, ..Sample::default() }, policy.window);
         }
         // One sample a second over the window, its ends included.
-        assert_eq!(w.len(), policy.window as usize + 1, "window of {}s", policy.window);
+        assert_eq!(w.samples.len(), policy.window as usize + 1, "window of {}s", policy.window);
         let inputs = w.inputs(&policy, 9_999.0, 1, 1, 50);
         let expected = (9_999.0 + (9_999.0 - policy.window)) / 2.0;
         assert!((inputs.input_rate - expected).abs() < 1e-9, "{} vs {expected}", inputs.input_rate);
