@@ -341,37 +341,36 @@ impl Pipeline {
     }
 }
 
-/// The shards of a new listing not listed before; they count as `active` until their read ends.
-/// What is no longer listed (an S3 object done, or deleted) is forgotten once its read has ended
-/// and nothing of it is in flight, and its progress leaves the registry then: an endless run over
-/// ever-new objects kept both for every object it ever read. Until then it is remembered, so an
-/// object deleted and uploaded again while its first read goes on is not read twice at once.
+/// The shards of a new listing that this run does not know yet; they count as `active` until
+/// their read ends. A shard is known while it is active or its progress is in the registry, and
+/// its progress leaves the registry once it is no longer listed (an S3 object done, or deleted),
+/// its read has ended and nothing of it is in flight: an endless run over ever-new objects kept
+/// every object it ever read. An object deleted and uploaded again while its first read goes on
+/// is therefore not read twice at once.
 fn newly_listed(
-    seen: &mut HashSet<String>,
     found: Vec<Arc<crate::batch::ShardInfo>>,
     registry: &ShardRegistry,
     active: &std::sync::Mutex<HashSet<String>>,
     source: &str,
 ) -> Vec<Arc<crate::batch::ShardInfo>> {
     let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
-    let mut remembered: HashSet<String> = found.iter().map(|s| s.id.clone()).collect();
-    let new: Vec<_> = found.into_iter().filter(|s| !seen.contains(&s.id)).collect();
-    active.extend(new.iter().map(|s| s.id.clone()));
-    if let Ok(mut r) = registry.lock() {
-        r.retain(|p| {
-            let id = &p.shard().id;
-            if p.shard().source != source || remembered.contains(id) {
+    let mut known: HashSet<String> = HashSet::new();
+    {
+        let listed: HashSet<&str> = found.iter().map(|s| s.id.as_str()).collect();
+        registry.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| {
+            let shard = p.shard();
+            if shard.source != source {
                 return true;
             }
-            let keep = active.contains(id) || p.in_flight() > 0;
+            let keep = listed.contains(shard.id.as_str()) || active.contains(&shard.id) || p.in_flight() > 0;
             if keep {
-                remembered.insert(id.clone());
+                known.insert(shard.id.clone());
             }
             keep
         });
     }
-    remembered.extend(active.iter().cloned());
-    *seen = remembered;
+    let new: Vec<_> = found.into_iter().filter(|s| !known.contains(&s.id) && !active.contains(&s.id)).collect();
+    active.extend(new.iter().map(|s| s.id.clone()));
     new
 }
 
@@ -408,10 +407,10 @@ impl SourceRun {
         let cancel = self.stop.child_token();
         // Shards found by listing again every `poll_interval` (unbounded runs of sources that
         // gain shards), each read once while it stays listed, until the run stops.
-        let mut seen: HashSet<String> = shards.iter().map(|s| s.id.clone()).collect();
         let poll = self.source.poll_interval().filter(|_| !self.bounded && self.assigned.is_none());
         // Shards handed out and not yet read to their end.
-        let active: Arc<std::sync::Mutex<HashSet<String>>> = Arc::new(std::sync::Mutex::new(seen.clone()));
+        let active: Arc<std::sync::Mutex<HashSet<String>>> =
+            Arc::new(std::sync::Mutex::new(shards.iter().map(|s| s.id.clone()).collect()));
         let (registry, source_id, listing_active) = (self.registry.clone(), self.id.clone(), active.clone());
         let later =
             futures::stream::unfold((self.source.clone(), cancel.clone()), move |(source, cancel)| async move {
@@ -431,16 +430,15 @@ impl SourceRun {
             })
             .flat_map(move |found| {
                 let Some(found) = found else { return futures::stream::iter(Vec::new()) };
-                futures::stream::iter(newly_listed(&mut seen, found, &registry, &listing_active, &source_id))
+                futures::stream::iter(newly_listed(found, &registry, &listing_active, &source_id))
             })
             .boxed();
         let all = futures::stream::iter(shards).chain(later);
         let mut reads = all
             .map(|shard| {
                 let progress = ShardProgress::new(shard.clone(), committer.clone(), self.halted.clone());
-                if let Ok(mut r) = self.registry.lock() {
-                    r.push(progress.clone());
-                }
+                // Before the shard leaves `active`, so a listing always knows it by one of them.
+                self.registry.lock().unwrap_or_else(|e| e.into_inner()).push(progress.clone());
                 let ctx = ShardContext {
                     shard: shard.clone(),
                     progress,
@@ -596,36 +594,33 @@ mod tests {
             v.sort();
             v
         };
-        let mut seen: HashSet<String> = ["a".to_string()].into();
         progress(shard("objects", "a"));
         progress(shard("other", "a")); // another source's shard of the same id
-        assert_eq!(ids(&newly_listed(&mut seen, listing(&["a", "b"]), &registry, &active, "objects")), ["b"]);
+        assert_eq!(ids(&newly_listed(listing(&["a", "b"]), &registry, &active, "objects")), ["b"]);
         let b = progress(shard("objects", "b"));
         let b_batch = b.register(9);
         // a is done (its marker hides it); b is deleted while being read; c is new.
-        assert_eq!(ids(&newly_listed(&mut seen, listing(&["c"]), &registry, &active, "objects")), ["c"]);
+        assert_eq!(ids(&newly_listed(listing(&["c"]), &registry, &active, "objects")), ["c"]);
         assert_eq!(held(), ["objects/b", "other/a"], "a is forgotten, b is still being read");
         // b uploaded again while its first read goes on: not read twice at once.
-        assert!(newly_listed(&mut seen, listing(&["b", "c"]), &registry, &active, "objects").is_empty());
-        assert!(newly_listed(&mut seen, listing(&["c"]), &registry, &active, "objects").is_empty());
+        assert!(newly_listed(listing(&["b", "c"]), &registry, &active, "objects").is_empty());
+        assert!(newly_listed(listing(&["c"]), &registry, &active, "objects").is_empty());
         // Its read ends but a batch is still in flight (its file not yet committed): remembered.
         active.lock().unwrap().remove("b");
-        assert!(newly_listed(&mut seen, listing(&["c"]), &registry, &active, "objects").is_empty());
+        assert!(newly_listed(listing(&["c"]), &registry, &active, "objects").is_empty());
         assert_eq!(held(), ["objects/b", "other/a"]);
         drop(b_batch);
-        newly_listed(&mut seen, listing(&["c"]), &registry, &active, "objects");
+        newly_listed(listing(&["c"]), &registry, &active, "objects");
         assert_eq!(held(), ["other/a"]);
         // Listed again after it was forgotten: read again (a rewritten or re-uploaded object).
-        assert_eq!(ids(&newly_listed(&mut seen, listing(&["a", "c"]), &registry, &active, "objects")), ["a"]);
-        // Over many listings of ever-new objects whose reads end, what is kept is what the last
-        // listing holds.
+        assert_eq!(ids(&newly_listed(listing(&["a", "c"]), &registry, &active, "objects")), ["a"]);
+        // Over many listings of ever-new objects whose reads end, nothing of them is kept.
         active.lock().unwrap().clear();
         for n in 0..1000 {
-            let new = newly_listed(&mut seen, listing(&[&format!("n-{n}")]), &registry, &active, "objects");
+            let new = newly_listed(listing(&[&format!("n-{n}")]), &registry, &active, "objects");
             assert_eq!(new.len(), 1);
             active.lock().unwrap().clear();
         }
-        assert_eq!(seen.len(), 1);
         assert_eq!(held(), ["other/a"]);
     }
 }
