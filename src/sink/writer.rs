@@ -159,11 +159,24 @@ pub trait Destination: Send {
     }
 }
 
-/// The last source position committed in each output folder, for one source shard.
+/// What one source shard has made durable in this sink's output.
 #[derive(Debug, Default, serde::Serialize, Deserialize)]
 struct Manifest {
     version: u32,
+    /// Every row of the shard before this position is durable (in a completed file, or never
+    /// meant for this sink). Version 2; a version-1 manifest reads as 0.
+    #[serde(default)]
+    durable_below: u64,
+    /// The last position committed in each output folder, kept only for folders committed at or
+    /// past `durable_below`, so the manifest is bounded by the files open, not by the history.
     folders: std::collections::BTreeMap<String, u64>,
+}
+
+impl Manifest {
+    /// The last position of `folder` a replay must skip, if any.
+    fn done(&self, folder: &str) -> Option<u64> {
+        self.folders.get(folder).copied().max(self.durable_below.checked_sub(1))
+    }
 }
 
 /// Creates destinations for relative file names such as `dt=2026-01-01/part-gen-0-….parquet`.
@@ -379,7 +392,8 @@ struct OpenFile {
     /// Record time (µs since the epoch) of the file's first timed row (`exactly_once` with a
     /// `time_column`).
     first_time: Option<i64>,
-    /// Source position of the last row written (`exactly_once`).
+    /// Source positions of the first and the last row written (`exactly_once`).
+    first_position: Option<u64>,
     last_position: Option<u64>,
     /// Its shard's batch count (see `RollingWriter::shard_batches`) when it last got rows.
     last_batch: u64,
@@ -418,8 +432,11 @@ pub struct RollingWriter {
     plain_columns: Option<Vec<String>>,
     /// Index of `time_column` in the input.
     time_column: Option<usize>,
-    /// `exactly_once`: each source shard's manifest, read when its first batch arrives.
+    /// `exactly_once`: the manifests of the source shards with open files, read when a batch of
+    /// the shard arrives and none is open.
     manifests: HashMap<String, Manifest>,
+    /// `exactly_once`: the shard of the batch being written and its lowest source position.
+    in_progress: Option<(String, u64)>,
     /// Batches written per source shard, the clock of `max_idle_batches`.
     shard_batches: HashMap<String, u64>,
     files_written: metrics::Counter,
@@ -499,6 +516,7 @@ impl RollingWriter {
             plain_columns: None,
             time_column,
             manifests: HashMap::new(),
+            in_progress: None,
             shard_batches: HashMap::new(),
             files_written,
         })
@@ -531,10 +549,11 @@ impl RollingWriter {
             let manifest = self.read_manifest(&shard)?;
             self.manifests.insert(shard.clone(), manifest);
         }
+        self.in_progress = positions.as_ref().and_then(|p| p.iter().min()).map(|&m| (shard.clone(), m));
         for group in self.split(&batch.data)? {
             // Rows a committed file already holds (a replay after a crash) are skipped.
-            let group = match (&positions, self.manifests.get(&shard).and_then(|m| m.folders.get(&group.folder))) {
-                (Some(p), Some(&done)) => match self.skip_durable(group, p, done)? {
+            let group = match (&positions, self.manifests.get(&shard).and_then(|m| m.done(&group.folder))) {
+                (Some(p), Some(done)) => match self.skip_durable(group, p, done)? {
                     Some(g) => g,
                     None => continue,
                 },
@@ -591,24 +610,31 @@ impl RollingWriter {
         }
         self.close_idle(&shard, batch_no)?;
         self.enforce_limits()?;
+        self.in_progress = None;
         self.forget_closed_shards();
         Ok(())
     }
 
-    /// A shard's clock only matters to its open files: an endless run over ever-new shards (S3
-    /// objects) kept one count per shard it ever wrote. Done between batches, never within one
-    /// (a clock restarted mid-batch would date the batch's new files in the old count).
+    /// A shard's clock and manifest only matter to its open files: an endless run over
+    /// ever-new shards (S3 objects) kept one of each per shard it ever wrote. Done between
+    /// batches, never within one (a clock restarted mid-batch would date the batch's new files in
+    /// the old count). A manifest dropped here is read again with the shard's next batch.
     fn forget_closed_shards(&mut self) {
-        if self.shard_batches.len() > self.open.len() {
-            let open = &self.open;
+        let open = &self.open;
+        if self.shard_batches.len() > open.len() {
             self.shard_batches.retain(|shard, _| open.keys().any(|k| &k.1 == shard));
+        }
+        if self.manifests.len() > open.len() {
+            self.manifests.retain(|shard, _| open.keys().any(|k| &k.1 == shard));
         }
     }
 
     /// Closes the files of `shard` that its last `max_idle_batches` batches did not write to.
+    /// Safe with `exactly_once` as any other cut: a replay skips what the manifest holds and
+    /// starts the folder's next file at the same row.
     fn close_idle(&mut self, shard: &str, batch_no: u64) -> Result<()> {
         let idle = self.settings.max_idle_batches;
-        if idle == 0 || self.settings.exactly_once {
+        if idle == 0 {
             return Ok(());
         }
         let mut expired: Vec<_> = self
@@ -679,11 +705,25 @@ impl RollingWriter {
     }
 
     /// Records that `folder` of `shard` is durable up to `position`, before any later file of
-    /// that folder can be committed.
+    /// that folder can be committed (the file is already out of `open`).
+    ///
+    /// A shard's rows reach the writer in position order, so every row before the first row of
+    /// its open files, of the batch being written and past this file is durable: the manifest
+    /// keeps that as `durable_below` and drops the folders it covers.
     fn write_manifest(&mut self, shard: &str, folder: &str, position: u64) -> Result<()> {
+        let floor = self
+            .open
+            .iter()
+            .filter(|(k, _)| k.1 == shard)
+            .filter_map(|(_, f)| f.first_position)
+            .chain(self.in_progress.as_ref().filter(|(s, _)| s == shard).map(|(_, first)| *first))
+            .fold(position.saturating_add(1), u64::min);
         let manifest = self.manifests.entry(shard.to_string()).or_default();
-        manifest.version = 1;
+        manifest.version = 2;
+        manifest.durable_below = manifest.durable_below.max(floor);
         manifest.folders.insert(folder.to_string(), position);
+        let below = manifest.durable_below;
+        manifest.folders.retain(|_, last| *last >= below);
         let bytes = serde_json::to_vec(manifest).map_err(|e| Error::Internal {
             component: self.component.clone(),
             message: format!("encoding the manifest: {e}"),
@@ -789,6 +829,7 @@ impl RollingWriter {
             written: 0,
             opened: Instant::now(),
             first_time: None,
+            first_position: self.settings.exactly_once.then_some(first),
             last_position: None,
             last_batch: self.shard_batches.get(shard).copied().unwrap_or_default(),
             acks: Vec::new(),
@@ -1149,13 +1190,9 @@ mod tests {
         let store = Store::default();
         let schema = shape_schema(Shape::Orders);
         let s = WriterSettings { max_rows: Some(50), exactly_once: true, ..settings() };
-        let with_positions = |b: Batch| {
-            let p: Arc<[u64]> = (b.first..=b.last).collect();
-            Batch { row_positions: Some(p), ..b }
-        };
         let mut w = RollingWriter::new("t", &schema, s.clone(), Box::new(store.clone())).unwrap();
         let p = progress();
-        w.write(&with_positions(batch(&p, 0, 120))).unwrap();
+        w.write(&positioned(batch(&p, 0, 120))).unwrap();
         // A crash: the file holding 100..119 never completes.
         let mut names: Vec<String> = store.0.lock().unwrap().keys().cloned().collect();
         names.sort();
@@ -1174,7 +1211,7 @@ mod tests {
         // The replay starts from an earlier committed position (60): rows up to 99 are skipped.
         let mut w = RollingWriter::new("t", &schema, s, Box::new(store.clone())).unwrap();
         let p = progress();
-        w.write(&with_positions(batch(&p, 60, 180))).unwrap();
+        w.write(&positioned(batch(&p, 60, 180))).unwrap();
         w.finish().unwrap();
         let files = store.0.lock().unwrap().clone();
         let mut names: Vec<&String> = files.keys().filter(|k| k.ends_with(".parquet")).collect();
@@ -1267,12 +1304,96 @@ mod tests {
         assert!(committed.lock().unwrap().is_empty());
     }
 
+    /// `b` with its rows' source positions, as the Kafka source gives them.
+    fn positioned(b: Batch) -> Batch {
+        let p: Arc<[u64]> = (b.first..=b.last).collect();
+        Batch { row_positions: Some(p), ..b }
+    }
+
     #[test]
-    fn a_shards_batch_clock_is_dropped_with_its_last_open_file() {
-        let committed = Arc::new(Mutex::new(vec![]));
+    fn an_exactly_once_manifest_keeps_only_the_folders_its_open_files_need() {
+        let store = Store::default();
+        let p = progress();
+        let schema = day_batch(&p, "d", 0, 1).data.schema();
+        let s = WriterSettings { partition_by: vec!["day".into()], exactly_once: true, ..settings() };
+        let manifest = |store: &Store| -> serde_json::Value {
+            serde_json::from_slice(&store.0.lock().unwrap()["_sluice/manifests/gen-0.json"]).unwrap()
+        };
+        // A year and more of day folders, 10 rows each, one after another.
+        let mut w = RollingWriter::new("t", &schema, s.clone(), Box::new(store.clone())).unwrap();
+        for day in 0..1000u64 {
+            w.write(&positioned(day_batch(&p, &format!("{day:04}"), day * 10, 10))).unwrap();
+        }
+        // Idle days are closed (max_idle_batches) and only the folders past the oldest open
+        // file's first row stay in the manifest.
+        assert_eq!(w.open_files(), 16);
+        let m = manifest(&store);
+        assert_eq!(m["version"], 2);
+        assert_eq!(m["durable_below"], 9840, "the first row of day 984, the oldest open: {m}");
+        let folders = m["folders"].as_object().unwrap();
+        assert!(folders.is_empty(), "every completed day is below the open ones: {m}");
+        assert_eq!(p.committed(), Some(9839));
+        // A crash (the open days never complete); the source resumes at an older position.
+        drop(w);
+        let mut w = RollingWriter::new("t", &schema, s, Box::new(store.clone())).unwrap();
+        let p = progress();
+        for day in 900..1000u64 {
+            w.write(&positioned(day_batch(&p, &format!("{day:04}"), day * 10, 10))).unwrap();
+        }
+        w.finish().unwrap();
+        let files = store.0.lock().unwrap().clone();
+        let parquet: Vec<&String> = files.keys().filter(|k| k.ends_with(".parquet")).collect();
+        assert_eq!(parquet.len(), 1000, "one file per day, none twice");
+        let rows: usize = parquet
+            .iter()
+            .map(|name| {
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(
+                    files[*name].clone(),
+                ))
+                .unwrap()
+                .build()
+                .unwrap()
+                .map(|b| b.unwrap().num_rows())
+                .sum::<usize>()
+            })
+            .sum();
+        assert_eq!(rows, 10_000, "every row exactly once");
+        assert_eq!(manifest(&store)["durable_below"], 10_000);
+        assert_eq!(p.committed(), Some(9999));
+
+        // A folder committed past an older open file stays, and a replay skips its rows.
+        let store = Store::default();
+        let s =
+            WriterSettings { partition_by: vec!["day".into()], exactly_once: true, max_rows: Some(5), ..settings() };
+        let mut w = RollingWriter::new("t", &schema, s.clone(), Box::new(store.clone())).unwrap();
+        let p = progress();
+        w.write(&positioned(day_batch(&p, "a", 0, 3))).unwrap();
+        w.write(&positioned(day_batch(&p, "b", 3, 5))).unwrap();
+        let m = manifest(&store);
+        assert_eq!((m["durable_below"].clone(), m["folders"]["day=b/"].clone()), (0.into(), 7.into()), "{m}");
+        drop(w);
+        let mut w = RollingWriter::new("t", &schema, s, Box::new(store.clone())).unwrap();
+        let p = progress();
+        w.write(&positioned(day_batch(&p, "a", 0, 3))).unwrap();
+        w.write(&positioned(day_batch(&p, "b", 3, 5))).unwrap();
+        w.finish().unwrap();
+        let mut names: Vec<String> =
+            store.0.lock().unwrap().keys().filter(|k| k.ends_with(".parquet")).cloned().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["day=a/part-gen-0-00000000000000000000.parquet", "day=b/part-gen-0-00000000000000000003.parquet"]
+        );
+        let m = manifest(&store);
+        assert_eq!((m["durable_below"].clone(), m["folders"]["day=b/"].clone()), (3.into(), 7.into()), "{m}");
+    }
+
+    #[test]
+    fn a_shards_batch_clock_and_manifest_are_dropped_with_its_last_open_file() {
+        let store = Store::default();
         let schema = shape_schema(Shape::Orders);
-        let s = WriterSettings { max_rows: Some(10), ..settings() };
-        let mut w = RollingWriter::new("t", &schema, s, Box::new(MemFactory(false, committed.clone()))).unwrap();
+        let s = WriterSettings { max_rows: Some(10), exactly_once: true, ..settings() };
+        let mut w = RollingWriter::new("t", &schema, s, Box::new(store.clone())).unwrap();
         // One shard after another, as an endless run over new objects: each file rotates at
         // 10 rows, so no shard keeps an open file.
         for n in 0..200 {
@@ -1284,16 +1405,17 @@ mod tests {
             });
             let p =
                 ShardProgress::new(shard, Arc::new(RecordingCommitter::default()), Arc::new(AtomicBool::new(false)));
-            w.write(&batch(&p, 0, 10)).unwrap();
+            w.write(&positioned(batch(&p, 0, 10))).unwrap();
             assert_eq!(p.committed(), Some(9));
         }
-        assert_eq!(committed.lock().unwrap().len(), 200);
+        assert_eq!(store.0.lock().unwrap().keys().filter(|k| k.ends_with(".parquet")).count(), 200);
         assert_eq!(w.open_files(), 0);
         assert!(w.shard_batches.is_empty(), "{} shard clocks kept", w.shard_batches.len());
-        // A shard with an open file keeps its clock.
+        assert!(w.manifests.is_empty(), "{} manifests kept", w.manifests.len());
+        // A shard with an open file keeps its clock and manifest.
         let p = progress();
-        w.write(&batch(&p, 0, 5)).unwrap();
-        assert_eq!(w.shard_batches.len(), 1);
+        w.write(&positioned(batch(&p, 0, 5))).unwrap();
+        assert_eq!((w.shard_batches.len(), w.manifests.len()), (1, 1));
     }
 
     #[test]
