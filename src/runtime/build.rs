@@ -125,6 +125,9 @@ pub async fn build(loaded: &LoadedPipeline) -> Result<Pipeline, ConfigError> {
         }
     }
     let order = if graph_ok { topo_order(loaded, &mut diags) } else { None };
+    if let Some(order) = &order {
+        exactly_once_paths(loaded, order, &mut diags);
+    }
     let consumed: HashSet<&str> = upstreams.iter().flat_map(|(_, _, i)| i.iter().map(String::as_str)).collect();
     for (section, ids) in
         [("sources", f.sources.keys().collect::<Vec<_>>()), ("transforms", f.transforms.keys().collect())]
@@ -216,7 +219,7 @@ pub async fn build(loaded: &LoadedPipeline) -> Result<Pipeline, ConfigError> {
         let schema = input_schemas[0].clone();
         if let Some((i, other)) = inputs.iter().zip(&input_schemas).find(|(_, s)| s.fields() != schema.fields()) {
             diags.push(loaded.diagnostic(
-                &["sinks", id, "inputs"],
+                &["sinks", id.as_str(), "inputs"],
                 format!(
                     "inputs have different schemas: `{}` has {}, `{i}` has {}",
                     inputs[0],
@@ -355,6 +358,54 @@ pub fn describe(schema: Option<&SchemaRef>) -> String {
             .collect::<Vec<_>>()
             .join(", "),
         None => "(unknown)".into(),
+    }
+}
+
+/// An `exactly_once` sink skips, on a replay, the rows of each source shard before the position
+/// it recorded, which holds only while that shard's rows reach it in order: by one path. Two
+/// paths from one source (two transforms of it, both inputs of the sink) interleave their
+/// batches, and a replay could skip rows that were never written.
+fn exactly_once_paths(loaded: &LoadedPipeline, order: &[String], diags: &mut Vec<Diagnostic>) {
+    let f = &loaded.file;
+    // For each source and transform: the sources it carries, and by how many paths.
+    let mut paths: HashMap<&str, HashMap<&str, usize>> =
+        f.sources.keys().map(|id| (id.as_str(), HashMap::from([(id.as_str(), 1)]))).collect();
+    fn carried<'a>(inputs: &[String], paths: &HashMap<&str, HashMap<&'a str, usize>>) -> HashMap<&'a str, usize> {
+        let mut sum: HashMap<&str, usize> = HashMap::new();
+        for input in inputs {
+            for (src, n) in paths.get(input.as_str()).into_iter().flatten() {
+                *sum.entry(*src).or_default() += n;
+            }
+        }
+        sum
+    }
+    for id in order {
+        let sum = carried(f.transforms[id].inputs(), &paths);
+        paths.insert(id.as_str(), sum);
+    }
+    for (id, sink) in &f.sinks {
+        let exactly_once = match sink {
+            SinkConfig::File(c) => c.exactly_once,
+            SinkConfig::S3(c) => c.exactly_once,
+            SinkConfig::Postgres(c) => c.exactly_once,
+            _ => false,
+        };
+        if !exactly_once {
+            continue;
+        }
+        let mut twice: Vec<(&str, usize)> =
+            carried(sink.inputs(), &paths).into_iter().filter(|(_, n)| *n > 1).collect();
+        twice.sort();
+        if let Some((src, n)) = twice.first() {
+            diags.push(loaded.diagnostic(
+                &["sinks", id.as_str(), "inputs"],
+                format!(
+                    "with exactly_once, each source's records must reach the sink by one path, but `{src}`'s \
+                     records arrive by {n} paths: their positions interleave, and a replay could skip records that were never written"
+                ),
+                Some(format!("combine the paths from `{src}` in one transform, or turn exactly_once off")),
+            ));
+        }
     }
 }
 

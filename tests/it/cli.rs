@@ -83,6 +83,12 @@ fn validate_pinpoints_each_kind_of_broken_pipeline() {
             ),
             &["sources.orders.schema", "unknown column type `bigintt`"],
         ),
+        // An exactly-once sink fed by two paths from one source.
+        (
+            BASE.replace("type = \"blackhole\"\ninputs = [\"clean\"]", "type = \"file\"\npath = \"x\"\nexactly_once = true\ninputs = [\"clean\", \"big\"]")
+                + "\n[transforms.big]\ntype = \"sql\"\ninputs = [\"orders\"]\nquery = \"SELECT order_id, amount FROM orders WHERE amount > 100\"\n",
+            &["p.toml:18:", "sinks.out.inputs", "exactly_once", "`orders`'s records arrive by 2 paths"],
+        ),
         // A partition column that does not exist.
         (
             BASE.replace("type = \"blackhole\"", "type = \"file\"\npath = \"x\"\npartition_by = [\"dt\"]"),
