@@ -41,6 +41,9 @@ pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
 /// Table of exactly-once positions.
 pub const DEFAULT_OFFSETS_TABLE: &str = "sluice_offsets";
+/// Exactly-once: shards whose stored positions are kept in memory before the idle ones are
+/// forgotten (and read again if they come back).
+const CACHED_SHARDS: usize = 4096;
 /// Metadata columns a Kafka source adds; left out when the table has no such column.
 const METADATA_COLUMNS: &[&str] = &["_key", "_topic", "_partition", "_offset", "_timestamp", "_headers"];
 /// The staging table's row-order column (upsert keeps the last row of each key).
@@ -142,8 +145,9 @@ pub struct PostgresSink {
     plan: Option<Arc<Plan>>,
     pending: Pending,
     in_flight: Option<JoinHandle<Result<HashMap<String, u64>>>>,
-    /// Exactly-once: each shard's stored position.
-    committed: HashMap<String, u64>,
+    /// Exactly-once: the stored position of each shard written lately (`None`: the table has
+    /// none), read when the shard's first batch arrives; at most about [`CACHED_SHARDS`].
+    committed: HashMap<String, Option<u64>>,
     /// Worker mode: shards whose row in the offsets table carries this worker's epoch.
     claimed: std::collections::HashSet<String>,
     dead_letter: DeadLetter,
@@ -373,20 +377,6 @@ impl PostgresSink {
             )
             .await
             .map_err(|e| self.db_prep("creating the offsets table", &e))?;
-            let rows = client
-                .query(
-                    &format!("SELECT shard, position FROM {t} WHERE pipeline = $1 AND sink = $2"),
-                    &[&self.pipeline, &self.component],
-                )
-                .await
-                .map_err(|e| self.db_prep("reading the stored positions", &e))?;
-            for r in rows {
-                // -1: claimed by a worker before it wrote anything.
-                if let Ok(p) = u64::try_from(r.get::<_, i64>(1)) {
-                    self.committed.insert(r.get(0), p);
-                }
-            }
-            tracing::info!(component = %self.component, shards = self.committed.len(), "loaded exactly-once positions");
             Some(t)
         } else {
             None
@@ -443,12 +433,46 @@ impl PostgresSink {
                 message: format!("{t} holds a newer epoch for {key} (another worker owns it now)"),
             });
         }
-        match u64::try_from(position) {
-            Ok(p) => self.committed.insert(key.clone(), p),
-            Err(_) => self.committed.remove(&key),
-        };
+        // -1: claimed before anything was written.
+        self.committed.insert(key.clone(), u64::try_from(position).ok());
         self.claimed.insert(key);
         Ok(())
+    }
+
+    /// Exactly-once: reads the stored position of the batch's shard unless it is known. The
+    /// offsets table keeps a row for every shard ever written (every S3 object, say); reading
+    /// them all at the start made memory and start-up time grow with that history.
+    async fn look_up(&mut self, plan: &Plan, batch: &Batch) -> Result<()> {
+        let key = shard_key(batch);
+        let Some(t) = &plan.offsets_table else { return Ok(()) };
+        if self.committed.contains_key(&key) {
+            return Ok(());
+        }
+        self.forget_idle_shards();
+        let client = self.pool.get().await.map_err(|e| self.error(pg::pool_error(&e, &self.describe)))?;
+        let row = client
+            .query_opt(
+                &format!("SELECT position FROM {t} WHERE pipeline = $1 AND sink = $2 AND shard = $3"),
+                &[&self.pipeline, &self.component, &key],
+            )
+            .await
+            .map_err(|e| self.db_error("reading the shard's stored position", &e))?;
+        let stored = row.and_then(|r| u64::try_from(r.get::<_, i64>(0)).ok());
+        self.committed.insert(key, stored);
+        Ok(())
+    }
+
+    /// Past [`CACHED_SHARDS`] known positions, keeps only those of shards with rows pending.
+    /// Safe at any time: a shard's rows arrive in position order, so a position read again from
+    /// the table (older, while a transaction of it is in flight) skips no row that is not
+    /// already written; a shard claimed again in worker mode keeps its epoch.
+    fn forget_idle_shards(&mut self) {
+        if self.committed.len() < CACHED_SHARDS && self.claimed.len() < CACHED_SHARDS {
+            return;
+        }
+        let pending = &self.pending.positions;
+        self.committed.retain(|k, _| pending.contains_key(k));
+        self.claimed.retain(|k| pending.contains_key(k));
     }
 
     fn create_table_sql(&self) -> String {
@@ -491,8 +515,8 @@ impl PostgresSink {
             let stored = h.await.map_err(|e| self.error(format!("the write task failed: {e}")))??;
             self.metrics.busy(started.elapsed());
             for (shard, pos) in stored {
-                let e = self.committed.entry(shard).or_insert(pos);
-                *e = (*e).max(pos);
+                let e = self.committed.entry(shard).or_insert(Some(pos));
+                *e = Some(e.map_or(pos, |d| d.max(pos)));
             }
         }
         Ok(())
@@ -1250,14 +1274,16 @@ impl Sink for PostgresSink {
     async fn write(&mut self, batch: Batch) -> Result<()> {
         let plan = self.prepare().await?;
         if plan.offsets_table.is_some() && crate::fence::active() && !self.claimed.contains(&shard_key(&batch)) {
+            self.forget_idle_shards();
             self.claim(&plan, &batch).await?;
         }
+        self.look_up(&plan, &batch).await?;
         let n = batch.data.num_rows();
         // Exactly-once: rows at or before the stored position were written by an earlier run.
         let keep: Vec<usize> = if plan.offsets_table.is_some() {
             let positions = crate::sink::writer::row_positions(&self.component, &batch)?;
-            match self.committed.get(&shard_key(&batch)) {
-                Some(&done) => (0..n).filter(|i| positions[*i] > done).collect(),
+            match self.committed.get(&shard_key(&batch)).copied().flatten() {
+                Some(done) => (0..n).filter(|i| positions[*i] > done).collect(),
                 None => (0..n).collect(),
             }
         } else {
@@ -1265,7 +1291,7 @@ impl Sink for PostgresSink {
         };
         if plan.offsets_table.is_some() {
             let key = shard_key(&batch);
-            let done = self.committed.get(&key).copied();
+            let done = self.committed.get(&key).copied().flatten();
             if done.is_none_or(|d| batch.last > d) {
                 let e = self.pending.positions.entry(key).or_insert(batch.last);
                 *e = (*e).max(batch.last);

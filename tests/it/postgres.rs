@@ -874,6 +874,31 @@ exactly_once = true
     assert_eq!(psql(&format!("SELECT count(*), count(DISTINCT id) FROM {s}.heap_copy")), "6000|3000");
 }
 
+/// The offsets table keeps a row for every shard an exactly-once sink ever wrote (every object
+/// of an endless S3 run). The sink reads the rows of the shards it writes, one by one, not the
+/// whole history: its memory and start do not grow with it.
+#[test]
+fn an_exactly_once_sink_reads_only_the_positions_of_the_shards_it_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = schema("eohist");
+    let offsets = format!("{s}.offsets");
+    let p = exactly_once_pipeline(dir.path(), &s, "orders", &offsets);
+    let first = crate::common::peak_rss_mib(&run_ok(&p));
+    // Two million shards written before, of the same pipeline and sink.
+    psql(&format!(
+        "INSERT INTO {offsets} (pipeline, sink, shard, position) \
+         SELECT 'orders-{s}', 'pg', 'objects/data/part-' || i || '.ndjson', i FROM generate_series(1, 2000000) i"
+    ));
+    // The same records again: the stored position of the generator's shard skips them all.
+    let started = Instant::now();
+    let again = crate::common::peak_rss_mib(&run_ok(&p));
+    let took = started.elapsed();
+    eprintln!("peak RSS: {first:.1} MiB, with 2,000,000 other shards' rows {again:.1} MiB ({took:?})");
+    assert_eq!(psql(&format!("SELECT count(*), count(DISTINCT order_id) FROM {s}.orders")), "1000|1000");
+    assert_eq!(psql(&format!("SELECT position FROM {offsets} WHERE shard = 'gen/gen-0'")), "999");
+    assert!(again < first + 24.0, "the sink read the other shards' positions: {first:.1} → {again:.1} MiB");
+}
+
 /// A transaction left open on the offsets table (another sink's write in flight, a stuck client)
 /// does not hold up the start of an exactly-once sink: once the table is as it should be, the
 /// start takes no lock on it (ALTER TABLE ... IF NOT EXISTS would wait for that transaction, and
@@ -931,8 +956,10 @@ fn a_connection_cut_while_the_sink_prepares_is_retried() {
     let dir = tempfile::tempdir().unwrap();
     let s = schema("prep");
     let p = exactly_once_pipeline(dir.path(), &s, "orders", &format!("{s}.offsets"));
-    // Slowed down (4 s of records) so that its metrics can be read while it runs.
-    let text = std::fs::read_to_string(&p).unwrap().replace("count = 1000\n", "count = 1000\nrate = 250\n");
+    // Slowed down (10 s of records, most of them made while the sink waits for the lock) so
+    // that its metrics can still be read after the retry on a loaded machine (at 4 s, a CI run
+    // beside a release build found the run already over).
+    let text = std::fs::read_to_string(&p).unwrap().replace("count = 1000\n", "count = 1000\nrate = 100\n");
     std::fs::write(&p, text).unwrap();
     let port = free_port();
     // Another session holds the lock sluice takes to create the offsets table.
