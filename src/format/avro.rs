@@ -68,12 +68,17 @@ impl std::fmt::Debug for RegistryConfig {
     }
 }
 
+/// Ids the registry did not have that are remembered (their records are bad without asking it
+/// again); past this, they are forgotten.
+const UNKNOWN_IDS: usize = 1024;
+
 /// Decodes Avro values of a [`LineChunk`] (pushed with [`LineChunk::push_keyed_raw`]).
 pub struct AvroDecoder {
     reader_schema: AvroSchema,
     arrow_schema: SchemaRef,
     registry: Option<Registry>,
-    /// Writer schemas by id; `Err` for ids the registry does not have.
+    /// Writer schemas by id; `Err` for ids the registry does not have (at most about
+    /// [`UNKNOWN_IDS`] of those).
     writers: Mutex<HashMap<u32, Result<AvroSchema, String>>>,
     /// Held while fetching, so partitions that meet a new id together fetch it once.
     fetching: tokio::sync::Mutex<()>,
@@ -146,7 +151,17 @@ impl AvroDecoder {
             return Ok(());
         }
         let _one_at_a_time = self.fetching.lock().await;
-        for id in self.missing(chunk) {
+        let missing = self.missing(chunk);
+        {
+            // Ids the registry does not have come from bad records (any 4 bytes after a zero
+            // byte): remembering every one made memory grow with the bad input. Forgotten ones
+            // are asked again if they come back.
+            let mut writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+            if writers.values().filter(|w| w.is_err()).count() + missing.len() > UNKNOWN_IDS {
+                writers.retain(|_, w| w.is_ok());
+            }
+        }
+        for id in missing {
             // A writer schema that does not resolve to the reader schema makes its records bad,
             // not the decoder unbuildable.
             let found = registry.schema(id).await?.and_then(|w| match self.resolver(id, &w) {
@@ -543,6 +558,7 @@ mod tests {
     use super::*;
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::Int64Type;
+    use std::sync::Arc;
 
     const SCHEMA: &str = r#"{"type":"record","name":"Order","fields":[
         {"name":"order_id","type":"long"},
@@ -658,6 +674,89 @@ mod tests {
         assert_eq!(bad.len(), 2, "{bad:?}");
         assert!(bad[0].0 == 3 && bad[0].1.contains("schema id 5"), "{bad:?}");
         assert!(bad[1].0 == 5 && bad[1].1.contains("magic byte 0"), "{bad:?}");
+    }
+
+    /// Requests counted, and what was wrong with them.
+    type RequestLog = (usize, Vec<String>);
+
+    /// A registry that has no schema: answers every `GET /schemas/ids/{id}` with 404 and error
+    /// 40403, as the Confluent API documents it; counts the requests and what was wrong with them.
+    fn empty_registry() -> (String, Arc<Mutex<RequestLog>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let log = Arc::new(Mutex::new((0, Vec::new())));
+        let seen = log.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut lines = BufReader::new(conn.try_clone().unwrap()).lines();
+                let request = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+                let headers: Vec<String> = lines.map_while(|l| l.ok()).take_while(|l| !l.is_empty()).collect();
+                let mut log = seen.lock().unwrap();
+                log.0 += 1;
+                let path = request.strip_prefix("GET ").and_then(|r| r.strip_suffix(" HTTP/1.1")).unwrap_or("");
+                let id = path.strip_prefix("/schemas/ids/").and_then(|i| i.parse::<u32>().ok());
+                if id.is_none() {
+                    log.1.push(format!("not GET /schemas/ids/{{id}}: {request}"));
+                }
+                if !headers.iter().any(|h| {
+                    h.to_ascii_lowercase().starts_with("accept:")
+                        && h.contains("application/vnd.schemaregistry.v1+json")
+                }) {
+                    log.1.push(format!("no Accept of the registry's media type: {headers:?}"));
+                }
+                let body = format!("{{\"error_code\":40403,\"message\":\"Schema {} not found\"}}", id.unwrap_or(0));
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 404 Not Found\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (url, log)
+    }
+
+    #[tokio::test]
+    async fn ids_the_registry_does_not_have_are_remembered_up_to_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("o.avsc");
+        std::fs::write(&p, SCHEMA).unwrap();
+        let (url, log) = empty_registry();
+        let registry = RegistryConfig { url, username: None, password: None, timeout: None };
+        let d = AvroDecoder::new(&AvroOptions { schema_file: p, schema_registry: Some(registry) }, None).unwrap();
+        // Bad records: a zero byte, then ids 0, 1, 2, ... none of which the registry has.
+        let chunk_of = |ids: std::ops::Range<u32>| {
+            let mut chunk = LineChunk::new();
+            for id in ids {
+                let mut rec = vec![0];
+                rec.extend_from_slice(&id.to_be_bytes());
+                rec.extend(body(1, None));
+                chunk.push_keyed_raw(&rec, u64::from(id), None);
+            }
+            chunk
+        };
+        let unknown = |d: &AvroDecoder| d.writers.lock().unwrap().values().filter(|w| w.is_err()).count();
+        let first = chunk_of(0..300);
+        d.prepare(&first).await.unwrap();
+        assert_eq!((unknown(&d), log.lock().unwrap().0), (300, 300));
+        // Known unknowns are not asked again; their records are bad, naming the registry's answer.
+        d.prepare(&first).await.unwrap();
+        assert_eq!(log.lock().unwrap().0, 300);
+        let out = d.decode_chunk(&first).unwrap();
+        assert_eq!((out.batch.num_rows(), out.bad.len()), (0, 300));
+        assert!(out.bad[7].error.contains("schema id 7 is not in the registry") && out.bad[7].error.contains("40403"));
+        // Thousands more: what is remembered stays bounded.
+        for start in (300..5000).step_by(300) {
+            let chunk = chunk_of(start..start + 300);
+            d.prepare(&chunk).await.unwrap();
+            assert!(unknown(&d) <= UNKNOWN_IDS, "{} unknown ids remembered", unknown(&d));
+            let out = d.decode_chunk(&chunk).unwrap();
+            assert_eq!(out.bad.len(), 300, "every record of the chunk is bad, none unfetched");
+            assert!(out.bad.iter().all(|b| b.error.contains("not in the registry")), "{:?}", out.bad[0].error);
+        }
+        let log = log.lock().unwrap();
+        assert!(log.1.is_empty(), "requests the registry API would not take: {:?}", &log.1[..log.1.len().min(3)]);
     }
 
     #[test]
