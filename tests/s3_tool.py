@@ -7,6 +7,7 @@ sets them for the Garage server it starts). Prints JSON on stdout.
   s3_tool.py read BUCKET PREFIX [--id-column C]   # rows, files, ids, pending multipart uploads
   s3_tool.py keys BUCKET PREFIX
   s3_tool.py etag BUCKET KEY                      # without quotes
+  s3_tool.py delete BUCKET KEY
 """
 
 import io
@@ -73,6 +74,9 @@ def main():
     elif cmd == "put":
         with open(sys.argv[4], "rb") as f:
             s3.put_object(Bucket=sys.argv[2], Key=sys.argv[3], Body=f.read())
+        print(json.dumps({"ok": True}))
+    elif cmd == "delete":
+        s3.delete_object(Bucket=sys.argv[2], Key=sys.argv[3])
         print(json.dumps({"ok": True}))
     elif cmd == "etag":
         print(json.dumps(s3.head_object(Bucket=sys.argv[2], Key=sys.argv[3])["ETag"].strip('"')))

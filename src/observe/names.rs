@@ -33,6 +33,7 @@ pub const S3_BYTES_UPLOADED_TOTAL: &str = "sluice_s3_bytes_uploaded_total";
 pub const S3_SPILLED_BYTES_TOTAL: &str = "sluice_s3_spilled_bytes_total";
 pub const S3_UPLOADS_ABORTED_TOTAL: &str = "sluice_s3_uploads_aborted_total";
 pub const S3_OBJECTS_READ_TOTAL: &str = "sluice_s3_objects_read_total";
+pub const S3_DONE_MARKERS_DELETED_TOTAL: &str = "sluice_s3_done_markers_deleted_total";
 pub const POSTGRES_ROWS_WRITTEN_TOTAL: &str = "sluice_postgres_rows_written_total";
 pub const POSTGRES_TRANSACTIONS_TOTAL: &str = "sluice_postgres_transactions_total";
 pub const POSTGRES_RETRIES_TOTAL: &str = "sluice_postgres_retries_total";

@@ -115,6 +115,8 @@ pub struct S3Source {
     state: Arc<ObjectState>,
     /// Keys the coordinator's listing returned before (see `list_shards`).
     listed: Mutex<HashSet<String>>,
+    /// Done markers the last listing found without their object (see `collect_garbage`).
+    orphans: Mutex<HashSet<String>>,
 }
 
 impl S3Source {
@@ -220,6 +222,7 @@ impl S3Source {
             download_dir: config.download_dir.clone().unwrap_or_else(std::env::temp_dir),
             state,
             listed: Mutex::default(),
+            orphans: Mutex::default(),
         })
     }
 
@@ -260,6 +263,7 @@ impl S3Source {
                 .await?;
         self.state.migrated.get_or_try_init(|| self.state.migrate(&self.client)).await?;
         let done = self.state.done(&self.client).await?;
+        self.collect_garbage(&keys, &done).await;
         if !sticky {
             // What `open` needs in a `sluice run`; workers read each progress object instead.
             let with_progress: HashSet<String> =
@@ -293,6 +297,53 @@ impl S3Source {
 
     fn error(&self, key: &str, what: &str, detail: String) -> Error {
         service(&self.id, format!("{what} s3://{}/{key}: {detail}", self.connection.bucket))
+    }
+
+    /// Deletes the done markers of objects that two listings in a row did not find (deleted, or
+    /// rewritten since: another ETag). A landing prefix whose objects are removed once read kept
+    /// a marker per object ever, and every listing read them all. Two listings, because a marker
+    /// can be written between a listing's objects and its markers (an object listed and read
+    /// meanwhile by another process); the next listing finds that object. Failures are logged
+    /// and tried again at the next listing.
+    async fn collect_garbage(&self, keys: &[(String, String)], done: &HashMap<String, HashSet<String>>) {
+        let listed: HashSet<(&str, &str)> = keys.iter().map(|(k, e)| (k.as_str(), e.as_str())).collect();
+        let missed: HashSet<String> = done
+            .iter()
+            .flat_map(|(key, etags)| {
+                etags
+                    .iter()
+                    .filter(|e| !listed.contains(&(key.as_str(), e.as_str())))
+                    .map(|e| self.state.done_key(key, e))
+            })
+            .collect();
+        let doomed: Vec<String> = {
+            let mut last = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+            let doomed = missed.intersection(&last).cloned().collect();
+            *last = missed;
+            doomed
+        };
+        if doomed.is_empty() {
+            return;
+        }
+        let bucket = &self.connection.bucket;
+        let failed: Vec<String> = futures::stream::iter(doomed.iter().cloned())
+            .map(|key| {
+                let delete = self.client.delete_object().bucket(bucket).key(&key);
+                async move { delete.send().await.err().map(|e| format!("s3://{bucket}/{key}: {}", describe_error(&e))) }
+            })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .filter_map(|r| async move { r })
+            .collect()
+            .await;
+        let deleted = doomed.len() - failed.len();
+        metrics::counter!(names::S3_DONE_MARKERS_DELETED_TOTAL, "component" => self.id.clone())
+            .increment(deleted as u64);
+        if deleted > 0 {
+            tracing::info!(source = %self.id, deleted, "deleted the done markers of objects no longer listed");
+        }
+        if let Some(first) = failed.first() {
+            tracing::warn!(source = %self.id, failed = failed.len(), "deleting done markers failed (tried again at the next listing), first: {first}");
+        }
     }
 }
 

@@ -545,7 +545,7 @@ fn dead_letters_can_go_to_a_bucket_too() {
 }
 
 #[test]
-fn s3_source_polls_for_new_objects_until_stopped() {
+fn s3_source_polls_for_new_objects_until_stopped_and_forgets_deleted_ones() {
     let dir = tempfile::tempdir().unwrap();
     let b = bucket("poll");
     let lines = |from: i64, to: i64| (from..to).map(|i| format!(r#"{{"id": {i}, "name": "n"}}"#)).collect::<Vec<_>>();
@@ -556,6 +556,7 @@ fn s3_source_polls_for_new_objects_until_stopped() {
             .replace("format = \"json\"", "format = \"json\"\nrotate = { max_age = \"1s\" }"),
     );
     let mut child = sluice().args(["run", "--no-progress"]).arg(&p).spawn().unwrap();
+    let _kill = crate::kafka::KillOnDrop(vec![child.id()]);
     let wait_for = |n: usize| {
         let started = Instant::now();
         while ids_in(&dir.path().join("out")).len() < n {
@@ -566,11 +567,39 @@ fn s3_source_polls_for_new_objects_until_stopped() {
     wait_for(100);
     put_lines(dir.path(), &b, "in/b.ndjson", &lines(100, 150));
     wait_for(150);
+    // The done markers: one per object, until its object is gone from two listings.
+    let markers = || -> Vec<String> {
+        let keys = tool(&["keys", &b, "_sluice/"]);
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap().to_string())
+            .filter(|k| k.contains("/done/"))
+            .collect()
+    };
+    let wait_markers = |want: &[&str]| {
+        let started = Instant::now();
+        loop {
+            let got = markers();
+            if got.len() == want.len() && want.iter().all(|w| got.iter().any(|g| g.ends_with(w))) {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "markers {got:?}, not for {want:?}, after 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_markers(&["/in/a.ndjson", "/in/b.ndjson"]);
+    tool(&["delete", &b, "in/a.ndjson"]);
+    wait_markers(&["/in/b.ndjson"]);
+    // b is not read again, and a new object still is.
+    put_lines(dir.path(), &b, "in/c.ndjson", &lines(150, 170));
+    wait_for(170);
+    wait_markers(&["/in/b.ndjson", "/in/c.ndjson"]);
     let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let exit = child.wait().unwrap();
     assert!(exit.success(), "graceful stop exits 0: {exit:?}");
-    assert_eq!(ids_in(&dir.path().join("out")), (0..150).collect::<Vec<_>>());
+    assert_eq!(ids_in(&dir.path().join("out")), (0..170).collect::<Vec<_>>());
 }
 
 #[test]
