@@ -403,7 +403,9 @@ fn exactly_once_paths(loaded: &LoadedPipeline, order: &[String], diags: &mut Vec
                     "with exactly_once, each source's records must reach the sink by one path, but `{src}`'s \
                      records arrive by {n} paths: their positions interleave, and a replay could skip records that were never written"
                 ),
-                Some(format!("combine the paths from `{src}` in one transform, or turn exactly_once off")),
+                Some(format!(
+                    "read `{src}` through one chain of transforms (no paths that split and meet again), or turn exactly_once off"
+                )),
             ));
         }
     }

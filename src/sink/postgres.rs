@@ -449,14 +449,24 @@ impl PostgresSink {
             return Ok(());
         }
         self.forget_idle_shards();
-        let client = self.pool.get().await.map_err(|e| self.error(pg::pool_error(&e, &self.describe)))?;
-        let row = client
-            .query_opt(
-                &format!("SELECT position FROM {t} WHERE pipeline = $1 AND sink = $2 AND shard = $3"),
-                &[&self.pipeline, &self.component, &key],
-            )
-            .await
-            .map_err(|e| self.db_error("reading the shard's stored position", &e))?;
+        let max_attempts = self.config.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        let mut attempt = 1;
+        let row = loop {
+            let client = self.pool.get().await.map_err(|e| self.error(pg::pool_error(&e, &self.describe)))?;
+            let sql = format!("SELECT position FROM {t} WHERE pipeline = $1 AND sink = $2 AND shard = $3");
+            match client.query_opt(&sql, &[&self.pipeline, &self.component, &key]).await {
+                Ok(row) => break row,
+                Err(e) if pg::is_transient(&e) && attempt < max_attempts => {
+                    let wait = pg::backoff(attempt);
+                    metrics::counter!(names::POSTGRES_RETRIES_TOTAL, "component" => self.component.clone())
+                        .increment(1);
+                    tracing::warn!(component = %self.component, attempt, "reading the stored position of {key} failed, retrying in {wait:?}: {}", pg::message(&e));
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(self.db_error("reading the shard's stored position", &e)),
+            }
+        };
         let stored = row.and_then(|r| u64::try_from(r.get::<_, i64>(0)).ok());
         self.committed.insert(key, stored);
         Ok(())
@@ -1083,8 +1093,8 @@ async fn stored_covers(
     let Some(t) = &plan.offsets_table else { return Ok(Landed::No) };
     let rows = client
         .query(
-            &format!("SELECT shard, position, epoch FROM {t} WHERE pipeline = $1 AND sink = $2"),
-            &[&plan.pipeline, &plan.component],
+            &format!("SELECT shard, position, epoch FROM {t} WHERE pipeline = $1 AND sink = $2 AND shard = ANY($3)"),
+            &[&plan.pipeline, &plan.component, &p.positions.keys().collect::<Vec<&String>>()],
         )
         .await?;
     let stored: HashMap<String, (i64, i64)> = rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();

@@ -47,6 +47,8 @@ pub const DEFAULT_MAX_OPEN_FILES: usize = 64;
 /// Folder (under the sink's root) of the exactly-once manifests, one per source shard. Readers of
 /// Hive-style datasets skip `_`-prefixed folders.
 pub const MANIFEST_DIR: &str = "_sluice/manifests";
+/// The manifest format written (2 added `durable_below` and `source`).
+const MANIFEST_VERSION: u32 = 2;
 /// How many recent file names are remembered to avoid reusing one.
 const RECENT_NAMES: usize = 4096;
 /// Folder name for a null partition value (as Hive and Spark write it).
@@ -96,8 +98,7 @@ pub struct RotateConfig {
     /// Time a file stays open (default 60s); bounds how long records wait to be committed.
     pub max_age: Option<HumanDuration>,
     /// Close a file once this many batches of its source shard in a row brought it no rows
-    /// (default 16; 0 keeps idle files open). Off with `exactly_once`, where rotation must not
-    /// depend on how records were batched.
+    /// (default 16; 0 keeps idle files open).
     pub max_idle_batches: Option<u64>,
 }
 
@@ -163,6 +164,10 @@ pub trait Destination: Send {
 #[derive(Debug, Default, serde::Serialize, Deserialize)]
 struct Manifest {
     version: u32,
+    /// The source the shard belongs to: two sources with a shard of the same name (two
+    /// generators, same-named topics of two clusters) must not share a manifest.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    source: String,
     /// Every row of the shard before this position is durable (in a completed file, or never
     /// meant for this sink). Version 2; a version-1 manifest reads as 0.
     #[serde(default)]
@@ -533,9 +538,23 @@ impl RollingWriter {
     /// Encoding and destination failures; with `exactly_once`, a batch whose rows' source
     /// positions are unknown.
     pub fn write(&mut self, batch: &Batch) -> Result<()> {
-        let positions = if self.settings.exactly_once { Some(self.row_positions(batch)?) } else { None };
+        let mut positions = if self.settings.exactly_once { Some(self.row_positions(batch)?) } else { None };
+        // Exactly-once reasons in source order (see `write_manifest`): rows a transform
+        // reordered (`ORDER BY` with `_offset` kept) are put back in it.
+        let sorted;
+        let data = match &positions {
+            Some(p) if !p.windows(2).all(|w| w[0] <= w[1]) => {
+                let mut order: Vec<u32> = (0..p.len() as u32).collect();
+                order.sort_by_key(|&i| p[i as usize]);
+                sorted = arrow::compute::take_record_batch(&batch.data, &UInt32Array::from(order.clone()))
+                    .map_err(|e| Error::arrow(&self.component, e))?;
+                positions = Some(order.iter().map(|&i| p[i as usize]).collect());
+                &sorted
+            }
+            _ => &batch.data,
+        };
         let times = match self.time_column {
-            Some(i) => Some(self.row_times(&batch.data, i)?),
+            Some(i) => Some(self.row_times(data, i)?),
             None => None,
         };
         let max_age = i64::try_from(self.settings.max_age.as_micros()).unwrap_or(i64::MAX);
@@ -545,12 +564,27 @@ impl RollingWriter {
             *n += 1;
             *n
         };
-        if self.settings.exactly_once && !self.manifests.contains_key(&shard) {
-            let manifest = self.read_manifest(&shard)?;
-            self.manifests.insert(shard.clone(), manifest);
+        if self.settings.exactly_once {
+            if !self.manifests.contains_key(&shard) {
+                let manifest = self.read_manifest(&shard)?;
+                self.manifests.insert(shard.clone(), manifest);
+            }
+            let manifest = self.manifests.get_mut(&shard).expect("inserted above");
+            if manifest.source.is_empty() {
+                manifest.source = batch.shard.source.clone();
+            } else if manifest.source != batch.shard.source {
+                return Err(Error::Internal {
+                    component: self.component.clone(),
+                    message: format!(
+                        "exactly_once: sources `{}` and `{}` both have a shard named `{}`, and their positions \
+                         would be taken for one another's; write them to separate sinks or turn exactly_once off",
+                        manifest.source, batch.shard.source, batch.shard.id
+                    ),
+                });
+            }
         }
         self.in_progress = positions.as_ref().and_then(|p| p.iter().min()).map(|&m| (shard.clone(), m));
-        for group in self.split(&batch.data)? {
+        for group in self.split(data)? {
             // Rows a committed file already holds (a replay after a crash) are skipped.
             let group = match (&positions, self.manifests.get(&shard).and_then(|m| m.done(&group.folder))) {
                 (Some(p), Some(done)) => match self.skip_durable(group, p, done)? {
@@ -678,12 +712,24 @@ impl RollingWriter {
         let name = Self::manifest_name(shard);
         match self.factory.read(&name)? {
             None => Ok(Manifest::default()),
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Internal {
-                component: self.component.clone(),
-                message: format!(
-                    "the exactly-once manifest {name} is damaged ({e}); it must be restored or the output rewritten"
-                ),
-            }),
+            Some(bytes) => {
+                let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Internal {
+                    component: self.component.clone(),
+                    message: format!(
+                        "the exactly-once manifest {name} is damaged ({e}); it must be restored or the output rewritten"
+                    ),
+                })?;
+                if m.version > MANIFEST_VERSION {
+                    return Err(Error::Internal {
+                        component: self.component.clone(),
+                        message: format!(
+                            "the exactly-once manifest {name} is version {}, written by a newer sluice (this one reads up to {MANIFEST_VERSION})",
+                            m.version
+                        ),
+                    });
+                }
+                Ok(m)
+            }
         }
     }
 
@@ -719,7 +765,7 @@ impl RollingWriter {
             .chain(self.in_progress.as_ref().filter(|(s, _)| s == shard).map(|(_, first)| *first))
             .fold(position.saturating_add(1), u64::min);
         let manifest = self.manifests.entry(shard.to_string()).or_default();
-        manifest.version = 2;
+        manifest.version = MANIFEST_VERSION;
         manifest.durable_below = manifest.durable_below.max(floor);
         manifest.folders.insert(folder.to_string(), position);
         let below = manifest.durable_below;
@@ -1386,6 +1432,58 @@ mod tests {
         );
         let m = manifest(&store);
         assert_eq!((m["durable_below"].clone(), m["folders"]["day=b/"].clone()), (3.into(), 7.into()), "{m}");
+    }
+
+    #[test]
+    fn exactly_once_puts_reordered_rows_back_in_source_order_and_keeps_sources_apart() {
+        let store = Store::default();
+        let schema = shape_schema(Shape::Orders);
+        let s = WriterSettings { max_rows: Some(5), exactly_once: true, ..settings() };
+        let mut w = RollingWriter::new("t", &schema, s.clone(), Box::new(store.clone())).unwrap();
+        let p = progress();
+        // As `ORDER BY ... DESC` with `_offset` kept gives them: positions 9, 8, ..., 0.
+        let b = batch(&p, 0, 10);
+        let reversed: UInt32Array = (0..10u32).rev().collect();
+        let data = arrow::compute::take_record_batch(&b.data, &reversed).unwrap();
+        let positions: Arc<[u64]> = (0..10u64).rev().collect();
+        w.write(&Batch { data, row_positions: Some(positions), ..b }).unwrap();
+        let files = store.0.lock().unwrap().clone();
+        let mut names: Vec<&String> = files.keys().filter(|k| k.ends_with(".parquet")).collect();
+        names.sort();
+        assert_eq!(names, ["part-gen-0-00000000000000000000.parquet", "part-gen-0-00000000000000000005.parquet"]);
+        let first_ids = |name: &str| -> Vec<i64> {
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(
+                files[name].clone(),
+            ))
+            .unwrap()
+            .build()
+            .unwrap()
+            .flat_map(|b| {
+                b.unwrap().column(0).as_any().downcast_ref::<arrow::array::Int64Array>().unwrap().values().to_vec()
+            })
+            .collect()
+        };
+        let in_order: Vec<i64> = generate(Shape::Orders, &schema, 0, 0, 5)
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap()
+            .values()
+            .to_vec();
+        assert_eq!(first_ids("part-gen-0-00000000000000000000.parquet"), in_order, "rows 0-4, in source order");
+
+        // Another source with a shard of the same name: refused, naming both.
+        let other = {
+            let shard =
+                Arc::new(ShardInfo { source: "h".into(), id: "gen-0".into(), kind: ShardKind::Sequence, epoch: None });
+            ShardProgress::new(shard, Arc::new(RecordingCommitter::default()), Arc::new(AtomicBool::new(false)))
+        };
+        let err = w.write(&positioned(batch(&other, 10, 20))).unwrap_err().to_string();
+        assert!(err.contains("sources `g` and `h` both have a shard named `gen-0`"), "{err}");
+        // Also once the first source's manifest is only in the store.
+        let mut w = RollingWriter::new("t", &schema, s, Box::new(store.clone())).unwrap();
+        let err = w.write(&positioned(batch(&other, 10, 20))).unwrap_err().to_string();
+        assert!(err.contains("`g` and `h`"), "{err}");
     }
 
     #[test]

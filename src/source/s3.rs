@@ -49,6 +49,8 @@ const INFER_BYTES: u64 = 1 << 20;
 const FOOTER_GUESS: u64 = 64 << 10;
 /// How often changed positions are written.
 const STATE_INTERVAL: Duration = Duration::from_secs(1);
+/// Done markers deleted at most per listing (see `collect_garbage`).
+const MARKERS_DELETED_PER_LISTING: usize = 1000;
 /// Progress objects written at once.
 const WRITE_CONCURRENCY: usize = 16;
 
@@ -307,8 +309,15 @@ impl S3Source {
     /// and tried again at the next listing.
     async fn collect_garbage(&self, keys: &[(String, String)], done: &HashMap<String, HashSet<String>>) {
         let listed: HashSet<(&str, &str)> = keys.iter().map(|(k, e)| (k.as_str(), e.as_str())).collect();
+        let options = glob::MatchOptions { require_literal_separator: true, ..Default::default() };
+        // Only markers of keys this listing could have returned: another source (or pipeline)
+        // given the same `state_prefix` keeps its own.
+        let ours = |key: &str| {
+            key.starts_with(&self.prefix) && self.pattern.as_ref().is_none_or(|p| p.matches_with(key, options))
+        };
         let missed: HashSet<String> = done
             .iter()
+            .filter(|(key, _)| ours(key))
             .flat_map(|(key, etags)| {
                 etags
                     .iter()
@@ -318,7 +327,9 @@ impl S3Source {
             .collect();
         let doomed: Vec<String> = {
             let mut last = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
-            let doomed = missed.intersection(&last).cloned().collect();
+            // A bounded number per listing, so a first clean-up of years of markers does not
+            // hold up new objects; the rest go at the next listings.
+            let doomed = missed.intersection(&last).take(MARKERS_DELETED_PER_LISTING).cloned().collect();
             *last = missed;
             doomed
         };
