@@ -393,8 +393,30 @@ fn exactly_once_paths(loaded: &LoadedPipeline, order: &[String], diags: &mut Vec
         if !exactly_once {
             continue;
         }
-        let mut twice: Vec<(&str, usize)> =
-            carried(sink.inputs(), &paths).into_iter().filter(|(_, n)| *n > 1).collect();
+        let sources = carried(sink.inputs(), &paths);
+        // A consumer group moves partitions between runs with records in flight (at-least-once):
+        // the old owner's open files and the new owner's replay can both hold them.
+        let mut grouped: Vec<&str> = sources
+            .keys()
+            .copied()
+            .filter(|src| {
+                matches!(&f.sources[*src], SourceConfig::Kafka(c) if c.assignment == crate::source::kafka::Assignment::Group)
+            })
+            .collect();
+        grouped.sort();
+        if let Some(src) = grouped.first() {
+            diags.push(loaded.diagnostic(
+                &["sinks", id.as_str(), "exactly_once"],
+                format!(
+                    "exactly_once needs each partition read by one run at a time, but source `{src}` uses \
+                     assignment = \"group\", which hands partitions over with records in flight (at-least-once)"
+                ),
+                Some(format!(
+                    "read `{src}` with assignment = \"assign\" (one run, or workers under the coordinator), or turn exactly_once off"
+                )),
+            ));
+        }
+        let mut twice: Vec<(&str, usize)> = sources.into_iter().filter(|(_, n)| *n > 1).collect();
         twice.sort();
         if let Some((src, n)) = twice.first() {
             diags.push(loaded.diagnostic(

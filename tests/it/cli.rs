@@ -89,6 +89,15 @@ fn validate_pinpoints_each_kind_of_broken_pipeline() {
                 + "\n[transforms.big]\ntype = \"sql\"\ninputs = [\"orders\"]\nquery = \"SELECT order_id, amount FROM orders WHERE amount > 100\"\n",
             &["p.toml:18:", "sinks.out.inputs", "exactly_once", "`orders`'s records arrive by 2 paths"],
         ),
+        // An exactly-once sink after a Kafka source in a consumer group (no broker needed to validate).
+        (
+            BASE.replace(
+                "type = \"generator\"\nshape = \"orders\"\ncount = 10",
+                "type = \"kafka\"\nbrokers = \"127.0.0.1:1\"\ntopics = [\"t\"]\ngroup_id = \"g\"\nassignment = \"group\"\nformat = { type = \"json\" }\nschema = { order_id = \"bigint\", amount = \"decimal(12,2)\" }",
+            )
+            .replace("type = \"blackhole\"", "type = \"file\"\npath = \"x\"\nexactly_once = true"),
+            &["sinks.out.exactly_once", "source `orders` uses assignment = \"group\"", "assignment = \"assign\""],
+        ),
         // A partition column that does not exist.
         (
             BASE.replace("type = \"blackhole\"", "type = \"file\"\npath = \"x\"\npartition_by = [\"dt\"]"),
