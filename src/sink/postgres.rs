@@ -253,22 +253,32 @@ impl PostgresSink {
         if let Some(p) = &self.plan {
             return Ok(p.clone());
         }
-        let max_attempts = self.config.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
         let mut attempt = 1;
         loop {
             match self.prepare_once().await {
                 Ok(plan) => return Ok(plan),
-                Err(Prep { error, transient: true }) if attempt < max_attempts => {
-                    let wait = pg::backoff(attempt);
-                    metrics::counter!(names::POSTGRES_RETRIES_TOTAL, "component" => self.component.clone())
-                        .increment(1);
-                    tracing::warn!(component = %self.component, attempt, "preparing {} failed, retrying in {wait:?}: {error}", self.target);
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
+                Err(Prep { error, transient }) => {
+                    let what = format!("preparing {}", self.target);
+                    if !transient || !self.retry_after(&mut attempt, &what, &error).await {
+                        return Err(error);
+                    }
                 }
-                Err(Prep { error, .. }) => return Err(error),
             }
         }
+    }
+
+    /// After transient failure number `attempt` of `what`: counts the retry, logs it, waits and
+    /// says `true`; `false` once `max_attempts` are spent.
+    async fn retry_after(&self, attempt: &mut u32, what: &str, error: &(dyn std::fmt::Display + Sync)) -> bool {
+        if *attempt >= self.config.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS) {
+            return false;
+        }
+        let wait = pg::backoff(*attempt);
+        metrics::counter!(names::POSTGRES_RETRIES_TOTAL, "component" => self.component.clone()).increment(1);
+        tracing::warn!(component = %self.component, attempt = *attempt, "{what} failed, retrying in {wait:?}: {error}");
+        tokio::time::sleep(wait).await;
+        *attempt += 1;
+        true
     }
 
     /// A database error of [`prepare_once`](Self::prepare_once), transient or not.
@@ -400,8 +410,7 @@ impl PostgresSink {
     /// table before its first write, then reads the position again. From then on a former owner
     /// that wakes up (a zombie) cannot commit: its epoch is older. Positions read after the claim
     /// are final, so the rows it skips are exactly those already committed.
-    async fn claim(&mut self, plan: &Plan, batch: &Batch) -> Result<()> {
-        let key = shard_key(batch);
+    async fn claim(&mut self, plan: &Plan, batch: &Batch, key: &str) -> Result<()> {
         let Some(t) = &plan.offsets_table else { return Ok(()) };
         let epoch = match crate::fence::check(&batch.shard) {
             Ok(e) => e.unwrap_or(0) as i64,
@@ -434,42 +443,39 @@ impl PostgresSink {
             });
         }
         // -1: claimed before anything was written.
-        self.committed.insert(key.clone(), u64::try_from(position).ok());
-        self.claimed.insert(key);
+        self.committed.insert(key.to_string(), u64::try_from(position).ok());
+        self.claimed.insert(key.to_string());
         Ok(())
     }
 
-    /// Exactly-once: reads the stored position of the batch's shard unless it is known. The
-    /// offsets table keeps a row for every shard ever written (every S3 object, say); reading
+    /// Exactly-once: the stored position of shard `key` in offsets table `t`, read unless it is
+    /// known. The table keeps a row for every shard ever written (every S3 object, say); reading
     /// them all at the start made memory and start-up time grow with that history.
-    async fn look_up(&mut self, plan: &Plan, batch: &Batch) -> Result<()> {
-        let key = shard_key(batch);
-        let Some(t) = &plan.offsets_table else { return Ok(()) };
-        if self.committed.contains_key(&key) {
-            return Ok(());
+    async fn look_up(&mut self, t: &str, key: &str) -> Result<Option<u64>> {
+        if let Some(&known) = self.committed.get(key) {
+            return Ok(known);
         }
         self.forget_idle_shards();
-        let max_attempts = self.config.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        let sql = format!("SELECT position FROM {t} WHERE pipeline = $1 AND sink = $2 AND shard = $3");
         let mut attempt = 1;
         let row = loop {
-            let client = self.pool.get().await.map_err(|e| self.error(pg::pool_error(&e, &self.describe)))?;
-            let sql = format!("SELECT position FROM {t} WHERE pipeline = $1 AND sink = $2 AND shard = $3");
-            match client.query_opt(&sql, &[&self.pipeline, &self.component, &key]).await {
+            let read = {
+                let client = self.pool.get().await.map_err(|e| self.error(pg::pool_error(&e, &self.describe)))?;
+                client.query_opt(&sql, &[&self.pipeline, &self.component, &key]).await
+            };
+            match read {
                 Ok(row) => break row,
-                Err(e) if pg::is_transient(&e) && attempt < max_attempts => {
-                    let wait = pg::backoff(attempt);
-                    metrics::counter!(names::POSTGRES_RETRIES_TOTAL, "component" => self.component.clone())
-                        .increment(1);
-                    tracing::warn!(component = %self.component, attempt, "reading the stored position of {key} failed, retrying in {wait:?}: {}", pg::message(&e));
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
+                Err(e) => {
+                    let what = format!("reading the stored position of {key}");
+                    if !pg::is_transient(&e) || !self.retry_after(&mut attempt, &what, &pg::message(&e)).await {
+                        return Err(self.db_error("reading the shard's stored position", &e));
+                    }
                 }
-                Err(e) => return Err(self.db_error("reading the shard's stored position", &e)),
             }
         };
         let stored = row.and_then(|r| u64::try_from(r.get::<_, i64>(0)).ok());
-        self.committed.insert(key, stored);
-        Ok(())
+        self.committed.insert(key.to_string(), stored);
+        Ok(stored)
     }
 
     /// Past [`CACHED_SHARDS`] known positions, keeps only those of shards with rows pending.
@@ -1283,30 +1289,28 @@ impl Sink for PostgresSink {
 
     async fn write(&mut self, batch: Batch) -> Result<()> {
         let plan = self.prepare().await?;
-        if plan.offsets_table.is_some() && crate::fence::active() && !self.claimed.contains(&shard_key(&batch)) {
-            self.forget_idle_shards();
-            self.claim(&plan, &batch).await?;
-        }
-        self.look_up(&plan, &batch).await?;
         let n = batch.data.num_rows();
         // Exactly-once: rows at or before the stored position were written by an earlier run.
-        let keep: Vec<usize> = if plan.offsets_table.is_some() {
-            let positions = crate::sink::writer::row_positions(&self.component, &batch)?;
-            match self.committed.get(&shard_key(&batch)).copied().flatten() {
-                Some(done) => (0..n).filter(|i| positions[*i] > done).collect(),
-                None => (0..n).collect(),
+        let keep: Vec<usize> = match &plan.offsets_table {
+            Some(t) => {
+                let key = shard_key(&batch);
+                if crate::fence::active() && !self.claimed.contains(&key) {
+                    self.forget_idle_shards();
+                    self.claim(&plan, &batch, &key).await?;
+                }
+                let done = self.look_up(t, &key).await?;
+                let positions = crate::sink::writer::row_positions(&self.component, &batch)?;
+                if done.is_none_or(|d| batch.last > d) {
+                    let e = self.pending.positions.entry(key).or_insert(batch.last);
+                    *e = (*e).max(batch.last);
+                }
+                match done {
+                    Some(done) => (0..n).filter(|i| positions[*i] > done).collect(),
+                    None => (0..n).collect(),
+                }
             }
-        } else {
-            (0..n).collect()
+            None => (0..n).collect(),
         };
-        if plan.offsets_table.is_some() {
-            let key = shard_key(&batch);
-            let done = self.committed.get(&key).copied().flatten();
-            if done.is_none_or(|d| batch.last > d) {
-                let e = self.pending.positions.entry(key).or_insert(batch.last);
-                *e = (*e).max(batch.last);
-            }
-        }
         let cols = plan
             .columns
             .iter()

@@ -546,9 +546,10 @@ impl RollingWriter {
             Some(p) if !p.windows(2).all(|w| w[0] <= w[1]) => {
                 let mut order: Vec<u32> = (0..p.len() as u32).collect();
                 order.sort_by_key(|&i| p[i as usize]);
-                sorted = arrow::compute::take_record_batch(&batch.data, &UInt32Array::from(order.clone()))
+                let in_order: Arc<[u64]> = order.iter().map(|&i| p[i as usize]).collect();
+                sorted = arrow::compute::take_record_batch(&batch.data, &UInt32Array::from(order))
                     .map_err(|e| Error::arrow(&self.component, e))?;
-                positions = Some(order.iter().map(|&i| p[i as usize]).collect());
+                positions = Some(in_order);
                 &sorted
             }
             _ => &batch.data,
@@ -583,7 +584,8 @@ impl RollingWriter {
                 });
             }
         }
-        self.in_progress = positions.as_ref().and_then(|p| p.iter().min()).map(|&m| (shard.clone(), m));
+        // Sorted above: the first is the lowest.
+        self.in_progress = positions.as_ref().and_then(|p| p.first()).map(|&m| (shard.clone(), m));
         for group in self.split(data)? {
             // Rows a committed file already holds (a replay after a crash) are skipped.
             let group = match (&positions, self.manifests.get(&shard).and_then(|m| m.done(&group.folder))) {
@@ -1083,6 +1085,7 @@ mod tests {
     use super::*;
     use crate::batch::{RecordingCommitter, ShardInfo, ShardKind, ShardProgress};
     use crate::source::generator::{generate, shape_schema, Shape};
+    use arrow::array::AsArray;
     use std::sync::atomic::AtomicBool;
 
     /// Keeps bytes in memory; `commit` fails when told to.
@@ -1271,15 +1274,7 @@ mod tests {
                 "part-gen-0-00000000000000000150.parquet"
             ]
         );
-        let rows = |name: &str| {
-            let bytes = bytes::Bytes::from(files[name].clone());
-            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-                .unwrap()
-                .build()
-                .unwrap()
-                .map(|b| b.unwrap().num_rows())
-                .sum::<usize>()
-        };
+        let rows = |name: &str| read_back(&files[name]).iter().map(RecordBatch::num_rows).sum::<usize>();
         assert_eq!(rows("part-gen-0-00000000000000000100.parquet"), 50);
         assert_eq!(rows("part-gen-0-00000000000000000150.parquet"), 30);
         assert_eq!(p.committed(), Some(179));
@@ -1350,6 +1345,16 @@ mod tests {
         assert!(committed.lock().unwrap().is_empty());
     }
 
+    /// The rows of a Parquet file the writer made.
+    fn read_back(bytes: &[u8]) -> Vec<RecordBatch> {
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(bytes))
+            .unwrap()
+            .build()
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
     /// `b` with its rows' source positions, as the Kafka source gives them.
     fn positioned(b: Batch) -> Batch {
         let p: Arc<[u64]> = (b.first..=b.last).collect();
@@ -1390,19 +1395,7 @@ mod tests {
         let files = store.0.lock().unwrap().clone();
         let parquet: Vec<&String> = files.keys().filter(|k| k.ends_with(".parquet")).collect();
         assert_eq!(parquet.len(), 1000, "one file per day, none twice");
-        let rows: usize = parquet
-            .iter()
-            .map(|name| {
-                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(
-                    files[*name].clone(),
-                ))
-                .unwrap()
-                .build()
-                .unwrap()
-                .map(|b| b.unwrap().num_rows())
-                .sum::<usize>()
-            })
-            .sum();
+        let rows: usize = parquet.iter().flat_map(|name| read_back(&files[*name])).map(|b| b.num_rows()).sum();
         assert_eq!(rows, 10_000, "every row exactly once");
         assert_eq!(manifest(&store)["durable_below"], 10_000);
         assert_eq!(p.committed(), Some(9999));
@@ -1451,25 +1444,9 @@ mod tests {
         let mut names: Vec<&String> = files.keys().filter(|k| k.ends_with(".parquet")).collect();
         names.sort();
         assert_eq!(names, ["part-gen-0-00000000000000000000.parquet", "part-gen-0-00000000000000000005.parquet"]);
-        let first_ids = |name: &str| -> Vec<i64> {
-            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(
-                files[name].clone(),
-            ))
-            .unwrap()
-            .build()
-            .unwrap()
-            .flat_map(|b| {
-                b.unwrap().column(0).as_any().downcast_ref::<arrow::array::Int64Array>().unwrap().values().to_vec()
-            })
-            .collect()
-        };
-        let in_order: Vec<i64> = generate(Shape::Orders, &schema, 0, 0, 5)
-            .column(0)
-            .as_any()
-            .downcast_ref::<arrow::array::Int64Array>()
-            .unwrap()
-            .values()
-            .to_vec();
+        let ids = |b: &RecordBatch| b.column(0).as_primitive::<arrow::datatypes::Int64Type>().values().to_vec();
+        let first_ids = |name: &str| -> Vec<i64> { read_back(&files[name]).iter().flat_map(ids).collect() };
+        let in_order = ids(&generate(Shape::Orders, &schema, 0, 0, 5));
         assert_eq!(first_ids("part-gen-0-00000000000000000000.parquet"), in_order, "rows 0-4, in source order");
 
         // Another source with a shard of the same name: refused, naming both.

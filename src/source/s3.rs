@@ -309,15 +309,11 @@ impl S3Source {
     /// and tried again at the next listing.
     async fn collect_garbage(&self, keys: &[(String, String)], done: &HashMap<String, HashSet<String>>) {
         let listed: HashSet<(&str, &str)> = keys.iter().map(|(k, e)| (k.as_str(), e.as_str())).collect();
-        let options = glob::MatchOptions { require_literal_separator: true, ..Default::default() };
         // Only markers of keys this listing could have returned: another source (or pipeline)
         // given the same `state_prefix` keeps its own.
-        let ours = |key: &str| {
-            key.starts_with(&self.prefix) && self.pattern.as_ref().is_none_or(|p| p.matches_with(key, options))
-        };
         let missed: HashSet<String> = done
             .iter()
-            .filter(|(key, _)| ours(key))
+            .filter(|(key, _)| key.starts_with(&self.prefix) && matches(self.pattern.as_ref(), key))
             .flat_map(|(key, etags)| {
                 etags
                     .iter()
@@ -358,6 +354,12 @@ impl S3Source {
     }
 }
 
+/// Whether `key` matches the source's `pattern` (`*` does not cross `/`); any key without one.
+fn matches(pattern: Option<&glob::Pattern>, key: &str) -> bool {
+    let options = glob::MatchOptions { require_literal_separator: true, ..Default::default() };
+    pattern.is_none_or(|p| p.matches_with(key, options))
+}
+
 /// Keys (with ETags, without quotes) under `prefix` that match `pattern`, in key order, without
 /// the state objects.
 async fn list(
@@ -370,7 +372,6 @@ async fn list(
 ) -> Result<Vec<(String, String)>> {
     let mut pages = client.list_objects_v2().bucket(&connection.bucket).prefix(prefix).into_paginator().send();
     let mut keys = Vec::new();
-    let options = glob::MatchOptions { require_literal_separator: true, ..Default::default() };
     while let Some(page) = pages.next().await {
         let page = page.map_err(|e| {
             service(component, format!("cannot list `{prefix}` in {}: {}", connection.describe(), describe_error(&e)))
@@ -381,7 +382,7 @@ async fn list(
             if key.starts_with(state_prefix) || key.ends_with('/') || key.split('/').any(|seg| seg == "_sluice") {
                 continue;
             }
-            if pattern.is_some_and(|p| !p.matches_with(key, options)) {
+            if !matches(pattern, key) {
                 continue;
             }
             keys.push((key.to_string(), bare_etag(o.e_tag().unwrap_or_default()).to_string()));
