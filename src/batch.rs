@@ -61,6 +61,21 @@ impl ShardInfo {
         }
     }
 
+    /// The version of the shard's content where the store gives one (an S3 object's ETag).
+    pub fn version(&self) -> Option<&str> {
+        match &self.kind {
+            ShardKind::File { version, .. } => version.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// A short, stable hash of [`version`](Self::version) for output names, so the files of two
+    /// versions of one object (a rewritten object starts again at its first position) never
+    /// share a name.
+    pub fn version_tag(&self) -> Option<String> {
+        self.version().map(|v| format!("{:08x}", fnv1a(v.as_bytes())))
+    }
+
     /// The shard id reduced to characters that are safe in a file or object name, stable for a
     /// given id (long ids are shortened and suffixed with a hash so two never collide).
     pub fn file_token(&self) -> String {

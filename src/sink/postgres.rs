@@ -1277,8 +1277,14 @@ async fn send_refused(
 }
 
 /// Shard key of a batch in `sluice_offsets`: `source/shard`.
+/// The offsets table's `shard`: `{source}/{id}`, and `@{version}` for a shard whose content has a
+/// version (an S3 object's ETag), so that a rewritten object, read again from its first
+/// position, is not taken for the rows of the old one.
 fn shard_key(batch: &Batch) -> String {
-    format!("{}/{}", batch.shard.source, batch.shard.id)
+    match batch.shard.version() {
+        Some(v) => format!("{}/{}@{}", batch.shard.source, batch.shard.id, v.trim_matches('"')),
+        None => format!("{}/{}", batch.shard.source, batch.shard.id),
+    }
 }
 
 #[async_trait]

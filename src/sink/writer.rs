@@ -175,6 +175,12 @@ struct Manifest {
     /// The last position committed in each output folder, kept only for folders committed at or
     /// past `durable_below`, so the manifest is bounded by the files open, not by the history.
     folders: std::collections::BTreeMap<String, u64>,
+    /// The version of the shard's content these positions belong to (an S3 object's ETag):
+    /// a rewritten object is read again from its first position, and none of its rows are
+    /// durable yet. Absent for unversioned shards, and in manifests of earlier builds (taken to
+    /// be of the version that arrives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    shard_version: Option<String>,
 }
 
 impl Manifest {
@@ -583,7 +589,20 @@ impl RollingWriter {
                     ),
                 });
             }
+            if let Some(version) = batch.shard.version() {
+                // A manifest without a version (new, or an earlier build's) is this version's.
+                let held = manifest.shard_version.get_or_insert_with(|| version.to_string());
+                if held.as_str() != version {
+                    self.start_version(&shard, version)?;
+                }
+            }
         }
+        // Output names carry the content version too: a rewritten object's files start at the
+        // same positions as the old version's, and must not replace them.
+        let stem = match batch.shard.version_tag() {
+            Some(tag) => format!("{shard}-{tag}"),
+            None => shard.clone(),
+        };
         // Sorted above: the first is the lowest.
         self.in_progress = positions.as_ref().and_then(|p| p.first()).map(|&m| (shard.clone(), m));
         for group in self.split(data)? {
@@ -601,7 +620,7 @@ impl RollingWriter {
             while at < n {
                 if !self.open.contains_key(&key) {
                     let first = positions.as_ref().map_or(batch.first, |p| p[group.input_row(at)]);
-                    self.open_for(&key, &group.data, first)?;
+                    self.open_for(&key, &stem, &group.data, first)?;
                 }
                 let file = self.open.get_mut(&key).expect("opened above");
                 let mut take = n - at;
@@ -685,7 +704,7 @@ impl RollingWriter {
     }
 
     /// Opens the file for `key`, closing the largest open file first when at `max_open_files`.
-    fn open_for(&mut self, key: &(String, String), data: &RecordBatch, first: u64) -> Result<()> {
+    fn open_for(&mut self, key: &(String, String), stem: &str, data: &RecordBatch, first: u64) -> Result<()> {
         // Make room first, so a batch spread over many folders never exceeds the cap.
         while self.open.len() >= self.settings.max_open_files {
             let Some(largest) = self.open.iter().max_by_key(|(_, f)| f.size()).map(|(k, _)| k.clone()) else {
@@ -699,8 +718,29 @@ impl RollingWriter {
         {
             self.plain_columns = high_cardinality_columns(data);
         }
-        let file = self.open_file(&key.0, &key.1, first)?;
+        let file = self.open_file(&key.0, &key.1, stem, first)?;
         self.open.insert(key.clone(), file);
+        Ok(())
+    }
+
+    /// `shard`'s content changed (an object rewritten under its key): its rows start again at
+    /// the first position. The files still open hold the old version's rows and are committed
+    /// under it first; then nothing of the new version is durable yet.
+    fn start_version(&mut self, shard: &str, version: &str) -> Result<()> {
+        let mut old: Vec<_> = self.open.keys().filter(|k| k.1 == shard).cloned().collect();
+        old.sort();
+        for key in old {
+            self.close(&key)?;
+        }
+        let manifest = self.manifests.get_mut(shard).expect("read before");
+        tracing::info!(
+            component = %self.component, shard,
+            "the shard's content changed (version {} before, {version} now): writing it again from its first position",
+            manifest.shard_version.as_deref().unwrap_or_default()
+        );
+        manifest.shard_version = Some(version.to_string());
+        manifest.durable_below = 0;
+        manifest.folders.clear();
         Ok(())
     }
 
@@ -845,15 +885,17 @@ impl RollingWriter {
         self.open.len()
     }
 
-    fn open_file(&mut self, folder: &str, shard: &str, first: u64) -> Result<OpenFile> {
+    /// Opens `{folder}part-{stem}-{first}`, the file of `shard` in `folder` (`stem` is the shard's
+    /// name token, with its content version's tag where it has one).
+    fn open_file(&mut self, folder: &str, shard: &str, stem: &str, first: u64) -> Result<OpenFile> {
         // Two files can start at the same position (two inputs derived from one source batch, dead
         // letters without positions): number the later ones, in arrival order, so names stay
         // deterministic for the same input and nothing is overwritten.
         let ext = self.extension();
-        let mut name = format!("{folder}part-{shard}-{first:020}.{ext}");
+        let mut name = format!("{folder}part-{stem}-{first:020}.{ext}");
         let mut n = 1;
         while self.names_used.contains(&name) {
-            name = format!("{folder}part-{shard}-{first:020}-{n}.{ext}");
+            name = format!("{folder}part-{stem}-{first:020}-{n}.{ext}");
             n += 1;
         }
         if self.names_used.len() == RECENT_NAMES {
@@ -1459,6 +1501,65 @@ mod tests {
         let mut w = RollingWriter::new("t", &schema, s, Box::new(store.clone())).unwrap();
         let err = w.write(&positioned(batch(&other, 10, 20))).unwrap_err().to_string();
         assert!(err.contains("`g` and `h`"), "{err}");
+    }
+
+    #[test]
+    fn exactly_once_writes_a_rewritten_object_again_under_names_of_its_own() {
+        let store = Store::default();
+        let schema = shape_schema(Shape::Orders);
+        let s = WriterSettings { max_rows: Some(4), exactly_once: true, ..settings() };
+        let object = |etag: &str| {
+            let shard = Arc::new(ShardInfo {
+                source: "s3".into(),
+                id: "in/a.ndjson".into(),
+                kind: ShardKind::File { path: "s3://b/in/a.ndjson".into(), version: Some(etag.into()) },
+                epoch: None,
+            });
+            ShardProgress::new(shard, Arc::new(RecordingCommitter::default()), Arc::new(AtomicBool::new(false)))
+        };
+        let rows = |store: &Store| -> usize {
+            let files = store.0.lock().unwrap().clone();
+            files
+                .iter()
+                .filter(|(k, _)| k.ends_with(".parquet"))
+                .flat_map(|(_, v)| read_back(v))
+                .map(|b| b.num_rows())
+                .sum()
+        };
+        let (v1, v2) = (object("\"e1\""), object("\"e2\""));
+        let mut w = RollingWriter::new("t", &schema, s.clone(), Box::new(store.clone())).unwrap();
+        w.write(&positioned(batch(&v1, 1, 7))).unwrap(); // rows 1-4 committed, 5-6 open
+                                                         // The object is rewritten; its new content is read from the first position, within the
+                                                         // same run: the old version's open file is committed first, and nothing is skipped.
+        w.write(&positioned(batch(&v2, 1, 10))).unwrap();
+        w.finish().unwrap();
+        assert_eq!(rows(&store), 6 + 9, "every row of both versions");
+        let name = format!("_sluice/manifests/{}.json", v1.shard().file_token());
+        let manifest: serde_json::Value = serde_json::from_slice(&store.0.lock().unwrap()[&name]).unwrap();
+        assert_eq!(manifest["shard_version"], "\"e2\"", "{manifest}");
+        assert_eq!(manifest["durable_below"], 10, "{manifest}");
+        let names = |store: &Store| -> Vec<String> {
+            let mut n: Vec<String> =
+                store.0.lock().unwrap().keys().filter(|k| k.ends_with(".parquet")).cloned().collect();
+            n.sort();
+            n
+        };
+        let (tag1, tag2) = (v1.shard().version_tag().unwrap(), v2.shard().version_tag().unwrap());
+        assert_ne!(tag1, tag2);
+        assert_eq!(names(&store).iter().filter(|n| n.contains(&tag1)).count(), 2, "{:?}", names(&store));
+        assert_eq!(names(&store).iter().filter(|n| n.contains(&tag2)).count(), 3, "{:?}", names(&store));
+
+        // Next run: the version the manifest holds is replayed and skipped; a third one is
+        // written whole.
+        let mut w = RollingWriter::new("t", &schema, s.clone(), Box::new(store.clone())).unwrap();
+        w.write(&positioned(batch(&v2, 1, 10))).unwrap();
+        w.finish().unwrap();
+        assert_eq!(rows(&store), 15, "the replay of the held version adds nothing");
+        let v3 = object("\"e3\"");
+        let mut w = RollingWriter::new("t", &schema, s, Box::new(store.clone())).unwrap();
+        w.write(&positioned(batch(&v3, 1, 3))).unwrap();
+        w.finish().unwrap();
+        assert_eq!(rows(&store), 17, "a version written after a restart, whole");
     }
 
     #[test]
