@@ -772,6 +772,13 @@ impl KafkaSource {
         let pauses = metrics::counter!(names::KAFKA_PAUSES_TOTAL, &labels);
 
         let (tx, mut rx) = mpsc::channel::<Result<(LineChunk, ChunkMeta, Vec<BadRecord>)>>(1);
+        // The offset after the last message the reader took (-1: none yet), where a paused
+        // partition must resume. librdkafka resumes at its own record of it, which an
+        // end-of-partition event moves one past the next message (`rd_kafka_q_serve_rkmessages`
+        // stores every event's offset + 1, the EOF's included): a record produced after the
+        // partition was caught up, while the sink held the reader back, was skipped.
+        let taken = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+        let taken_r = taken.clone();
         let stop = cancel.clone();
         let batch_size = ctx.batch_size.max(1);
         let max_wait = self.max_wait;
@@ -851,6 +858,11 @@ impl KafkaSource {
                             Polled::Message(msg) => msg,
                         };
                         let offset = msg.offset();
+                        if next_offset.is_some_and(|n| offset < n) {
+                            // Fetched again after a resume's seek: already taken.
+                            return true;
+                        }
+                        taken_r.store(offset + 1, std::sync::atomic::Ordering::SeqCst);
                         if next_offset.is_some_and(|n| n != offset) {
                             // Normal for compacted topics and transaction markers.
                             tracing::debug!(source = %component, topic = %topic_r, partition, expected = ?next_offset, offset, "offset gap");
@@ -985,6 +997,25 @@ impl KafkaSource {
                 }
             };
             if paused {
+                // Where the reader stopped, not where librdkafka thinks it did (see `taken`).
+                let next = taken.load(std::sync::atomic::Ordering::SeqCst);
+                if next >= 0 {
+                    let (c, t) = (consumer.clone(), topic.clone());
+                    let sought = tokio::task::spawn_blocking(move || {
+                        c.seek(&t, partition, Offset::Offset(next), Duration::from_secs(10))
+                    })
+                    .await;
+                    if let Some(e) = match sought {
+                        Ok(r) => r.err().map(|e| e.to_string()),
+                        Err(e) => Some(e.to_string()),
+                    } {
+                        result = Err(self.error(format!(
+                            "{topic} partition {partition}: moving back to offset {next} before resuming failed ({e}); \
+                             stopping, to read again from the committed offset"
+                        )));
+                        break;
+                    }
+                }
                 if let Err(e) = consumer.resume(&tpl) {
                     tracing::warn!(source = %self.id, topic, partition, "resuming the partition failed: {e}");
                 }
