@@ -47,6 +47,8 @@ pub const DEFAULT_MAX_OPEN_FILES: usize = 64;
 /// Folder (under the sink's root) of the exactly-once manifests, one per source shard. Readers of
 /// Hive-style datasets skip `_`-prefixed folders.
 pub const MANIFEST_DIR: &str = "_sluice/manifests";
+/// `exactly_once`: manifests kept in memory whether or not their shard has an open file.
+const MANIFESTS_KEPT: usize = 1024;
 /// The manifest format written (2 added `durable_below` and `source`).
 const MANIFEST_VERSION: u32 = 2;
 /// How many recent file names are remembered to avoid reusing one.
@@ -443,8 +445,8 @@ pub struct RollingWriter {
     plain_columns: Option<Vec<String>>,
     /// Index of `time_column` in the input.
     time_column: Option<usize>,
-    /// `exactly_once`: each source shard's manifest, read when its first batch arrives (small:
-    /// `durable_below` and the folders past it).
+    /// `exactly_once`: the manifests of the source shards with open files, read when a batch of
+    /// the shard arrives and none is open.
     manifests: HashMap<String, Manifest>,
     /// `exactly_once`: the shard of the batch being written and its lowest source position.
     in_progress: Option<(String, u64)>,
@@ -670,15 +672,19 @@ impl RollingWriter {
         Ok(())
     }
 
-    /// A shard's clock only matters to its open files: an endless run over ever-new shards (S3
-    /// objects) kept one count per shard it ever wrote. Done between batches, never within one
-    /// (a clock restarted mid-batch would date the batch's new files in the old count).
-    /// Manifests stay: dropping them and reading them back from S3 lost rows in
-    /// `faults::s3_sink_recovers_from_every_fault_and_a_server_restart_exactly_once`.
+    /// A shard's clock and manifest only matter to its open files: an endless run over
+    /// ever-new shards (S3 objects) kept one of each per shard it ever wrote. Done between
+    /// batches, never within one (a clock restarted mid-batch would date the batch's new files in
+    /// the old count). Past [`MANIFESTS_KEPT`], the manifests of shards without open files are
+    /// dropped and read again (one GET) with the shard's next batch; fewer are kept, so a few
+    /// Kafka partitions whose files close every batch do not pay a read per batch.
     fn forget_closed_shards(&mut self) {
-        if self.shard_batches.len() > self.open.len() {
-            let open = &self.open;
+        let open = &self.open;
+        if self.shard_batches.len() > open.len() {
             self.shard_batches.retain(|shard, _| open.keys().any(|k| &k.1 == shard));
+        }
+        if self.manifests.len() > MANIFESTS_KEPT.max(open.len()) {
+            self.manifests.retain(|shard, _| open.keys().any(|k| &k.1 == shard));
         }
     }
 
@@ -1563,14 +1569,15 @@ mod tests {
     }
 
     #[test]
-    fn a_shards_batch_clock_is_dropped_with_its_last_open_file() {
+    fn a_shards_batch_clock_and_manifest_are_dropped_with_its_last_open_file() {
         let store = Store::default();
         let schema = shape_schema(Shape::Orders);
         let s = WriterSettings { max_rows: Some(10), exactly_once: true, ..settings() };
         let mut w = RollingWriter::new("t", &schema, s, Box::new(store.clone())).unwrap();
         // One shard after another, as an endless run over new objects: each file rotates at
         // 10 rows, so no shard keeps an open file.
-        for n in 0..200 {
+        let objects = MANIFESTS_KEPT + 100;
+        for n in 0..objects {
             let shard = Arc::new(ShardInfo {
                 source: "g".into(),
                 id: format!("object-{n}"),
@@ -1582,13 +1589,28 @@ mod tests {
             w.write(&positioned(batch(&p, 0, 10))).unwrap();
             assert_eq!(p.committed(), Some(9));
         }
-        assert_eq!(store.0.lock().unwrap().keys().filter(|k| k.ends_with(".parquet")).count(), 200);
+        let files = |store: &Store| store.0.lock().unwrap().keys().filter(|k| k.ends_with(".parquet")).count();
+        assert_eq!(files(&store), objects);
         assert_eq!(w.open_files(), 0);
         assert!(w.shard_batches.is_empty(), "{} shard clocks kept", w.shard_batches.len());
-        // A shard with an open file keeps its clock.
+        assert!(w.manifests.len() < 200, "{} manifests kept", w.manifests.len());
+        // A dropped manifest is read again: a replay of the first object (other values at the
+        // same positions, to tell a rewrite) writes nothing.
+        let name = "part-object-0-00000000000000000000.parquet";
+        let before = store.0.lock().unwrap()[name].clone();
+        let first =
+            Arc::new(ShardInfo { source: "g".into(), id: "object-0".into(), kind: ShardKind::Sequence, epoch: None });
+        assert!(!w.manifests.contains_key("object-0"));
+        let p = ShardProgress::new(first, Arc::new(RecordingCommitter::default()), Arc::new(AtomicBool::new(false)));
+        let other = Batch { data: generate(Shape::Orders, &schema, 1, 0, 10), ..batch(&p, 0, 10) };
+        w.write(&positioned(other)).unwrap();
+        w.finish().unwrap();
+        assert_eq!(files(&store), objects);
+        assert!(store.0.lock().unwrap()[name] == before, "the replayed rows were skipped, not written again");
+        // A shard with an open file keeps its clock and manifest.
         let p = progress();
         w.write(&positioned(batch(&p, 0, 5))).unwrap();
-        assert_eq!(w.shard_batches.len(), 1);
+        assert!(w.shard_batches.contains_key("gen-0") && w.manifests.contains_key("gen-0"));
     }
 
     #[test]
