@@ -183,6 +183,10 @@ struct Manifest {
     /// be of the version that arrives).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     shard_version: Option<String>,
+    /// The writer's batch count when the shard last wrote (in memory only): the least recently
+    /// used manifests are dropped first.
+    #[serde(skip)]
+    used: u64,
 }
 
 impl Manifest {
@@ -452,6 +456,8 @@ pub struct RollingWriter {
     in_progress: Option<(String, u64)>,
     /// Batches written per source shard, the clock of `max_idle_batches`.
     shard_batches: HashMap<String, u64>,
+    /// `exactly_once`: batches written, the clock of [`Manifest::used`].
+    batches_written: u64,
     files_written: metrics::Counter,
 }
 
@@ -531,6 +537,7 @@ impl RollingWriter {
             manifests: HashMap::new(),
             in_progress: None,
             shard_batches: HashMap::new(),
+            batches_written: 0,
             files_written,
         })
     }
@@ -578,7 +585,9 @@ impl RollingWriter {
                 let manifest = self.read_manifest(&shard)?;
                 self.manifests.insert(shard.clone(), manifest);
             }
+            self.batches_written += 1;
             let manifest = self.manifests.get_mut(&shard).expect("inserted above");
+            manifest.used = self.batches_written;
             if manifest.source.is_empty() {
                 manifest.source = batch.shard.source.clone();
             } else if manifest.source != batch.shard.source {
@@ -675,16 +684,28 @@ impl RollingWriter {
     /// A shard's clock and manifest only matter to its open files: an endless run over
     /// ever-new shards (S3 objects) kept one of each per shard it ever wrote. Done between
     /// batches, never within one (a clock restarted mid-batch would date the batch's new files in
-    /// the old count). Past [`MANIFESTS_KEPT`], the manifests of shards without open files are
-    /// dropped and read again (one GET) with the shard's next batch; fewer are kept, so a few
-    /// Kafka partitions whose files close every batch do not pay a read per batch.
+    /// the old count). Past [`MANIFESTS_KEPT`], the least recently used manifests of shards
+    /// without open files are dropped, down to half that, and read again (one GET) with their
+    /// shard's next batch: fewer are kept, so a few Kafka partitions whose files close every
+    /// batch do not pay a read per batch.
     fn forget_closed_shards(&mut self) {
         let open = &self.open;
         if self.shard_batches.len() > open.len() {
             self.shard_batches.retain(|shard, _| open.keys().any(|k| &k.1 == shard));
         }
-        if self.manifests.len() > MANIFESTS_KEPT.max(open.len()) {
-            self.manifests.retain(|shard, _| open.keys().any(|k| &k.1 == shard));
+        if self.manifests.len() > MANIFESTS_KEPT {
+            let open: std::collections::HashSet<&String> = open.keys().map(|k| &k.1).collect();
+            let mut closed: Vec<(u64, String)> = self
+                .manifests
+                .iter()
+                .filter(|(shard, _)| !open.contains(shard))
+                .map(|(shard, m)| (m.used, shard.clone()))
+                .collect();
+            closed.sort_unstable();
+            let excess = self.manifests.len().saturating_sub(MANIFESTS_KEPT / 2);
+            for (_, shard) in closed.into_iter().take(excess) {
+                self.manifests.remove(&shard);
+            }
         }
     }
 
@@ -1593,7 +1614,8 @@ mod tests {
         assert_eq!(files(&store), objects);
         assert_eq!(w.open_files(), 0);
         assert!(w.shard_batches.is_empty(), "{} shard clocks kept", w.shard_batches.len());
-        assert!(w.manifests.len() < 200, "{} manifests kept", w.manifests.len());
+        assert!(w.manifests.len() <= MANIFESTS_KEPT, "{} manifests kept", w.manifests.len());
+        assert!(w.manifests.contains_key(&format!("object-{}", objects - 1)), "the most recent is kept");
         // A dropped manifest is read again: a replay of the first object (other values at the
         // same positions, to tell a rewrite) writes nothing.
         let name = "part-object-0-00000000000000000000.parquet";

@@ -779,6 +779,10 @@ impl KafkaSource {
         // partition was caught up, while the sink held the reader back, was skipped.
         let taken = Arc::new(std::sync::atomic::AtomicI64::new(-1));
         let taken_r = taken.clone();
+        // The last offset sought to (-1: none): messages from there up to the reader's next
+        // offset are ones it already took, fetched again.
+        let sought = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+        let sought_r = sought.clone();
         let stop = cancel.clone();
         let batch_size = ctx.batch_size.max(1);
         let max_wait = self.max_wait;
@@ -858,9 +862,15 @@ impl KafkaSource {
                             Polled::Message(msg) => msg,
                         };
                         let offset = msg.offset();
-                        if next_offset.is_some_and(|n| offset < n) {
-                            // Fetched again after a resume's seek: already taken.
-                            return true;
+                        if let Some(n) = next_offset.filter(|&n| offset < n) {
+                            let from = sought_r.load(std::sync::atomic::Ordering::SeqCst);
+                            if from >= 0 && offset >= from {
+                                // Fetched again after a resume's seek: already taken.
+                                return true;
+                            }
+                            // Not a seek of ours (the log was truncated and rewritten, say):
+                            // read, and said.
+                            tracing::warn!(source = %component, topic = %topic_r, partition, expected = n, offset, "the partition went back to an earlier offset");
                         }
                         taken_r.store(offset + 1, std::sync::atomic::Ordering::SeqCst);
                         if next_offset.is_some_and(|n| n != offset) {
@@ -999,7 +1009,10 @@ impl KafkaSource {
             if paused {
                 // Where the reader stopped, not where librdkafka thinks it did (see `taken`).
                 let next = taken.load(std::sync::atomic::Ordering::SeqCst);
-                if next >= 0 {
+                // A stop does not need the position (the committed offset is where the next
+                // run starts), and a failed seek must not turn it into an error.
+                if next >= 0 && !stop.is_cancelled() {
+                    sought.store(next, std::sync::atomic::Ordering::SeqCst);
                     let (c, t) = (consumer.clone(), topic.clone());
                     let sought = tokio::task::spawn_blocking(move || {
                         c.seek(&t, partition, Offset::Offset(next), Duration::from_secs(10))

@@ -510,6 +510,18 @@ impl Source for S3Source {
         // next generation): its ETag comes first (HEAD), so a done one is not downloaded. A
         // `sluice run` reads only what its listing found not done.
         let regrant = crate::fence::active();
+        // The batches carry the ETag the listing (or the grant) gave: exactly-once sinks key
+        // their state by it. Content that changed since is not read under the old ETag (its rows
+        // would be taken for the old version's); the next listing, or the coordinator, hands the
+        // object out again under its new one.
+        let changed = |etag: &str| {
+            let before = ctx.shard.version().filter(|v| *v != etag)?;
+            tracing::warn!(
+                source = %self.id, key = %key, listed = before, now = etag,
+                "the object changed since it was listed; it is read under its new ETag by the next listing"
+            );
+            Some(())
+        };
         let (file, skip) = if regrant {
             let Some(listed) = etag_if_exists(&self.client, &self.connection.bucket, &key)
                 .await
@@ -518,11 +530,17 @@ impl Source for S3Source {
                 tracing::warn!(source = %self.id, "s3://{}/{key} was deleted after it was listed; nothing to read", self.connection.bucket);
                 return Ok(());
             };
+            if changed(&listed).is_some() {
+                return Ok(());
+            }
             let skip = match self.state.open(&self.client, &ctx.shard, &listed, true).await? {
                 Resume::Done => return Ok(()),
                 Resume::After(skip) => skip,
             };
             let (file, etag) = self.download(&key).await?;
+            if changed(&etag).is_some() {
+                return Ok(());
+            }
             if etag == listed {
                 (file, skip)
             } else {
@@ -532,6 +550,9 @@ impl Source for S3Source {
             }
         } else {
             let (file, etag) = self.download(&key).await?;
+            if changed(&etag).is_some() {
+                return Ok(());
+            }
             match self.state.open(&self.client, &ctx.shard, &etag, false).await? {
                 Resume::Done => return Ok(()),
                 Resume::After(skip) => (file, skip),
