@@ -21,7 +21,7 @@ use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 use serde::Deserialize;
 
-use crate::batch::{Ack, Batch};
+use crate::batch::{Ack, Batch, ShardInfo};
 use crate::config::{ByteSize, HumanDuration};
 use crate::observe::names;
 use crate::{Error, Result};
@@ -608,12 +608,6 @@ impl RollingWriter {
                 }
             }
         }
-        // Output names carry the content version too: a rewritten object's files start at the
-        // same positions as the old version's, and must not replace them.
-        let stem = match batch.shard.version_tag() {
-            Some(tag) => format!("{shard}-{tag}"),
-            None => shard.clone(),
-        };
         // Sorted above: the first is the lowest.
         self.in_progress = positions.as_ref().and_then(|p| p.first()).map(|&m| (shard.clone(), m));
         for group in self.split(data)? {
@@ -631,7 +625,7 @@ impl RollingWriter {
             while at < n {
                 if !self.open.contains_key(&key) {
                     let first = positions.as_ref().map_or(batch.first, |p| p[group.input_row(at)]);
-                    self.open_for(&key, &stem, &group.data, first)?;
+                    self.open_for(&key, &batch.shard, &group.data, first)?;
                 }
                 let file = self.open.get_mut(&key).expect("opened above");
                 let mut take = n - at;
@@ -731,7 +725,7 @@ impl RollingWriter {
     }
 
     /// Opens the file for `key`, closing the largest open file first when at `max_open_files`.
-    fn open_for(&mut self, key: &(String, String), stem: &str, data: &RecordBatch, first: u64) -> Result<()> {
+    fn open_for(&mut self, key: &(String, String), shard: &ShardInfo, data: &RecordBatch, first: u64) -> Result<()> {
         // Make room first, so a batch spread over many folders never exceeds the cap.
         while self.open.len() >= self.settings.max_open_files {
             let Some(largest) = self.open.iter().max_by_key(|(_, f)| f.size()).map(|(k, _)| k.clone()) else {
@@ -745,7 +739,7 @@ impl RollingWriter {
         {
             self.plain_columns = high_cardinality_columns(data);
         }
-        let file = self.open_file(&key.0, &key.1, stem, first)?;
+        let file = self.open_file(&key.0, &key.1, shard, first)?;
         self.open.insert(key.clone(), file);
         Ok(())
     }
@@ -912,9 +906,14 @@ impl RollingWriter {
         self.open.len()
     }
 
-    /// Opens `{folder}part-{stem}-{first}`, the file of `shard` in `folder` (`stem` is the shard's
-    /// name token, with its content version's tag where it has one).
-    fn open_file(&mut self, folder: &str, shard: &str, stem: &str, first: u64) -> Result<OpenFile> {
+    /// Opens the file of `shard` (its name token `token`) in `folder`.
+    fn open_file(&mut self, folder: &str, token: &str, shard: &ShardInfo, first: u64) -> Result<OpenFile> {
+        // Output names carry the content version too: a rewritten object's files start at the
+        // same positions as the old version's, and must not replace them.
+        let stem = match shard.version_tag() {
+            Some(tag) => format!("{token}-{tag}"),
+            None => token.to_string(),
+        };
         // Two files can start at the same position (two inputs derived from one source batch, dead
         // letters without positions): number the later ones, in arrival order, so names stay
         // deterministic for the same input and nothing is overwritten.
@@ -946,7 +945,7 @@ impl RollingWriter {
             first_time: None,
             first_position: self.settings.exactly_once.then_some(first),
             last_position: None,
-            last_batch: self.shard_batches.get(shard).copied().unwrap_or_default(),
+            last_batch: self.shard_batches.get(token).copied().unwrap_or_default(),
             acks: Vec::new(),
         })
     }

@@ -21,7 +21,7 @@
 //! its topics (or the `partitions` listed); the coordinator hands partitions to workers the same way.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -777,11 +777,11 @@ impl KafkaSource {
         // end-of-partition event moves one past the next message (`rd_kafka_q_serve_rkmessages`
         // stores every event's offset + 1, the EOF's included): a record produced after the
         // partition was caught up, while the sink held the reader back, was skipped.
-        let taken = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+        let taken = Arc::new(AtomicI64::new(-1));
         let taken_r = taken.clone();
         // The last offset sought to (-1: none): messages from there up to the reader's next
         // offset are ones it already took, fetched again.
-        let sought = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+        let sought = Arc::new(AtomicI64::new(-1));
         let sought_r = sought.clone();
         let stop = cancel.clone();
         let batch_size = ctx.batch_size.max(1);
@@ -863,7 +863,7 @@ impl KafkaSource {
                         };
                         let offset = msg.offset();
                         if let Some(n) = next_offset.filter(|&n| offset < n) {
-                            let from = sought_r.load(std::sync::atomic::Ordering::SeqCst);
+                            let from = sought_r.load(Ordering::SeqCst);
                             if from >= 0 && offset >= from {
                                 // Fetched again after a resume's seek: already taken.
                                 return true;
@@ -872,7 +872,7 @@ impl KafkaSource {
                             // read, and said.
                             tracing::warn!(source = %component, topic = %topic_r, partition, expected = n, offset, "the partition went back to an earlier offset");
                         }
-                        taken_r.store(offset + 1, std::sync::atomic::Ordering::SeqCst);
+                        taken_r.store(offset + 1, Ordering::SeqCst);
                         if next_offset.is_some_and(|n| n != offset) {
                             // Normal for compacted topics and transaction markers.
                             tracing::debug!(source = %component, topic = %topic_r, partition, expected = ?next_offset, offset, "offset gap");
@@ -1008,20 +1008,18 @@ impl KafkaSource {
             };
             if paused {
                 // Where the reader stopped, not where librdkafka thinks it did (see `taken`).
-                let next = taken.load(std::sync::atomic::Ordering::SeqCst);
+                let next = taken.load(Ordering::SeqCst);
                 // A stop does not need the position (the committed offset is where the next
                 // run starts), and a failed seek must not turn it into an error.
                 if next >= 0 && !stop.is_cancelled() {
-                    sought.store(next, std::sync::atomic::Ordering::SeqCst);
+                    sought.store(next, Ordering::SeqCst);
                     let (c, t) = (consumer.clone(), topic.clone());
-                    let sought = tokio::task::spawn_blocking(move || {
-                        c.seek(&t, partition, Offset::Offset(next), Duration::from_secs(10))
+                    let moved = tokio::task::spawn_blocking(move || {
+                        c.seek(&t, partition, Offset::Offset(next), Duration::from_secs(10)).map_err(|e| e.to_string())
                     })
-                    .await;
-                    if let Some(e) = match sought {
-                        Ok(r) => r.err().map(|e| e.to_string()),
-                        Err(e) => Some(e.to_string()),
-                    } {
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                    if let Err(e) = moved {
                         result = Err(self.error(format!(
                             "{topic} partition {partition}: moving back to offset {next} before resuming failed ({e}); \
                              stopping, to read again from the committed offset"

@@ -515,12 +515,12 @@ impl Source for S3Source {
         // would be taken for the old version's); the next listing, or the coordinator, hands the
         // object out again under its new one.
         let changed = |etag: &str| {
-            let before = ctx.shard.version().filter(|v| *v != etag)?;
+            let Some(before) = ctx.shard.version().filter(|v| *v != etag) else { return false };
             tracing::warn!(
                 source = %self.id, key = %key, listed = before, now = etag,
                 "the object changed since it was listed; it is read under its new ETag by the next listing"
             );
-            Some(())
+            true
         };
         let (file, skip) = if regrant {
             let Some(listed) = etag_if_exists(&self.client, &self.connection.bucket, &key)
@@ -530,7 +530,7 @@ impl Source for S3Source {
                 tracing::warn!(source = %self.id, "s3://{}/{key} was deleted after it was listed; nothing to read", self.connection.bucket);
                 return Ok(());
             };
-            if changed(&listed).is_some() {
+            if changed(&listed) {
                 return Ok(());
             }
             let skip = match self.state.open(&self.client, &ctx.shard, &listed, true).await? {
@@ -538,7 +538,7 @@ impl Source for S3Source {
                 Resume::After(skip) => skip,
             };
             let (file, etag) = self.download(&key).await?;
-            if changed(&etag).is_some() {
+            if changed(&etag) {
                 return Ok(());
             }
             if etag == listed {
@@ -550,7 +550,7 @@ impl Source for S3Source {
             }
         } else {
             let (file, etag) = self.download(&key).await?;
-            if changed(&etag).is_some() {
+            if changed(&etag) {
                 return Ok(());
             }
             match self.state.open(&self.client, &ctx.shard, &etag, false).await? {
