@@ -10,7 +10,10 @@
 //!   growing across coordinator restarts without any stored state.
 //! - Restart: the coordinator keeps nothing on disk. Workers keep processing what they hold and
 //!   report it in their next heartbeat; the coordinator adopts it, and grants nothing during its
-//!   first lease period, so no shard is handed out twice.
+//!   first lease period, so no shard is handed out twice. A worker whose lease ran out before the
+//!   coordinator came back has stopped its shards and claims none; it reports them as
+//!   `last_held`, and the first assignment after that period puts them back on it (new epochs)
+//!   as far as balance allows, so a slow restart does not reshuffle every shard either.
 
 pub mod assign;
 pub mod client;
@@ -57,6 +60,11 @@ pub struct HeartbeatRequest {
     pub applied_version: u64,
     /// The shards it is reading, with their epochs.
     pub held: Vec<Grant>,
+    /// Sent only while its lease has run out (it stopped those shards and claims nothing): the
+    /// shards of its last assignment. A restarted coordinator grants them back to it, at new
+    /// epochs, when balance allows, instead of dealing every shard out afresh; never adopted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub last_held: Vec<Grant>,
     /// Shards read to their end (files, table ranges): never assigned again by this coordinator.
     pub finished: Vec<String>,
     /// Per shard: committed position and rate (positions per second).

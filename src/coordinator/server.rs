@@ -90,6 +90,9 @@ pub struct Core {
     listed_once: bool,
     shards: IndexMap<String, ShardState>,
     workers: IndexMap<String, WorkerState>,
+    /// Shard → (worker, epoch) from the `last_held` of workers that registered with a lapsed
+    /// lease: where unowned shards go in the first assignment after the restart grace.
+    hints: HashMap<String, (String, u64)>,
     /// The autoscaler's last decision, for the status.
     autoscale: Option<AutoscaleStatus>,
 }
@@ -109,6 +112,7 @@ impl Core {
             listed_once: false,
             shards: IndexMap::new(),
             workers: IndexMap::new(),
+            hints: HashMap::new(),
             autoscale: None,
         }
     }
@@ -243,7 +247,7 @@ impl Core {
         self.last_stamp = self.last_stamp.max(seen);
         if !self.workers.contains_key(&id) {
             let version = self.stamp();
-            tracing::info!(worker = %id, held = req.held.len(), "worker registered");
+            tracing::info!(worker = %id, held = req.held.len(), last_held = req.last_held.len(), "worker registered");
             self.workers.insert(
                 id.clone(),
                 WorkerState {
@@ -258,6 +262,13 @@ impl Core {
             );
             for g in &req.held {
                 self.adopt(&id, g, now);
+            }
+            // Of two workers that held a shard, the later grant (higher epoch) is where it was.
+            for g in &req.last_held {
+                let hint = self.hints.entry(g.key()).or_insert_with(|| (id.clone(), g.epoch));
+                if g.epoch > hint.1 {
+                    *hint = (id.clone(), g.epoch);
+                }
             }
         }
         {
@@ -378,11 +389,15 @@ impl Core {
         workers.sort();
         let eligible: Vec<String> =
             self.shards.iter().filter(|(_, s)| s.listed && !s.finished).map(|(k, _)| k.clone()).collect();
+        // Unowned shards count as their hinted worker's, once: after a restart, shards whose
+        // worker's lease ran out in the meantime go back to it as balance allows.
+        let hints = std::mem::take(&mut self.hints);
         let current: HashMap<String, String> = self
             .shards
             .iter()
-            .filter_map(|(k, s)| {
-                s.owner.as_ref().filter(|o| o.revoke_version.is_none()).map(|o| (k.clone(), o.worker.clone()))
+            .filter_map(|(k, s)| match &s.owner {
+                Some(o) => o.revoke_version.is_none().then(|| (k.clone(), o.worker.clone())),
+                None => hints.get(k).map(|(w, _)| (k.clone(), w.clone())),
             })
             .collect();
         let target: BTreeMap<String, String> = assign::assign(&eligible, &workers, &current);
@@ -1042,5 +1057,48 @@ mod tests {
         assert_eq!(again.assignment, got, "adopted as held");
         let zombie = c2.heartbeat(&hb("a", 0, &a.assignment), t2);
         assert!(zombie.assignment.is_empty(), "a zombie's older epochs lose: {zombie:?}");
+    }
+
+    #[test]
+    fn a_restarted_coordinator_puts_shards_back_on_workers_whose_lease_ran_out() {
+        // Four workers held 12 shards, 3 each, in an order a fresh deal would not give (shard i
+        // on the (3 - i mod 4)th worker); the coordinator was down longer than their leases, so
+        // they stopped the shards and register claiming none, with their last assignment.
+        let workers = ["a", "b", "c", "d"];
+        let owner_before = |i: i32| workers[3 - (i % 4) as usize];
+        let t0 = Instant::now();
+        let mut c = Core::new(T, t0);
+        c.set_shards((0..12).map(shard).collect(), t0);
+        let t1 = t0 + Duration::from_secs(1);
+        for w in workers {
+            let mut last_held: Vec<Grant> =
+                (0..12).filter(|&i| owner_before(i) == w).map(|i| Grant { shard: shard(i), epoch: 100 }).collect();
+            if w == "a" {
+                // a held shard 0 before d did (an older grant): d's later grant wins.
+                last_held.push(Grant { shard: shard(0), epoch: 50 });
+            }
+            let r = c.heartbeat(&HeartbeatRequest { last_held, ..hb(w, 0, &[]) }, t1);
+            assert!(r.assignment.is_empty(), "nothing is granted in the first lease: {r:?}");
+        }
+        for w in workers {
+            let r = c.heartbeat(&hb(w, 0, &[]), t0 + Duration::from_secs(6));
+            assert!(r.assignment.is_empty(), "nothing is granted in the first lease: {r:?}");
+        }
+        // Past the first lease, the first heartbeats get the shards back where they were.
+        let t2 = t0 + Duration::from_secs(11);
+        let mut owner_after = BTreeMap::new();
+        for w in workers {
+            for g in c.heartbeat(&hb(w, 0, &[]), t2).assignment {
+                assert!(g.epoch > 100, "granted at a new epoch: {g:?}");
+                owner_after.insert(g.shard.id.clone(), w);
+            }
+        }
+        let expected: BTreeMap<String, &str> = (0..12).map(|i| (shard(i).id, owner_before(i))).collect();
+        assert_eq!(owner_after, expected, "every shard back on the worker that held it");
+        // A worker joining later with hints of its own gets what balance gives it, no more.
+        let t3 = t2 + Duration::from_secs(1);
+        let last_held: Vec<Grant> = (0..12).map(|i| Grant { shard: shard(i), epoch: 200 }).collect();
+        let e = c.heartbeat(&HeartbeatRequest { last_held, ..hb("e", 0, &[]) }, t3);
+        assert!(e.assignment.is_empty(), "held shards are only moved after a drain: {e:?}");
     }
 }

@@ -40,6 +40,8 @@ pub struct WorkerOptions {
 struct Report {
     applied_version: u64,
     held: Vec<Grant>,
+    /// The last assignment applied, kept when its shards stop because the lease ran out.
+    last_held: Vec<Grant>,
     finished: Vec<String>,
     registry: Option<ShardRegistry>,
     last: HashMap<String, (Option<u64>, Instant)>,
@@ -98,6 +100,7 @@ impl Report {
             name: name.to_string(),
             applied_version: self.applied_version,
             held: if lease_valid { self.held.clone() } else { Vec::new() },
+            last_held: if lease_valid { Vec::new() } else { self.last_held.clone() },
             finished: self.finished.clone(),
             shards,
             rate,
@@ -177,6 +180,7 @@ pub async fn run(loaded: LoadedPipeline, opts: WorkerOptions) -> Result<()> {
             let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
             r.applied_version = current.version;
             r.held = current.assignment.clone();
+            r.last_held = current.assignment.clone();
         }
         beat_now.notify_one();
         if current.assignment.is_empty() {

@@ -405,6 +405,20 @@ fn workers_share_a_topic_and_survive_kill_join_coordinator_and_rolling_restarts_
     assert_eq!(after, with5, "a coordinator restart moves no shard");
     assert!(during > before, "rows kept flowing while the coordinator was down ({before} -> {during})");
 
+    // Down longer than the lease (3 s): the workers stop their shards and come back claiming
+    // none, with their last assignment as a hint; the shards go back where they were.
+    let lapsed_before = c.worker_logs().matches("lease lost").count();
+    let mut coord = c.coordinator.take().unwrap();
+    coord.kill().unwrap();
+    coord.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    c.start_coordinator();
+    let (took, again) = c.wait_balanced(12, &[3, 3, 3, 3], Duration::from_secs(30));
+    let lapsed = c.worker_logs().matches("lease lost").count() - lapsed_before;
+    eprintln!("coordinator down 5 s: {lapsed} leases ran out, balanced again in {took:?}");
+    assert!(lapsed >= 4, "every worker's lease ran out while the coordinator was down:\n{}", c.worker_logs());
+    assert_eq!(again, with5, "a restart slower than the leases moves no shard either");
+
     // A rolling restart: SIGTERM each worker in turn (it drains, commits, leaves), then a
     // replacement joins.
     for (old, new) in [("w2", "w6"), ("w3", "w7"), ("w4", "w8"), ("w5", "w9")] {
