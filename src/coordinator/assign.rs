@@ -13,6 +13,18 @@ use std::collections::{BTreeMap, HashMap};
 /// when there are no workers). `current` maps shards to their owners now; owners that are not in
 /// `workers` (gone) and shards that are not in `shards` (gone) are ignored.
 pub fn assign(shards: &[String], workers: &[String], current: &HashMap<String, String>) -> BTreeMap<String, String> {
+    assign_hinted(shards, workers, current, &HashMap::new())
+}
+
+/// [`assign`], with `hints` saying where shards without a live owner were before (a coordinator
+/// restart outlasted their worker's lease). A hint only picks the worker of such a shard when
+/// that worker has room, and breaks ties for the larger quotas; it never moves an owned shard.
+pub fn assign_hinted(
+    shards: &[String],
+    workers: &[String],
+    current: &HashMap<String, String>,
+    hints: &HashMap<String, String>,
+) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     if workers.is_empty() {
         return out;
@@ -29,9 +41,16 @@ pub fn assign(shards: &[String], workers: &[String], current: &HashMap<String, S
             None => free.push(s),
         }
     }
-    // The `extra` larger quotas go to the workers holding the most (ties: the earlier worker).
+    // Where the free shards were: hinted to a live worker.
+    let hinted_to = |s: &String| hints.get(s).and_then(|o| index.get(o.as_str())).copied();
+    let mut hinted = vec![0usize; w];
+    for i in free.iter().filter_map(|s| hinted_to(s)) {
+        hinted[i] += 1;
+    }
+    // The `extra` larger quotas go to the workers holding the most (ties: the most hinted, then
+    // the earlier worker).
     let mut by_held: Vec<usize> = (0..w).collect();
-    by_held.sort_by_key(|&i| (std::cmp::Reverse(kept[i].len()), i));
+    by_held.sort_by_key(|&i| (std::cmp::Reverse(kept[i].len()), std::cmp::Reverse(hinted[i]), i));
     let mut quota = vec![base; w];
     for &i in by_held.iter().take(extra) {
         quota[i] += 1;
@@ -51,8 +70,17 @@ pub fn assign(shards: &[String], workers: &[String], current: &HashMap<String, S
             count[i] += 1;
         }
     }
-    // The rest, in shard order, each to the worker with the most room left (ties: the earlier).
+    // The rest, in shard order: back to its hinted worker while it has room, else to the worker
+    // with the most room left (ties: the earlier).
     free.sort_by_key(|s| shards.iter().position(|x| x == *s));
+    free.retain(|s| match hinted_to(s) {
+        Some(i) if count[i] < quota[i] => {
+            out.insert((*s).clone(), workers[i].clone());
+            count[i] += 1;
+            false
+        }
+        _ => true,
+    });
     for s in free {
         let i = (0..w).filter(|&i| count[i] < quota[i]).max_by_key(|&i| (quota[i] - count[i], std::cmp::Reverse(i)));
         let Some(i) = i else { break };
@@ -193,6 +221,39 @@ mod tests {
     /// Random shard sets, worker sets and current owners (some gone, some shards new): every
     /// shard is assigned once, counts differ by at most one, the moves are the minimum, and the
     /// result is stable (assigning again moves nothing).
+    #[test]
+    fn hints_place_free_shards_without_moving_owned_ones() {
+        let shards = ids("s", 13);
+        let workers = ids("w", 4);
+        let (a, b, c, d) = (&workers[0], &workers[1], &workers[2], &workers[3]);
+        // b holds 4 (s4..s7), c 3, d 2; a's lease ran out: s0..s3 are free, hinted to a.
+        let owners = [(4..8, b), (8..11, c), (11..13, d)];
+        let current: HashMap<String, String> =
+            owners.iter().flat_map(|(r, w)| r.clone().map(|i| (shards[i].clone(), (*w).clone()))).collect();
+        let hints: HashMap<String, String> = (0..4).map(|i| (shards[i].clone(), a.clone())).collect();
+        let out = assign_hinted(&shards, &workers, &current, &hints);
+        assert_eq!(counts(&out, &workers), vec![3, 4, 3, 3]);
+        assert_eq!(moved(&out, &current), minimal_moves(&shards, &workers, &current), "{out:?}");
+        for i in 4..13 {
+            assert_eq!(out[&shards[i]], current[&shards[i]], "owned shard {i} stays");
+        }
+        for i in 0..3 {
+            assert_eq!(&out[&shards[i]], a, "hinted shard {i} goes back to a");
+        }
+        // Nobody owns anything (every lease ran out): the hints give the previous assignment
+        // back, the extra quota included, where a fresh deal would move most shards.
+        let before: HashMap<String, String> =
+            (0..13).map(|i| (shards[i].clone(), workers[if i == 0 { 3 } else { 3 - i % 4 }].clone())).collect();
+        let out = assign_hinted(&shards, &workers, &HashMap::new(), &before);
+        assert_eq!(out.into_iter().collect::<HashMap<_, _>>(), before);
+        // Hints to workers that are gone are ignored.
+        let gone: HashMap<String, String> = (0..13).map(|i| (shards[i].clone(), "x".to_string())).collect();
+        assert_eq!(
+            assign_hinted(&shards, &workers, &HashMap::new(), &gone),
+            assign(&shards, &workers, &HashMap::new())
+        );
+    }
+
     #[test]
     fn property_balanced_sticky_minimal() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(0x5u64 << 40 | 0x1ce);

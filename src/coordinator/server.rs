@@ -243,7 +243,8 @@ impl Core {
         let id = req.worker_id.clone();
         // Versions and epochs stay above anything a worker has seen, even if this coordinator's
         // clock is behind the one that issued them (a restart on another node).
-        let seen = req.held.iter().map(|g| g.epoch).chain([req.applied_version]).max().unwrap_or(0);
+        let seen =
+            req.held.iter().chain(&req.last_held).map(|g| g.epoch).chain([req.applied_version]).max().unwrap_or(0);
         self.last_stamp = self.last_stamp.max(seen);
         if !self.workers.contains_key(&id) {
             let version = self.stamp();
@@ -263,7 +264,8 @@ impl Core {
             for g in &req.held {
                 self.adopt(&id, g, now);
             }
-            // Of two workers that held a shard, the later grant (higher epoch) is where it was.
+            // Of two workers that held a shard, the later grant (higher epoch) is where it was;
+            // at equal epochs, the first to register.
             for g in &req.last_held {
                 let hint = self.hints.entry(g.key()).or_insert_with(|| (id.clone(), g.epoch));
                 if g.epoch > hint.1 {
@@ -389,18 +391,18 @@ impl Core {
         workers.sort();
         let eligible: Vec<String> =
             self.shards.iter().filter(|(_, s)| s.listed && !s.finished).map(|(k, _)| k.clone()).collect();
-        // Unowned shards count as their hinted worker's, once: after a restart, shards whose
-        // worker's lease ran out in the meantime go back to it as balance allows.
-        let hints = std::mem::take(&mut self.hints);
         let current: HashMap<String, String> = self
             .shards
             .iter()
-            .filter_map(|(k, s)| match &s.owner {
-                Some(o) => o.revoke_version.is_none().then(|| (k.clone(), o.worker.clone())),
-                None => hints.get(k).map(|(w, _)| (k.clone(), w.clone())),
+            .filter_map(|(k, s)| {
+                s.owner.as_ref().filter(|o| o.revoke_version.is_none()).map(|o| (k.clone(), o.worker.clone()))
             })
             .collect();
-        let target: BTreeMap<String, String> = assign::assign(&eligible, &workers, &current);
+        // Used once: after a restart, shards whose worker's lease ran out in the meantime go
+        // back to it as balance allows.
+        let hints: HashMap<String, String> =
+            std::mem::take(&mut self.hints).into_iter().map(|(k, (w, _))| (k, w)).collect();
+        let target: BTreeMap<String, String> = assign::assign_hinted(&eligible, &workers, &current, &hints);
         let mut changed: HashSet<String> = HashSet::new();
         let mut grants: Vec<(String, String)> = Vec::new();
         let mut revokes: Vec<String> = Vec::new();
@@ -1066,16 +1068,18 @@ mod tests {
         // they stopped the shards and register claiming none, with their last assignment.
         let workers = ["a", "b", "c", "d"];
         let owner_before = |i: i32| workers[3 - (i % 4) as usize];
+        // Granted by a coordinator whose clock was a minute ahead of this one's.
+        let old = wall_ms() + 60_000;
         let t0 = Instant::now();
         let mut c = Core::new(T, t0);
         c.set_shards((0..12).map(shard).collect(), t0);
         let t1 = t0 + Duration::from_secs(1);
         for w in workers {
             let mut last_held: Vec<Grant> =
-                (0..12).filter(|&i| owner_before(i) == w).map(|i| Grant { shard: shard(i), epoch: 100 }).collect();
+                (0..12).filter(|&i| owner_before(i) == w).map(|i| Grant { shard: shard(i), epoch: old }).collect();
             if w == "a" {
                 // a held shard 0 before d did (an older grant): d's later grant wins.
-                last_held.push(Grant { shard: shard(0), epoch: 50 });
+                last_held.push(Grant { shard: shard(0), epoch: old - 1 });
             }
             let r = c.heartbeat(&HeartbeatRequest { last_held, ..hb(w, 0, &[]) }, t1);
             assert!(r.assignment.is_empty(), "nothing is granted in the first lease: {r:?}");
@@ -1089,7 +1093,7 @@ mod tests {
         let mut owner_after = BTreeMap::new();
         for w in workers {
             for g in c.heartbeat(&hb(w, 0, &[]), t2).assignment {
-                assert!(g.epoch > 100, "granted at a new epoch: {g:?}");
+                assert!(g.epoch > old, "granted at an epoch above the old grants': {g:?}");
                 owner_after.insert(g.shard.id.clone(), w);
             }
         }

@@ -180,7 +180,11 @@ pub async fn run(loaded: LoadedPipeline, opts: WorkerOptions) -> Result<()> {
             let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
             r.applied_version = current.version;
             r.held = current.assignment.clone();
-            r.last_held = current.assignment.clone();
+            // Not emptied by a restarted coordinator's first answer (it grants nothing at first):
+            // if it dies too, the next one still learns where the shards were.
+            if !current.assignment.is_empty() {
+                r.last_held = current.assignment.clone();
+            }
         }
         beat_now.notify_one();
         if current.assignment.is_empty() {
