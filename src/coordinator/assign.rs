@@ -218,9 +218,6 @@ mod tests {
         }
     }
 
-    /// Random shard sets, worker sets and current owners (some gone, some shards new): every
-    /// shard is assigned once, counts differ by at most one, the moves are the minimum, and the
-    /// result is stable (assigning again moves nothing).
     #[test]
     fn hints_place_free_shards_without_moving_owned_ones() {
         let shards = ids("s", 13);
@@ -254,6 +251,9 @@ mod tests {
         );
     }
 
+    /// Random shard sets, worker sets, current owners (some gone, some shards new) and hints:
+    /// every shard is assigned once, counts differ by at most one, the moves are the minimum
+    /// (hints do not add any), and the result is stable (assigning again moves nothing).
     #[test]
     fn property_balanced_sticky_minimal() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(0x5u64 << 40 | 0x1ce);
@@ -274,7 +274,18 @@ mod tests {
                     }
                 }
             }
-            let a = assign(&shards, &workers, &current);
+            // Where some shards were, on live or gone workers (odd cases only: even ones keep
+            // checking plain `assign`).
+            let mut hints = HashMap::new();
+            if case % 2 == 1 {
+                for s in &shards {
+                    if rng.random_range(0..3) == 0 {
+                        let to = rng.random_range(0..w + 1);
+                        hints.insert(s.clone(), workers.get(to).cloned().unwrap_or_else(|| "gone0".into()));
+                    }
+                }
+            }
+            let a = assign_hinted(&shards, &workers, &current, &hints);
             assert_eq!(a.len(), n, "case {case}: every shard once");
             assert!(a.values().all(|o| workers.contains(o)), "case {case}: only live workers");
             let c = counts(&a, &workers);
