@@ -112,6 +112,13 @@ pub(crate) fn offsets(topic: &str, group: &str) -> BTreeMap<i32, (i64, i64)> {
     offsets_on(&brokers(), topic, group)
 }
 
+/// Records in `topic`, all partitions: what was produced, retries included. The test producer
+/// runs without idempotence (tansu), so a retried request under load can write a record twice;
+/// an exactly-once sink then rightly holds both copies.
+pub(crate) fn topic_records(topic: &str) -> i64 {
+    offsets(topic, "sluice-test-end-offsets").values().map(|(_, end)| end).sum()
+}
+
 /// [`offsets`] on the broker at `brokers`.
 pub(crate) fn offsets_on(brokers: &str, topic: &str, group: &str) -> BTreeMap<i32, (i64, i64)> {
     let out = tool(&["offsets", "--brokers", brokers, "--topic", topic, "--group", group]);
