@@ -863,7 +863,7 @@ impl KafkaSource {
                         };
                         let offset = msg.offset();
                         if let Some(n) = next_offset.filter(|&n| offset < n) {
-                            let from = sought_r.load(Ordering::SeqCst);
+                            let from = sought_r.load(Ordering::Acquire);
                             if from >= 0 && offset >= from {
                                 // Fetched again after a resume's seek: already taken.
                                 return true;
@@ -872,9 +872,10 @@ impl KafkaSource {
                             // read, and said.
                             tracing::warn!(source = %component, topic = %topic_r, partition, expected = n, offset, "the partition went back to an earlier offset");
                         }
-                        taken_r.store(offset + 1, Ordering::SeqCst);
-                        if next_offset.is_some_and(|n| n != offset) {
-                            // Normal for compacted topics and transaction markers.
+                        taken_r.store(offset + 1, Ordering::Release);
+                        if next_offset.is_some_and(|n| offset > n) {
+                            // Normal for compacted topics and transaction markers (an earlier
+                            // offset was warned of above).
                             tracing::debug!(source = %component, topic = %topic_r, partition, expected = ?next_offset, offset, "offset gap");
                         }
                         next_offset = Some(offset + 1);
@@ -1008,11 +1009,11 @@ impl KafkaSource {
             };
             if paused {
                 // Where the reader stopped, not where librdkafka thinks it did (see `taken`).
-                let next = taken.load(Ordering::SeqCst);
+                let next = taken.load(Ordering::Acquire);
                 // A stop does not need the position (the committed offset is where the next
                 // run starts), and a failed seek must not turn it into an error.
                 if next >= 0 && !stop.is_cancelled() {
-                    sought.store(next, Ordering::SeqCst);
+                    sought.store(next, Ordering::Release);
                     let (c, t) = (consumer.clone(), topic.clone());
                     let moved = tokio::task::spawn_blocking(move || {
                         c.seek(&t, partition, Offset::Offset(next), Duration::from_secs(10)).map_err(|e| e.to_string())
