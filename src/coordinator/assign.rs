@@ -240,7 +240,7 @@ mod tests {
         // Nobody owns anything (every lease ran out): the hints give the previous assignment
         // back, the extra quota included, where a fresh deal would move most shards.
         let before: HashMap<String, String> =
-            (0..13).map(|i| (shards[i].clone(), workers[if i == 0 { 3 } else { 3 - i % 4 }].clone())).collect();
+            (0..13).map(|i| (shards[i].clone(), workers[3 - i % 4].clone())).collect();
         let out = assign_hinted(&shards, &workers, &HashMap::new(), &before);
         assert_eq!(out.into_iter().collect::<HashMap<_, _>>(), before);
         // Hints to workers that are gone are ignored.
