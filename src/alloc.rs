@@ -182,9 +182,9 @@ mod tests {
             let t = a.realloc(s, Layout::from_size_align(4200, 8).unwrap(), 100);
             assert!((0..100).all(|i| *t.add(i) == (i % 251) as u8));
             a.dealloc(t, Layout::from_size_align(100, 8).unwrap());
-            // A block of a page or more shrunk to less than half its class moves to a new block
-            // (the old one is still held when the new one is taken, so they differ) with the
-            // prefix kept; shrunk by less, it stays.
+            // Shrunk by less than half its class, a block is shrunk by `System` (prefix kept);
+            // shrunk to under half, it moves to a new block (the old one is still held when the
+            // new one is taken, so they differ) with the prefix kept.
             let l = Layout::from_size_align(300_000, 8).unwrap();
             let p = a.alloc(l);
             for i in 0..300_000 {
