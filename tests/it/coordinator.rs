@@ -163,6 +163,35 @@ impl Cluster {
         }
     }
 
+    /// The kernel's view of a worker process and its threads (state and what each waits in), for
+    /// a failure message.
+    fn process_state(&self, name: &str) -> String {
+        let pid = self.worker_pid(name);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let state = status.lines().find(|l| l.starts_with("State:")).unwrap_or("State: (gone)");
+        let mut out = format!("pid {pid} {state}\n");
+        for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+            let p = t.path();
+            let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+            let stat = read("stat");
+            let st = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("?").to_string();
+            out.push_str(&format!(
+                "  {} {} {st} {}\n",
+                t.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan")
+            ));
+        }
+        out
+    }
+
+    /// The last `n` lines of a log.
+    fn log_tail(&self, name: &str, n: usize) -> String {
+        let all = self.logs(name);
+        let lines: Vec<&str> = all.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     pub(crate) fn logs(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
@@ -494,7 +523,13 @@ fn zombie(name: &str, sink: &str, rows: &Rows, missing: &dyn Fn(i64) -> String) 
     c.signal("z1", "-CONT");
     let start = Instant::now();
     while !c.logs("z1").contains("fenced") {
-        assert!(start.elapsed() < Duration::from_secs(20), "z1 never reported a refused write:\n{}", c.logs("z1"));
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "z1 never reported a refused write:\n{}\n--- z1's process\n{}--- coordinator (last 60 lines)\n{}",
+            c.logs("z1"),
+            c.process_state("z1"),
+            c.log_tail("coordinator", 60)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     for l in c.logs("z1").lines().filter(|l| l.contains("fenced")).take(3) {
