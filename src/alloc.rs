@@ -105,24 +105,26 @@ unsafe impl GlobalAlloc for SizeClasses {
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let new = rounded(unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) });
-        if ENABLED.load(Ordering::Relaxed) && new.size() == class(layout.size()) {
-            // Still within the block's class: it already has the room.
-            return ptr;
-        }
         let old = rounded(layout);
-        if ENABLED.load(Ordering::Relaxed) && old.size() >= MOVE_ON_SHRINK && new.size() < old.size() / 2 {
-            // Moved rather than cut down in place (see the module docs).
-            let moved = unsafe { System.alloc(new) };
-            if !moved.is_null() {
-                // SAFETY: both blocks are live and distinct; the new one holds `new_size` bytes,
-                // fewer than the old one's.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(ptr, moved, new_size);
-                    System.dealloc(ptr, old);
-                }
+        let new = rounded(unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) });
+        if ENABLED.load(Ordering::Relaxed) {
+            if new.size() == old.size() {
+                // Still within the block's class: it already has the room.
+                return ptr;
             }
-            return moved;
+            if old.size() >= MOVE_ON_SHRINK && new.size() < old.size() / 2 {
+                // Moved rather than cut down in place (see the module docs).
+                let moved = unsafe { System.alloc(new) };
+                if !moved.is_null() {
+                    // SAFETY: both blocks are live and distinct; the new one holds `new_size`
+                    // bytes, fewer than the old one's.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(ptr, moved, new_size);
+                        System.dealloc(ptr, old);
+                    }
+                }
+                return moved;
+            }
         }
         unsafe { System.realloc(ptr, old, new.size()) }
     }
