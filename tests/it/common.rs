@@ -94,18 +94,24 @@ pub fn python_tool(script: &str, args: &[&str]) -> String {
 
 /// [`python_tool`] with more environment variables (kept off its command line).
 pub fn python_tool_env(script: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    try_python_tool_env(script, args, env).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`python_tool_env`], with a failure of the tool (a server it reads restarting, say) as `Err`.
+pub fn try_python_tool_env(script: &str, args: &[&str], env: &[(&str, &str)]) -> Result<String, String> {
     let python = std::env::var("SLUICE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script);
     let mut command = std::process::Command::new(python);
     command.arg(path).args(args).envs(env.iter().copied());
     let out = command.output().expect("python runs");
-    assert!(
-        out.status.success(),
-        "{script} {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    if !out.status.success() {
+        return Err(format!(
+            "{script} {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8(out.stdout).unwrap())
 }
 
 /// The `peak memory (RSS)` figure of sluice's run summary, in MiB.
